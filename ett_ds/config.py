@@ -1,0 +1,457 @@
+"""The typed configuration tree: the single source of truth for a run.
+
+A run is described by a YAML recipe plus ``key.sub=value`` overrides. Every field below has a docstring (the string
+literal right after it); ``python -m ett_ds.config --markdown`` turns them into the README's reference, so the docs
+cannot drift from the code. Unknown keys and wrongly typed values are rejected with one line naming the key.
+"""
+from __future__ import annotations
+
+import ast
+import dataclasses
+import inspect
+import sys
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+RECIPES = Path(__file__).resolve().parent / "recipes"
+
+
+class ConfigError(ValueError):
+    """A bad recipe or override; the message is one line that names the key."""
+
+
+STAGES = ("tokenizer", "align", "ett", "frozen", "sft", "t2i")
+
+
+@dataclass
+class TokenizerConfig:
+    ch: int = 128
+    "Base channel count of the VQGAN encoder/decoder."
+    ch_mult: list[int] = field(default_factory=lambda: [1, 1, 2, 2, 4])
+    "Channel multiplier per resolution level; len(ch_mult)-1 downsamplings (5 levels = 16x)."
+    num_res_blocks: int = 4
+    "ResNet blocks per encoder level (the decoder uses one more, as in taming/IBQ)."
+    attn_resolutions: list[int] = field(default_factory=lambda: [16])
+    "Feature-map sides (relative to `resolution`) that get a self-attention block."
+    resolution: int = 256
+    "Nominal input side used to place `attn_resolutions` (IBQ's `resolution`); inputs may be other sizes."
+    z_channels: int = 256
+    "Channels of the encoder output before `quant_conv`."
+    in_channels: int = 3
+    "Image channels."
+    dropout: float = 0.0
+    "Dropout inside ResNet blocks."
+    codebook_size: int = 131072
+    "K, the number of codes (paper: 131,072)."
+    code_dim: int = 256
+    "Dimension of each code (paper: 256)."
+    beta: float = 0.25
+    "Weight of the codebook term in the double quantization loss (IBQ's placement)."
+    entropy_temperature: float = 0.01
+    "Softmax temperature of the entropy loss."
+    checkpoint: str | None = None
+    "Local path to a tokenizer to start from: a SEED-Voken IBQ Lightning .ckpt, or an ett_ds export's tokenizer.safetensors."
+    checkpoint_config: str | None = None
+    "YAML with the IBQ `ddconfig`/`n_embed`/`embed_dim` of `checkpoint`; when set, it overrides the fields above."
+    use_ema_weights: bool = True
+    "Load the `model_ema.*` weights of an IBQ checkpoint when present."
+
+
+@dataclass
+class LLMConfig:
+    path: str | None = None
+    "Local folder of a Hugging Face causal LM (from_pretrained). Nothing is ever downloaded."
+    init_config: dict | None = None
+    "Instead of `path`: a config dict (with `model_type`) for a randomly initialised LLM, e.g. a tiny Qwen2."
+    text_tokenizer: str | None = None
+    "Local HF tokenizer folder or sentencepiece .model file; defaults to `path`."
+    trust_remote_code: bool = False
+    "Allow custom modelling code in `path` (off by default)."
+    gradient_checkpointing: bool = True
+    "Activation checkpointing on the LLM's decoder layers (non-reentrant)."
+    attn_implementation: str = "sdpa"
+    "Attention backend passed to transformers (PyTorch SDPA by default; no flash-attn)."
+
+
+@dataclass
+class ModelConfig:
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    "The IBQ vision tokenizer."
+    llm: LLMConfig = field(default_factory=LLMConfig)
+    "The language model."
+    projector_depth: int = 2
+    "Linear layers in the MLP-GELU projector from code_dim to the LLM hidden size."
+    visual_input: str = "embed"
+    "`embed` (ETT: codebook embeddings -> projector) or `index` (baseline: ids -> a new embedding table)."
+
+
+@dataclass
+class DataConfig:
+    train: str = ""
+    "Training shards: a brace pattern (`dir/x-{000000..000099}.tar`), a directory, or several joined by `::`."
+    eval: str = ""
+    "Held-out shards for evaluation and image logging (optional)."
+    image_size: list[int] = field(default_factory=lambda: [512, 512])
+    "Training resolution as [height, width]; both must be multiples of the tokenizer's downsampling."
+    max_text_tokens: int = 256
+    "Caption tokens kept per sample (longer captions are truncated)."
+    caption_prompts: list[str] = field(default_factory=lambda: ["Describe the image."])
+    "Prompts placed after the image for captioning; one is drawn per sample."
+    chat_template: str = "{role}: {content}\n"
+    "Format of one chat turn for `sft` (roles `user` and `assistant`)."
+    num_workers: int = 2
+    "DataLoader worker processes per rank."
+    shuffle_buffer: int = 1000
+    "Samples held in the shuffle buffer (raw bytes)."
+    max_error_rate: float = 0.1
+    "Stop the run when more than this fraction of samples fail to decode."
+    demo_dir: str | None = None
+    "If set and `train` matches no shard, build the built-in demo data here first (`python -m data_tools demo`)."
+
+
+@dataclass
+class LossConfig:
+    l1_weight: float = 1.0
+    "Pixel L1 reconstruction weight."
+    perceptual_weight: float = 1.0
+    "Perceptual (VGG feature) loss weight; only active when `perceptual_weights` is given."
+    perceptual_weights: str | None = None
+    "Local path to VGG16 weights (torchvision layout). No download: without it the perceptual term is off."
+    quant_weight: float = 1.0
+    "Double quantization loss weight."
+    entropy_weight: float = 0.05
+    "Entropy loss weight (lambda_E)."
+    gan_weight: float = 0.1
+    "Fixed non-saturating generator loss weight (lambda_G)."
+    gan_start_step: int = 0
+    "Step from which the GAN terms count; before it they run with weight 0 (never a skipped branch)."
+    lecam_weight: float = 0.05
+    "LeCAM regulariser weight on the discriminator."
+    lecam_decay: float = 0.999
+    "EMA decay of the LeCAM logit anchors."
+    disc_channels: int = 64
+    "PatchGAN base channels."
+    disc_layers: int = 3
+    "PatchGAN strided layers."
+    disc_lr: float = 1e-4
+    "Discriminator Adam learning rate."
+    disc_betas: list[float] = field(default_factory=lambda: [0.5, 0.9])
+    "Discriminator Adam betas."
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 4e-5
+    "Peak learning rate of the LLM."
+    projector_lr: float | None = None
+    "Peak learning rate of the projector / index table / visual head (default: `lr`)."
+    tokenizer_lr: float | None = None
+    "Peak learning rate of the vision tokenizer (default: `lr`)."
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    "Adam betas of the LLM and projector."
+    tokenizer_betas: list[float] = field(default_factory=lambda: [0.5, 0.9])
+    "Adam betas of the tokenizer (IBQ's)."
+    weight_decay: float = 0.0
+    "Decoupled weight decay (AdamW) on matrices; biases and norms never decay."
+    warmup_ratio: float = 0.03
+    "Fraction of `train.max_steps` spent in linear warm-up."
+    schedule: str = "cosine"
+    "`cosine` (decay to `min_lr_ratio` x peak) or `constant` after warm-up."
+    min_lr_ratio: float = 0.0
+    "Final learning rate as a fraction of the peak."
+    grad_clip: float = 1.0
+    "Global gradient-norm clipping (0 disables)."
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 1000
+    "Optimizer steps to run."
+    micro_batch_size: int = 8
+    "Samples per rank per forward."
+    global_batch_size: int | None = None
+    "Samples per optimizer step; gradient accumulation = global / (micro x ranks). Default: no accumulation."
+    alpha: float = 0.25
+    "Weight of L_vq in `ett` (L = L_cap + alpha L_vq)."
+    ema_decay: float = 0.999
+    "EMA decay of the tokenizer weights in stage `tokenizer` (0 disables)."
+    prompt_dropout: float = 0.1
+    "`t2i`: probability of dropping the prompt (for classifier-free guidance)."
+    init_from: str | None = None
+    "Checkpoint (a step folder of a previous stage) whose weights initialise this run."
+    resume: str = "auto"
+    "`auto` continues from the newest complete checkpoint of this run, `never` starts fresh, or a step folder."
+    log_every: int = 10
+    "Steps between metric lines."
+    save_every: int = 500
+    "Steps between checkpoints (the last step is always saved)."
+    keep_last: int = 2
+    "Checkpoints kept (older ones are deleted once a newer one is complete)."
+    image_every: int = 0
+    "Steps between image grids (input vs reconstruction, samples); 0 disables."
+
+
+@dataclass
+class EngineConfig:
+    ds_config: str = "zero3"
+    "DeepSpeed template: a name in ds_configs/ (`zero3`, `zero3_offload`, `zero2`) or a path to your own JSON."
+    precision: str = "autocast_bf16"
+    "`autocast_bf16` (fp32 params, bf16 compute, fp32 decoder) or `fp32`."
+    persistence_threshold: int | None = None
+    "ZeRO-3 `stage3_param_persistence_threshold`; default derived from the LLM hidden size."
+    bucket_size: int | None = None
+    "ZeRO reduce and prefetch bucket size in elements; default derived from the LLM hidden size."
+    fused_optimizer: bool | None = None
+    "Use PyTorch's fused AdamW (default: on for CUDA)."
+    tf32: bool = True
+    "Allow TF32 for fp32 matmuls/convs on GPU (the fp32 decoder is 3x slower without)."
+
+
+@dataclass
+class Config:
+    name: str = "ett"
+    "Run name; the run folder is `{out_dir}/{name}`."
+    stage: str = "ett"
+    "tokenizer | align | ett | frozen | sft | t2i (see README, 'Stages')."
+    seed: int = 0
+    "Seed of model init, data order and sampling."
+    out_dir: str = "runs"
+    "Parent folder of run folders."
+    model: ModelConfig = field(default_factory=ModelConfig)
+    "Model."
+    data: DataConfig = field(default_factory=DataConfig)
+    "Input pipeline."
+    loss: LossConfig = field(default_factory=LossConfig)
+    "Tokenizer loss (L_vq) terms."
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    "Optimisation."
+    train: TrainConfig = field(default_factory=TrainConfig)
+    "Loop."
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    "DeepSpeed engine."
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.out_dir) / self.name
+
+    def validate(self) -> "Config":
+        def need(ok: bool, msg: str) -> None:
+            if not ok:
+                raise ConfigError(msg)
+
+        need(self.stage in STAGES, f"stage: '{self.stage}' is not one of {', '.join(STAGES)}")
+        m, t = self.model, self.model.tokenizer
+        need(m.visual_input in ("embed", "index"), f"model.visual_input: '{m.visual_input}' must be embed or index")
+        need(not (m.visual_input == "index" and self.stage in ("ett", "t2i")),
+             f"stage {self.stage} needs model.visual_input=embed (the index baseline keeps the tokenizer frozen)")
+        need(self.stage == "tokenizer" or m.llm.path or m.llm.init_config,
+             "model.llm: set `path` (a local HF model folder) or `init_config`")
+        need(len(self.data.image_size) == 2, "data.image_size: expected [height, width]")
+        f = 2 ** (len(t.ch_mult) - 1)
+        for side in self.data.image_size:
+            need(side % f == 0, f"data.image_size: {side} is not a multiple of the tokenizer downsampling {f}")
+        need(self.engine.precision in ("autocast_bf16", "fp32"),
+             f"engine.precision: '{self.engine.precision}' must be autocast_bf16 or fp32")
+        need(self.optim.schedule in ("cosine", "constant"), "optim.schedule: must be cosine or constant")
+        need(self.train.max_steps > 0 and self.train.micro_batch_size > 0, "train: max_steps and micro_batch_size must be > 0")
+        need(0 <= self.optim.warmup_ratio < 1, "optim.warmup_ratio: must be in [0, 1)")
+        return self
+
+    @property
+    def downsample(self) -> int:
+        return 2 ** (len(self.model.tokenizer.ch_mult) - 1)
+
+    @property
+    def num_image_tokens(self) -> int:
+        h, w = self.data.image_size
+        return (h // self.downsample) * (w // self.downsample)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Building from YAML + overrides
+
+def _hints(cls) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check/convert ``value`` to the annotated type ``tp``; raise a one-line ConfigError otherwise."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError:
+                pass
+        raise ConfigError(f"{key}: {value!r} is not a valid {_type_name(tp)}")
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping of fields, got {value!r}")
+        return _build(tp, value, key)
+    if origin is list:
+        if isinstance(value, tuple):
+            value = list(value)
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        (inner,) = typing.get_args(tp) or (Any,)
+        return [_coerce(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is dict or origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return value
+    if tp is Any:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "3e-3" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    return value
+
+
+def _type_name(tp: Any) -> str:
+    return str(tp).replace("typing.", "")
+
+
+def _build(cls, data: dict, prefix: str = ""):
+    hints = _hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for k, v in data.items():
+        key = f"{prefix}.{k}" if prefix else k
+        if k not in names:
+            raise ConfigError(f"unknown config key '{key}' (valid: {', '.join(names)})")
+        kwargs[k] = _coerce(v, hints[k], key)
+    return cls(**kwargs)
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def _set_path(tree: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for p in parts[:-1]:
+        nxt = node.get(p)
+        if not isinstance(nxt, dict):
+            nxt = {} if nxt is None else nxt
+            if not isinstance(nxt, dict):
+                raise ConfigError(f"{dotted}: '{p}' is not a section")
+            node[p] = nxt
+        node = nxt
+    node[parts[-1]] = value
+
+
+def resolve_recipe(path: str | Path) -> Path:
+    """A recipe path, or a bare name of a built-in recipe (`tiny`, `qwen2.5-1.5b-ibq`)."""
+    p = Path(path)
+    if p.is_file():
+        return p
+    builtin = RECIPES / (p.name if p.suffix else f"{p.name}.yaml")
+    if builtin.is_file():
+        return builtin
+    raise ConfigError(f"config file not found: {path}")
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Recipe YAML (optional) + ``key.sub=value`` overrides -> a validated Config."""
+    tree: dict = {}
+    if path is not None:
+        with open(resolve_recipe(path)) as fh:
+            loaded = yaml.safe_load(fh) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: a recipe must be a mapping of sections")
+        tree = loaded
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' must look like key.sub=value")
+        k, v = item.split("=", 1)
+        _set_path(tree, k.strip(), _parse_value(v))
+    return _build(Config, tree).validate()
+
+
+def config_from_dict(tree: dict) -> Config:
+    return _build(Config, tree).validate()
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reference docs generated from the field docstrings
+
+def field_docs(cls) -> dict[str, str]:
+    """Field name -> the docstring literal that follows it in the class body."""
+    src = inspect.getsource(cls)
+    tree = ast.parse(src)
+    body = tree.body[0].body
+    docs = {}
+    for node, nxt in zip(body, body[1:]):
+        if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
+            docs[node.target.id] = str(nxt.value.value)
+    return docs
+
+
+def markdown_reference(cls=Config, prefix: str = "") -> str:
+    lines = []
+    if not prefix:
+        lines += ["| key | type | default | meaning |", "|---|---|---|---|"]
+    docs = field_docs(cls)
+    hints = _hints(cls)
+    default = cls()
+    for f in dataclasses.fields(cls):
+        key = f"{prefix}{f.name}"
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            lines.append(markdown_reference(tp, key + "."))
+            continue
+        val = getattr(default, f.name)
+        lines.append(f"| `{key}` | {_type_name(tp).replace('|', 'or')} | `{val!r}` | {docs.get(f.name, '')} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    if "--markdown" in sys.argv:
+        print(markdown_reference())
+    else:
+        args = [a for a in sys.argv[1:]]
+        cfg = load_config(args[0] if args and "=" not in args[0] else None,
+                          [a for a in args if "=" in a])
+        print(yaml.safe_dump(to_dict(cfg), sort_keys=False))

@@ -1,0 +1,152 @@
+"""Turning decoded samples into multimodal token sequences, and padding them into batches.
+
+Layouts (N = image tokens of the configured resolution; [x] = one special token; labels shown under the tokens):
+
+    caption  [bos] [boi] [img]*N [eoi] prompt caption [eos]        loss on caption + eos
+    sft      [bos] turn... where the human turn's "<image>" becomes [boi] [img]*N [eoi]; loss on assistant
+             contents and the eos closing each assistant turn
+    t2i      [bos] prompt [boi] [img]*N [eoi] [eos]                 loss on the N image positions (visual head);
+             the prompt is dropped with probability `train.prompt_dropout` (classifier-free guidance)
+
+A sample's json may carry ``"task": "caption" | "sft" | "t2i"`` so one run can mix understanding and generation;
+otherwise the stage decides (sft -> sft, t2i -> t2i, else caption). ``conversations`` (LLaVA style) makes a sample sft.
+"""
+from __future__ import annotations
+
+import random
+
+import torch
+
+from ..config import Config
+from ..models.losses import IGNORE
+from ..models.text import TextTokenizer
+from .transforms import image_to_tensor
+
+IMAGE_MARK = "<image>"
+ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+
+
+class Batcher:
+    """``make_example`` (one decoded sample -> token ids, labels, pixels) and ``collate`` (padding)."""
+
+    def __init__(self, cfg: Config, text: TextTokenizer | None, train: bool = True):
+        self.cfg, self.text, self.train = cfg, text, train
+        self.size = tuple(cfg.data.image_size)
+        self.num_image_tokens = cfg.num_image_tokens
+        self.default_task = {"sft": "sft", "t2i": "t2i"}.get(cfg.stage, "caption")
+        # The global `random` module: the input pipeline seeds it per (seed, segment, rank, worker), and the
+        # trainer's checkpoints carry its state, so prompt choice and dropout are reproducible and resumable.
+        self.rng = random
+
+    # -- pieces --------------------------------------------------------------------------------------------------
+    def _start(self) -> list[int]:
+        return [self.text.bos_id] if self.text.bos_id is not None else []
+
+    def image_ids(self) -> list[int]:
+        t = self.text
+        return [t.boi_id] + [t.image_id] * self.num_image_tokens + [t.eoi_id]
+
+    def _clip(self, ids: list[int]) -> list[int]:
+        return ids[: self.cfg.data.max_text_tokens]
+
+    def caption_prompt(self, prompt: str | None = None) -> list[int]:
+        """Tokens up to where the caption starts (used by training and by captioning at inference)."""
+        if prompt is None:
+            prompt = self.rng.choice(self.cfg.data.caption_prompts) if self.train else self.cfg.data.caption_prompts[0]
+        return self._start() + self.image_ids() + (self.text.encode(prompt + "\n") if prompt else [])
+
+    def t2i_prompt(self, prompt: str) -> list[int]:
+        """Tokens up to and including [boi]: what the LLM reads before predicting the first visual code."""
+        return self._start() + self._clip(self.text.encode(prompt)) + [self.text.boi_id] if prompt else \
+            self._start() + [self.text.boi_id]
+
+    # -- sequences -----------------------------------------------------------------------------------------------
+    def caption_sequence(self, caption: str) -> tuple[list[int], list[int]]:
+        prefix = self.caption_prompt()
+        target = self._clip(self.text.encode(caption)) + [self.text.eos_id]
+        return prefix + target, [IGNORE] * len(prefix) + target
+
+    def t2i_sequence(self, caption: str) -> tuple[list[int], list[int]]:
+        if self.train and self.rng.random() < self.cfg.train.prompt_dropout:
+            caption = ""
+        ids = self.t2i_prompt(caption) + self.image_ids()[1:] + [self.text.eos_id]
+        return ids, [IGNORE] * len(ids)
+
+    def chat_sequence(self, conversations: list[dict]) -> tuple[list[int], list[int]]:
+        template = self.cfg.data.chat_template
+        if "{content}" not in template or "{role}" not in template:
+            raise ValueError("data.chat_template must contain {role} and {content}")
+        ids, labels = self._start(), [IGNORE] * len(self._start())
+        placed = False
+        for turn in conversations:
+            role = ROLES.get(str(turn.get("from", turn.get("role", ""))).lower())
+            if role is None:
+                raise ValueError(f"unknown chat role in {turn}")
+            content = str(turn.get("value", turn.get("content", "")))
+            pre, post = template.split("{content}", 1)
+            pre, post = pre.format(role=role), post.format(role=role)
+            seg_ids, seg_labels = self.text.encode(pre), None
+            seg_labels = [IGNORE] * len(seg_ids)
+            if role == "assistant":
+                body = self.text.encode(content) + [self.text.eos_id]
+                seg_ids, seg_labels = seg_ids + body, seg_labels + body
+            else:
+                for k, piece in enumerate(content.split(IMAGE_MARK)):
+                    if k > 0:
+                        if placed:
+                            raise ValueError("only one <image> per conversation is supported")
+                        seg_ids += self.image_ids()
+                        placed = True
+                    seg_ids += self.text.encode(piece.strip("\n")) if piece.strip("\n") else []
+                seg_labels = [IGNORE] * len(seg_ids)
+            tail = self.text.encode(post) if post.strip() else []
+            ids += seg_ids + tail
+            labels += seg_labels + [IGNORE] * len(tail)
+        if not placed:  # the image goes first when the conversation does not place it
+            img = self.image_ids()
+            n0 = len(self._start())
+            ids = ids[:n0] + img + ids[n0:]
+            labels = labels[:n0] + [IGNORE] * len(img) + labels[n0:]
+        return ids, labels
+
+    # -- the two callables the input pipeline runs in its workers -------------------------------------------------
+    def make_example(self, sample: dict) -> dict | None:
+        meta = sample.get("json") or {}
+        text = sample.get("text")
+        if text is None:
+            text = meta.get("caption") or meta.get("text")
+        task = meta.get("task") or ("sft" if "conversations" in meta else self.default_task)
+        if task == "sft" and "conversations" not in meta:
+            task = "caption"
+        if task != "sft" and not (text and str(text).strip()):
+            return None
+        pixels = image_to_tensor(sample["image"], size=self.size, train=self.train, rng=self.rng)
+        ex = {"pixels": pixels, "text": str(text or ""), "gen": task == "t2i"}
+        if self.text is not None:
+            if task == "sft":
+                ids, labels = self.chat_sequence(meta["conversations"])
+            elif task == "t2i":
+                ids, labels = self.t2i_sequence(str(text))
+            else:
+                ids, labels = self.caption_sequence(str(text).strip())
+            ex["input_ids"], ex["labels"] = ids, labels
+        return ex
+
+    def collate(self, examples: list[dict]) -> dict:
+        batch = {"pixels": torch.stack([e["pixels"] for e in examples]),
+                 "text": [e["text"] for e in examples]}
+        if self.text is None:
+            return batch
+        width = max(len(e["input_ids"]) for e in examples)
+        pad = self.text.pad_id
+        ids = torch.full((len(examples), width), pad, dtype=torch.long)
+        labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
+        mask = torch.zeros((len(examples), width), dtype=torch.long)
+        for i, e in enumerate(examples):
+            n = len(e["input_ids"])
+            ids[i, :n] = torch.tensor(e["input_ids"])
+            labels[i, :n] = torch.tensor(e["labels"])
+            mask[i, :n] = 1
+        batch.update(input_ids=ids, labels=labels, attention_mask=mask,
+                     gen_mask=torch.tensor([e["gen"] for e in examples], dtype=torch.bool))
+        return batch

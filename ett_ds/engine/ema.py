@@ -1,0 +1,53 @@
+"""EMA of the trainable tokenizer weights, kept on each rank's LOCAL fp32 shard (no communication per step).
+
+Under ZeRO-3 each parameter's local partition is ``param.ds_tensor`` (fp32 in this project's precision modes); the
+EMA is a copy of that partition, updated elementwise after every optimizer step. For evaluation and export the EMA
+shards are swapped into the partitions (``swapped()``); gathering for export then sees the EMA weights. Without
+ZeRO-3 (ZeRO-0/1/2) the full ``param.data`` plays the role of the shard.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+
+
+def _shard(p: torch.Tensor) -> torch.Tensor:
+    return p.ds_tensor if hasattr(p, "ds_tensor") else p.data
+
+
+class ShardEMA:
+    def __init__(self, named_params, decay: float):
+        self.decay = decay
+        self.params = {n: p for n, p in named_params if p.requires_grad}
+        self.shadow = {n: _shard(p).detach().float().clone() for n, p in self.params.items()}
+
+    @torch.no_grad()
+    def update(self) -> None:
+        for n, p in self.params.items():
+            self.shadow[n].lerp_(_shard(p).float(), 1.0 - self.decay)
+
+    @contextmanager
+    def swapped(self):
+        """Temporarily put the EMA weights in the parameters' local shards."""
+        backup = {}
+        with torch.no_grad():
+            for n, p in self.params.items():
+                s = _shard(p)
+                backup[n] = s.detach().clone()
+                s.copy_(self.shadow[n].to(s.dtype))
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for n, p in self.params.items():
+                    _shard(p).copy_(backup[n])
+
+    def state_dict(self) -> dict:
+        return {"decay": self.decay, "shadow": self.shadow}
+
+    def load_state_dict(self, state: dict) -> None:
+        for n, t in state["shadow"].items():
+            if n not in self.shadow or self.shadow[n].shape != t.shape:
+                raise RuntimeError(f"EMA state does not match the model at {n}")
+            self.shadow[n].copy_(t)

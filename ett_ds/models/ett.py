@@ -1,0 +1,141 @@
+"""ETTModel: the vision tokenizer, the projector and the causal LLM as ONE nn.Module (one DeepSpeed engine).
+
+Data flow of one forward:
+
+    pixels -> tokenizer.encode -> z_q (codebook embeddings, straight-through) + indices
+        z_q -> tokenizer.decode (fp32)                 -> recon          (stages that reconstruct)
+        z_q -> projector  | indices -> index_embed     -> visual tokens  (spliced at the image placeholders)
+        [text embeddings with visual tokens] -> LLM body -> hidden
+        hidden at caption positions -> lm_head -> L_cap ; hidden before image positions -> visual_head -> L_t2i
+
+What trains and which terms exist is data (``STAGE_SPECS``), fixed for a run, so every step runs the same modules in
+the same order (a ZeRO-3 requirement). The model does not know about DeepSpeed.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from ..config import Config
+from . import losses
+from .llm import base_model, build_llm, hidden_size, resize_for_vocab
+from .projector import MLPProjector
+from .vq import VisionTokenizer
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    trains: frozenset  # parts whose parameters train: tokenizer, projector, index_embed, llm, visual_head
+    uses_llm: bool = True  # the LLM exists and runs
+    reconstruct: bool = False  # the decoder runs and L_vq is part of the loss
+    generate: bool = False  # the visual head exists (text -> image)
+
+
+STAGE_SPECS = {
+    "tokenizer": StageSpec(frozenset({"tokenizer"}), uses_llm=False, reconstruct=True),
+    "align": StageSpec(frozenset({"projector", "index_embed"})),
+    "ett": StageSpec(frozenset({"tokenizer", "projector", "llm"}), reconstruct=True),
+    "frozen": StageSpec(frozenset({"projector", "index_embed", "llm"})),
+    "sft": StageSpec(frozenset({"projector", "index_embed", "llm"})),
+    "t2i": StageSpec(frozenset({"projector", "llm", "visual_head"}), generate=True),
+}
+
+
+class ETTModel(nn.Module):
+    def __init__(self, cfg: Config, vocab_size: int | None = None, image_token_id: int | None = None):
+        super().__init__()
+        self.cfg = cfg
+        self.spec = STAGE_SPECS[cfg.stage]
+        tcfg = cfg.model.tokenizer
+        self.tokenizer = VisionTokenizer(tcfg)
+        self.image_token_id = image_token_id
+        self.llm = self.projector = self.index_embed = self.visual_head = None
+        if self.spec.uses_llm:
+            if vocab_size is None or image_token_id is None:
+                raise ValueError("an LLM stage needs the text tokenizer's vocab size and image token id")
+            self.llm = build_llm(cfg.model.llm)
+            resize_for_vocab(self.llm, vocab_size)
+            h = hidden_size(self.llm)
+            self.projector = MLPProjector(tcfg.code_dim, h, cfg.model.projector_depth)
+            if cfg.model.visual_input == "index":
+                self.index_embed = nn.Embedding(tcfg.codebook_size, h)
+                nn.init.normal_(self.index_embed.weight, std=0.02)
+            if self.spec.generate:
+                self.visual_head = nn.Linear(h, tcfg.codebook_size, bias=False)
+                nn.init.normal_(self.visual_head.weight, std=0.02)
+        self.set_trainable()
+
+    # -- what trains ---------------------------------------------------------------------------------------------
+    def parts(self) -> dict[str, nn.Module]:
+        named = {"tokenizer": self.tokenizer, "projector": self.projector, "index_embed": self.index_embed,
+                 "llm": self.llm, "visual_head": self.visual_head}
+        return {k: v for k, v in named.items() if v is not None}
+
+    def set_trainable(self) -> None:
+        for name, module in self.parts().items():
+            module.requires_grad_(name in self.spec.trains)
+
+    @property
+    def tokenizer_trains(self) -> bool:
+        return "tokenizer" in self.spec.trains
+
+    # -- forward -------------------------------------------------------------------------------------------------
+    def encode_images(self, pixels: torch.Tensor):
+        if self.tokenizer_trains:
+            return self.tokenizer.encode(pixels)
+        with torch.no_grad():
+            return self.tokenizer.encode(pixels)
+
+    def visual_tokens(self, z_q: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        """(B, D, h, w) codebook embeddings or (B, h, w) codes -> (B, h*w, hidden) LLM inputs."""
+        if self.index_embed is not None:
+            return self.index_embed(indices.flatten(1))
+        return self.projector(z_q.flatten(2).transpose(1, 2))
+
+    def embed_inputs(self, input_ids: torch.Tensor, visual: torch.Tensor) -> torch.Tensor:
+        """Text embeddings with the image placeholders replaced, in order, by ``visual`` (B, N, hidden)."""
+        embeds = self.llm.get_input_embeddings()(input_ids)
+        mask = input_ids == self.image_token_id
+        n = int(visual.shape[0] * visual.shape[1])
+        if int(mask.sum()) != n:
+            raise ValueError(f"batch has {int(mask.sum())} image placeholders, the images give {n} tokens")
+        embeds = embeds.clone()
+        embeds[mask] = visual.reshape(-1, visual.shape[-1]).to(embeds.dtype)
+        return embeds
+
+    def llm_hidden(self, embeds: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        out = base_model(self.llm)(inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False)
+        return out.last_hidden_state
+
+    def forward(self, pixels: torch.Tensor, input_ids: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None,
+                gen_mask: torch.Tensor | None = None) -> dict:
+        q = self.encode_images(pixels)
+        out = {"indices": q.indices, "quant_loss": q.quant_loss, "entropy_loss": q.entropy_loss}
+        if self.spec.reconstruct:
+            out["recon"] = self.tokenizer.decode(q.z_q)
+        if self.llm is None:
+            return out
+        visual = self.visual_tokens(q.z_q, q.indices)
+        hidden = self.llm_hidden(self.embed_inputs(input_ids, visual), attention_mask)
+        h_prev, targets = hidden[:, :-1], labels[:, 1:]
+        keep = targets != losses.IGNORE
+        logits = self.llm.get_output_embeddings()(h_prev[keep])
+        out["loss_cap"] = losses.caption_loss(logits, targets[keep])
+        out["num_caption_tokens"] = keep.sum()
+        if self.visual_head is not None:
+            out["loss_t2i"] = self.generation_loss(h_prev, input_ids, q.indices, gen_mask)
+        return out
+
+    def generation_loss(self, h_prev, input_ids, indices, gen_mask) -> torch.Tensor:
+        """CE of the visual head at the positions just before each image token of generation samples."""
+        is_img = input_ids[:, 1:] == self.image_token_id  # aligned with h_prev: position t predicts token t+1
+        if gen_mask is not None:
+            is_img = is_img & gen_mask.view(-1, 1).bool()
+        logits = self.visual_head(h_prev[is_img])
+        sel = gen_mask.bool() if gen_mask is not None else torch.ones(len(indices), dtype=torch.bool,
+                                                                         device=indices.device)
+        targets = indices.flatten(1)[sel].reshape(-1)
+        return losses.caption_loss(logits, targets)

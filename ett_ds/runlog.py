@@ -1,0 +1,139 @@
+"""Run logging: metrics.jsonl (one JSON object per logged step), TensorBoard, a tqdm bar and image grids.
+
+Every rank calls ``add``/``step`` (the logged values are averaged over ranks with one all-reduce per logged step;
+the codebook histogram is summed); only rank 0 writes. Loss terms stay on the device between logged steps, so the
+step itself has no host synchronisation.
+"""
+from __future__ import annotations
+
+import json
+import time
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+from .engine import dist
+
+
+class RunLog:
+    def __init__(self, run_dir: Path, every: int, enabled: bool):
+        self.run_dir, self.every, self.enabled = Path(run_dir), max(1, every), enabled
+        self.path = self.run_dir / "metrics.jsonl"
+        self.bar = self.tb = None
+        self._reset()
+
+    def _reset(self):
+        self.sums: dict[str, torch.Tensor] = {}
+        self.n = 0
+        self.hist = None
+        self.samples = 0
+        self.tokens = None
+        self.data = Counter()
+        self.t0 = time.perf_counter()
+
+    def start(self, total: int, initial: int = 0) -> None:
+        if not self.enabled:
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        from tqdm import tqdm
+        self.bar = tqdm(total=total, initial=initial, desc="train", dynamic_ncols=True)
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+            self.tb = SummaryWriter(str(self.run_dir / "tb"))
+        except ImportError:  # tensorboard not installed: metrics.jsonl still has everything
+            self.tb = None
+
+    def info(self, msg: str) -> None:
+        if self.enabled:
+            (self.bar.write if self.bar is not None else print)(f"[ett_ds] {msg}")
+
+    def add(self, terms: dict, indices: torch.Tensor, codebook_size: int, samples: int, tokens=None) -> None:
+        for k, v in terms.items():
+            self.sums[k] = self.sums[k] + v if k in self.sums else v.clone()
+        h = torch.bincount(indices.flatten(), minlength=codebook_size)
+        self.hist = h if self.hist is None else self.hist + h
+        self.n += 1
+        self.samples += samples
+        if tokens is not None:
+            self.tokens = tokens if self.tokens is None else self.tokens + tokens
+
+    def add_data_stats(self, stats: dict | None) -> None:
+        if stats:
+            self.data.update({k: int(v) for k, v in stats.items()})
+
+    def step(self, step: int, lrs: dict[str, float]) -> dict | None:
+        if self.bar is not None:
+            self.bar.update(1)
+        if step % self.every and step != getattr(self.bar, "total", None):
+            return None
+        keys = sorted(self.sums)
+        vec = torch.stack([self.sums[k] / self.n for k in keys]
+                          + [torch.as_tensor(float(self.samples), device=self.hist.device),
+                             (self.tokens.float() if self.tokens is not None
+                              else torch.zeros((), device=self.hist.device))])
+        world = dist.world_size()
+        dist.all_reduce_sum(vec)
+        dist.all_reduce_sum(self.hist)
+        data = _gather_counters(self.data)
+        vals = vec.tolist()
+        dt = time.perf_counter() - self.t0
+        row = {"step": step}
+        row.update({k: vals[i] / world for i, k in enumerate(keys)})
+        row.setdefault("loss_cap", None)
+        row.setdefault("loss_vq", None)
+        row["lr"] = lrs.get("llm", next(iter(lrs.values())) if lrs else None)
+        row.update({f"lr_{k}": v for k, v in lrs.items()})
+        row["samples_per_s"] = vals[-2] / dt
+        row["tokens_per_s"] = vals[-1] / dt
+        from .eval.metrics import stats_from_histogram
+        cb = stats_from_histogram(self.hist)
+        row["codebook_usage"] = cb["usage"]
+        row["codebook_perplexity"] = cb["perplexity"]
+        if data:
+            row["data"] = dict(data)
+        row["time"] = time.time()
+        self._reset()
+        if self.enabled:
+            with open(self.path, "a") as fh:
+                fh.write(json.dumps(row) + "\n")
+            if self.tb is not None:
+                for k, v in row.items():
+                    if isinstance(v, (int, float)) and k not in ("step", "time"):
+                        self.tb.add_scalar(k, v, step)
+            if self.bar is not None:
+                shown = {k: f"{row[k]:.4g}" for k in ("loss", "loss_cap", "loss_vq") if row.get(k) is not None}
+                self.bar.set_postfix(shown)
+        return row
+
+    def images(self, step: int, rows: list[torch.Tensor], labels: list[str], name: str = "recon") -> Path | None:
+        if not self.enabled:
+            return None
+        from .eval.metrics import save_grid
+        out = self.run_dir / "images" / f"{name}_step{step:08d}.png"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        save_grid([r.detach().float().cpu() for r in rows], out, labels=labels)
+        if self.tb is not None:
+            import numpy as np
+            from PIL import Image
+            self.tb.add_image(name, np.asarray(Image.open(out).convert("RGB")), step, dataformats="HWC")
+        self.info(f"wrote {out}")
+        return out
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+def _gather_counters(c: Counter) -> Counter:
+    import torch.distributed as tdist
+    if not (tdist.is_available() and tdist.is_initialized()) or tdist.get_world_size() == 1:
+        return Counter(c)
+    parts = [None] * tdist.get_world_size()
+    tdist.all_gather_object(parts, dict(c))
+    total = Counter()
+    for p in parts:
+        total.update(p)
+    return total

@@ -1,0 +1,277 @@
+"""Training entry point: ``python -m ett_ds.train --config RECIPE [key=value ...]``.
+
+Also started by the ``deepspeed`` launcher (``--local_rank``) and by ``torchrun``. One loop serves every stage; the
+stage (config) decides what trains and which loss terms exist. Every rank runs every forward.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+from . import config as C
+from .engine import checkpoint as ckpt
+from .engine import deepspeed as eng
+from .engine import dist
+from .engine.ema import ShardEMA
+from .models import losses
+from .models.discriminator import GANLoss
+from .models.ett import STAGE_SPECS, ETTModel
+from .models.ibq_checkpoint import CheckpointError, load_tokenizer_weights, tokenizer_config_from_ibq_yaml
+from .models.text import TextTokenizer
+from .runlog import RunLog
+
+
+def parse_args(argv):
+    ap = argparse.ArgumentParser(prog="python -m ett_ds.train", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", required=True, help="recipe YAML (or a built-in name: tiny, qwen2.5-1.5b-ibq)")
+    ap.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. stage=ett train.max_steps=100")
+    return ap.parse_args(argv)
+
+
+def llm_hidden_size(cfg: C.Config) -> int | None:
+    if not STAGE_SPECS[cfg.stage].uses_llm:
+        return None
+    llm = cfg.model.llm
+    if llm.init_config:
+        return int(llm.init_config["hidden_size"])
+    meta = json.loads((Path(llm.path) / "config.json").read_text())
+    return int(meta.get("hidden_size") or meta.get("text_config", {}).get("hidden_size"))
+
+
+def to_device(batch: dict, device) -> dict:
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+MODEL_INPUTS = ("pixels", "input_ids", "attention_mask", "labels", "gen_mask")
+
+
+class Trainer:
+    def __init__(self, cfg: C.Config):
+        self.cfg = cfg
+        self.spec = STAGE_SPECS[cfg.stage]
+        if cfg.model.tokenizer.checkpoint_config:
+            cfg.model.tokenizer = tokenizer_config_from_ibq_yaml(cfg.model.tokenizer.checkpoint_config,
+                                                                 cfg.model.tokenizer)
+        self.run_dir = cfg.run_dir
+        self.ckpt_root = self.run_dir / "checkpoints"
+        self.rank, self.world = dist.rank(), dist.world_size()
+        self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
+            else torch.device("cpu")
+        torch.manual_seed(cfg.seed)
+        eng.setup_backends(cfg)
+        self.ds_config = eng.resolve_ds_config(cfg, self.world, llm_hidden_size(cfg))
+        self.accum = self.ds_config["gradient_accumulation_steps"]
+        eng.enable_zero_init(self.ds_config)
+        self.text = None
+        if self.spec.uses_llm:
+            self.text = TextTokenizer(cfg.model.llm.text_tokenizer or cfg.model.llm.path,
+                                      cfg.model.llm.trust_remote_code)
+        model = ETTModel(cfg, self.text.vocab_size if self.text else None,
+                         self.text.image_id if self.text else None)
+        if cfg.model.tokenizer.checkpoint:
+            load_tokenizer_weights(model.tokenizer, cfg.model.tokenizer.checkpoint, cfg.model.tokenizer.use_ema_weights)
+        if cfg.train.init_from:
+            from .weights import load_into_model
+            self.init_report = load_into_model(model, Path(cfg.train.init_from))
+        self.engine = eng.initialize(model, cfg, self.ds_config)
+        self.model = self.engine.module
+        self.gan = self.perceptual = None
+        if self.spec.reconstruct:
+            self.gan = GANLoss(cfg.loss, cfg.model.tokenizer.in_channels).to(self.device)
+            if cfg.loss.perceptual_weights:
+                from .models.perceptual import PerceptualLoss
+                self.perceptual = PerceptualLoss(cfg.loss.perceptual_weights).to(self.device)
+        self.ema = None
+        if cfg.stage == "tokenizer" and cfg.train.ema_decay > 0:
+            self.ema = ShardEMA(self.model.tokenizer.named_parameters(), cfg.train.ema_decay)
+        self.step, self.segment, self.samples_seen = 0, 0, 0
+        self.log = RunLog(self.run_dir, cfg.train.log_every, enabled=dist.is_rank0())
+
+    # -- data ----------------------------------------------------------------------------------------------------
+    def batches(self):
+        from .data.batch import Batcher
+        from .data.shards import train_batches
+        if self.cfg.data.demo_dir and not _has_shards(self.cfg.data.train):
+            if dist.is_rank0():
+                from data_tools.demo import main as demo_main
+                demo_main(["--out", self.cfg.data.demo_dir])
+            dist.barrier()
+        batcher = Batcher(self.cfg, self.text, train=True)
+        return train_batches(self.cfg.data.train, batch_size=self.cfg.train.micro_batch_size,
+                             make_example=batcher.make_example, collate=batcher.collate, seed=self.cfg.seed,
+                             segment=self.segment, rank=self.rank, world_size=self.world,
+                             num_workers=self.cfg.data.num_workers, shuffle_buffer=self.cfg.data.shuffle_buffer,
+                             max_error_rate=self.cfg.data.max_error_rate)
+
+    # -- one optimizer step --------------------------------------------------------------------------------------
+    def loss_terms(self, out: dict, batch: dict) -> tuple[torch.Tensor, dict]:
+        """Assemble L = L_cap (+ L_t2i) + alpha * L_vq; returns the total and detached terms for logging."""
+        cfg, terms = self.cfg, {}
+        total = torch.zeros((), device=self.device)
+        for key in ("loss_cap", "loss_t2i"):
+            if key in out:
+                total = total + out[key]
+                terms[key] = out[key]
+        if self.spec.reconstruct:
+            x, recon = batch["pixels"].float(), out["recon"]
+            lw = cfg.loss
+            terms["l1"] = losses.l1_loss(recon, x)
+            terms["perceptual"] = self.perceptual(recon, x) if self.perceptual is not None else torch.zeros((), device=x.device)
+            terms["quant"], terms["entropy"] = out["quant_loss"], out["entropy_loss"]
+            terms["gan_g"] = self.gan.generator_loss(recon)
+            l_vq = (lw.l1_weight * terms["l1"] + lw.perceptual_weight * terms["perceptual"]
+                    + lw.quant_weight * terms["quant"] + lw.entropy_weight * terms["entropy"]
+                    + self.gan.weight(self.step) * terms["gan_g"])
+            terms["loss_vq"] = l_vq
+            alpha = 1.0 if cfg.stage == "tokenizer" else cfg.train.alpha
+            total = total + alpha * l_vq
+        terms["loss"] = total
+        return total, {k: v.detach().float() for k, v in terms.items()}
+
+    def train_step(self, it) -> None:
+        for _ in range(self.accum):
+            batch = next(it)
+            self.log.add_data_stats(batch.pop("data_stats", None))
+            batch = to_device(batch, self.device)
+            self.first_batch = getattr(self, "first_batch", None) or {k: v for k, v in batch.items()}
+            out = self.engine(**{k: batch[k] for k in MODEL_INPUTS if k in batch})
+            loss, terms = self.loss_terms(out, batch)
+            self.engine.backward(loss)
+            if self.gan is not None:
+                d = self.gan.discriminator_loss(batch["pixels"], out["recon"], self.step)
+                self.gan.step(d["loss_d"], apply=self.engine.is_gradient_accumulation_boundary())
+                terms.update({k: v.detach().float() for k, v in d.items()})
+            self.engine.step()
+            tokens = batch["attention_mask"].sum() if "attention_mask" in batch else None
+            self.log.add(terms, out["indices"], self.cfg.model.tokenizer.codebook_size,
+                         samples=batch["pixels"].shape[0], tokens=tokens)
+        self.step += 1
+        self.samples_seen += self.cfg.train.micro_batch_size * self.accum * self.world
+        if self.ema is not None:
+            self.ema.update()
+
+    # -- checkpoints ---------------------------------------------------------------------------------------------
+    def resume(self) -> None:
+        r = self.cfg.train.resume
+        folder = None
+        if r == "auto":
+            folder = ckpt.latest(self.ckpt_root)
+        elif r not in ("never", "", None):
+            folder = Path(r)
+        if folder is None:
+            return
+        state, extra = ckpt.load(self.engine, folder)
+        if self.gan is not None:
+            self.gan.load_extra_state(extra["gan"])
+        if self.ema is not None:
+            self.ema.load_state_dict(extra["ema"])
+        ckpt.set_rng_state(extra["rng"])
+        self.step, self.segment, self.samples_seen = state["step"], state["segment"], state["samples_seen"]
+        self.log.info(f"resumed from {folder} at step {self.step}")
+
+    def save(self) -> Path:
+        extra = {}
+        if self.gan is not None:
+            extra["gan"] = self.gan.extra_state()
+        if self.ema is not None:
+            extra["ema"] = self.ema.state_dict()
+        self.segment += 1  # the data stream is reseeded after every save: a resume continues the same stream
+        state = {"segment": self.segment, "samples_seen": self.samples_seen, "stage": self.cfg.stage}
+        folder = ckpt.save(self.engine, self.ckpt_root, self.step, state, extra,
+                           yaml.safe_dump(C.to_dict(self.cfg), sort_keys=False), self.cfg.train.keep_last)
+        if self.ema is not None:
+            from .weights import save_tokenizer
+            with self.ema.swapped():
+                save_tokenizer(self.model.tokenizer, folder / "tokenizer_ema.safetensors", self.cfg.model.tokenizer)
+        return folder
+
+    # -- pictures ------------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def write_images(self) -> None:
+        """Input vs reconstruction of the first batch; all ranks compute (ZeRO-3), rank 0 writes."""
+        if not self.spec.reconstruct:
+            return
+        x = self.first_batch["pixels"][:8]
+        tok = self.model.tokenizer
+        was_training = tok.training
+        tok.eval()
+        ctx = self.ema.swapped() if self.ema is not None else _nullcontext()
+        with ctx:
+            recon = tok(x)[0].clamp(-1, 1)
+        tok.train(was_training)
+        self.log.images(self.step, [x, recon], ["input", "recon"])
+
+    # -- the loop ------------------------------------------------------------------------------------------------
+    def fit(self) -> dict:
+        cfg = self.cfg
+        if dist.is_rank0():
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            C.save_config(cfg, self.run_dir / "config.yaml")
+            (self.run_dir / "ds_config.json").write_text(json.dumps(self.ds_config, indent=1))
+        self.resume()
+        self.log.start(total=cfg.train.max_steps, initial=self.step)
+        it = iter(self.batches())
+        last = None
+        while self.step < cfg.train.max_steps:
+            self.train_step(it)
+            lrs = {g["ett_name"].split("/")[0]: g["lr"] for g in self.engine.optimizer.param_groups}
+            row = self.log.step(self.step, lrs)
+            if row is not None:
+                last = row
+                if not math.isfinite(row["loss"]):
+                    raise FloatingPointError(f"loss is {row['loss']} at step {self.step}; see {self.log.path}")
+            if cfg.train.image_every and self.step % cfg.train.image_every == 0:
+                self.write_images()
+            if self.step % cfg.train.save_every == 0 or self.step == cfg.train.max_steps:
+                self.save()
+                it = iter(self.batches())
+        self.log.close()
+        return last or {}
+
+
+class _nullcontext:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+
+def _has_shards(urls: str) -> bool:
+    from .data.shards import expand_urls
+    try:
+        return bool(expand_urls(urls))
+    except (FileNotFoundError, ValueError):
+        return False
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        cfg = C.load_config(args.config, args.overrides)
+    except C.ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    dist.init_distributed()
+    try:
+        trainer = Trainer(cfg)
+        last = trainer.fit()
+    except (C.ConfigError, CheckpointError, ckpt.ResumeError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if dist.is_rank0() and last:
+        print(json.dumps({"final": last}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

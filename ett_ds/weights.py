@@ -1,0 +1,85 @@
+"""Moving weights between ett_ds checkpoints, models and files.
+
+- ``consolidated_state_dict(folder)``: the full fp32 state dict of a ZeRO checkpoint step folder (frozen params
+  included), with the tokenizer's EMA weights substituted when the folder carries them (stage ``tokenizer``).
+- ``load_into_model(model, folder)``: initialise a (possibly ZeRO-3-partitioned) model from a previous stage.
+- ``save_tokenizer``: the tokenizer in the IBQ key layout as safetensors (+ its config in the metadata).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from .engine import dist
+from .models.ibq_checkpoint import CheckpointError
+from .models.llm import gathered
+
+TOKENIZER_EMA = "tokenizer_ema.safetensors"
+
+
+def consolidated_state_dict(folder: Path) -> dict[str, torch.Tensor]:
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    folder = Path(folder)
+    if not (folder / "complete").is_file():
+        raise CheckpointError(f"{folder} is not a complete ett_ds checkpoint step folder")
+    sd = get_fp32_state_dict_from_zero_checkpoint(str(folder.parent), tag=folder.name)
+    ema = folder / TOKENIZER_EMA
+    if ema.is_file():
+        from safetensors.torch import load_file
+        sd.update({f"tokenizer.{k}": v for k, v in load_file(str(ema)).items()})
+    return sd
+
+
+def load_into_model(model: torch.nn.Module, folder: Path) -> dict:
+    """Copy matching tensors from a checkpoint into ``model`` (gathering partitioned params); returns a report.
+
+    Parameters the checkpoint lacks (a part new in this stage, e.g. the visual head) keep their init; tensors the
+    model lacks are ignored. A shape mismatch is an error.
+    """
+    sd = consolidated_state_dict(folder)
+    own = dict(model.named_parameters())
+    loaded, missing = [], []
+    for name, p in own.items():
+        if name not in sd:
+            missing.append(name)
+            continue
+        shape = tuple(getattr(p, "ds_shape", p.shape))
+        src = sd[name]
+        if tuple(src.shape) != shape:
+            raise CheckpointError(f"{folder}: {name} has shape {tuple(src.shape)}, the model has {shape}")
+        with gathered([p], modify=True):
+            if dist.rank() == 0 or not hasattr(p, "ds_id"):
+                p.data.copy_(src.to(p.dtype))
+        loaded.append(name)
+    for name, b in model.named_buffers():
+        if name in sd:
+            b.data.copy_(sd[name].to(b.dtype))
+    unexpected = sorted(set(sd) - set(own) - {n for n, _ in model.named_buffers()})
+    report = {"from": str(folder), "loaded": len(loaded), "missing": missing, "unexpected": unexpected[:20]}
+    if dist.is_rank0():
+        print(f"[ett_ds] init_from {folder}: {len(loaded)} tensors loaded, {len(missing)} new "
+              f"({', '.join(sorted({m.split('.')[0] for m in missing})) or '-'}), {len(unexpected)} unused")
+    return report
+
+
+def full_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Collective: the module's full parameters (gathered under ZeRO-3) and buffers, on CPU, on every rank."""
+    params = list(module.parameters())
+    with gathered(params):
+        out = {n: p.detach().float().cpu().clone() for n, p in module.named_parameters()}
+    out.update({n: b.detach().cpu().clone() for n, b in module.named_buffers()})
+    return out
+
+
+def save_tokenizer(tokenizer: torch.nn.Module, path: Path, tcfg, dtype: torch.dtype = torch.float32) -> None:
+    """Collective. Rank 0 writes the IBQ-layout safetensors with the tokenizer config in its metadata."""
+    from safetensors.torch import save_file
+    sd = full_state_dict(tokenizer)
+    if dist.is_rank0():
+        sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}
+        save_file({k: v.contiguous() for k, v in sd.items()}, str(path),
+                  metadata={"format": "ibq", "ett_tokenizer_config": json.dumps(asdict(tcfg))})
+    dist.barrier()

@@ -1,0 +1,50 @@
+"""Shared builders for tests: a sentencepiece model trained on the spot, tiny configs and hand-made batches."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ett_ds.config import load_config
+
+WORDS = ("the quick brown fox jumps over a lazy dog read text image token model train stage code book "
+         "red green blue cat sun moon star tree river stone").split()
+
+
+def train_spm(folder: Path) -> Path:
+    import sentencepiece as spm
+    folder.mkdir(parents=True, exist_ok=True)
+    lines = [" ".join(WORDS[(i * 7 + j) % len(WORDS)] for j in range(1 + i % 5)) for i in range(500)]
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_prefix=str(folder / "spm"), vocab_size=300,
+                                   model_type="unigram", character_coverage=1.0, byte_fallback=True, pad_id=0,
+                                   unk_id=1, bos_id=2, eos_id=3, hard_vocab_limit=False, minloglevel=2)
+    return folder / "spm.model"
+
+
+def tiny_config(spm_model: Path, out_dir: Path, *overrides: str):
+    """The built-in tiny recipe, shrunk further for tests; ZeRO-3 really partitions (persistence threshold 0)."""
+    base = [f"model.llm.text_tokenizer={spm_model}", f"out_dir={out_dir}", "data.demo_dir=null",
+            "engine.persistence_threshold=0", "model.llm.init_config.num_hidden_layers=2",
+            "model.llm.init_config.hidden_size=64", "model.llm.init_config.intermediate_size=128",
+            "data.image_size=[16,32]", "model.tokenizer.attn_resolutions=[4]", "train.micro_batch_size=4",
+            "train.log_every=1", "train.save_every=1000", "train.image_every=0", "optim.warmup_ratio=0"]
+    return load_config("tiny", base + list(overrides))
+
+
+def caption_batch(trainer, captions: list[str], seed: int = 0) -> dict:
+    """A batch built by the real Batcher from random images and the given captions."""
+    from ett_ds.data.batch import Batcher
+    g = torch.Generator().manual_seed(seed)
+    b = Batcher(trainer.cfg, trainer.text, train=False)
+    h, w = trainer.cfg.data.image_size
+    examples = []
+    for c in captions:
+        ids, labels = b.caption_sequence(c)
+        examples.append({"pixels": torch.rand(3, h, w, generator=g) * 2 - 1, "text": c, "gen": False,
+                         "input_ids": ids, "labels": labels})
+    return b.collate(examples)
+
+
+def repeat(batch: dict):
+    while True:
+        yield dict(batch)
