@@ -94,6 +94,12 @@ class ETTModel(nn.Module):
             return self.index_embed(indices.flatten(1))
         return self.projector(z_q.flatten(2).transpose(1, 2))
 
+    def embed_codes(self, codes: torch.Tensor) -> torch.Tensor:
+        """(B, n) integer codes -> (B, n, hidden) LLM inputs (generation feeds its own samples back this way)."""
+        if self.index_embed is not None:
+            return self.index_embed(codes)
+        return self.projector(self.tokenizer.quantize.lookup(codes))
+
     def embed_inputs(self, input_ids: torch.Tensor, visual: torch.Tensor) -> torch.Tensor:
         """Text embeddings with the image placeholders replaced, in order, by ``visual`` (B, N, hidden)."""
         embeds = self.llm.get_input_embeddings()(input_ids)
