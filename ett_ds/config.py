@@ -379,9 +379,9 @@ def resolve_recipe(path: str | Path) -> Path:
     p = Path(path)
     if p.is_file():
         return p
-    builtin = RECIPES / (p.name if p.suffix else f"{p.name}.yaml")
-    if builtin.is_file():
-        return builtin
+    for builtin in (RECIPES / f"{p.name}.yaml", RECIPES / p.name):
+        if builtin.is_file():
+            return builtin
     raise ConfigError(f"config file not found: {path}")
 
 

@@ -8,6 +8,7 @@ Its architecture lives in a YAML (``model.init_args.ddconfig`` / ``n_embed`` / `
 from __future__ import annotations
 
 import pickle
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -64,14 +65,16 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
         return load_file(str(path))
+    if not zipfile.is_zipfile(path):
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint (expected a torch.save zip archive)")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
+    except pickle.UnpicklingError:
         raise CheckpointError(
-            f"{path}: refuses to load with weights_only=True (it pickles Python objects: {str(e).splitlines()[0]}). "
-            "If you trust the file, re-save only its tensors: "
-            "python -c \"import torch; c=torch.load('IN', weights_only=False); torch.save({'state_dict': c['state_dict']}, 'OUT')\"")
-    except Exception as e:  # corrupt zip, wrong format
+            f"{path}: refuses to load with weights_only=True because the file pickles Python objects. If you trust "
+            "it, re-save only its tensors: python -c \"import torch; c=torch.load('IN', weights_only=False); "
+            "torch.save({'state_dict': c['state_dict']}, 'OUT')\"") from None
+    except Exception as e:  # corrupt archive
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}: {e})") from None
     sd = obj.get("state_dict", obj) if isinstance(obj, dict) else None
     if not isinstance(sd, dict):

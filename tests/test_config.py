@@ -1,0 +1,62 @@
+"""The typed config tree: recipes, overrides, one-line errors, and docs generated from field docstrings."""
+import subprocess
+import sys
+
+import pytest
+
+from ett_ds.config import Config, ConfigError, field_docs, load_config, markdown_reference
+
+
+def test_builtin_recipes_load_and_validate():
+    tiny = load_config("tiny")
+    assert tiny.stage == "ett" and tiny.num_image_tokens == 64
+    paper = load_config("qwen2.5-1.5b-ibq")
+    assert paper.model.tokenizer.codebook_size == 131072 and paper.train.alpha == 0.25
+    assert paper.train.global_batch_size == 1024 and paper.data.image_size == [512, 512]
+
+
+def test_overrides_are_typed():
+    cfg = load_config("tiny", ["stage=align", "optim.lr=3e-3", "train.max_steps=7", "data.image_size=[16,64]"])
+    assert cfg.stage == "align" and cfg.optim.lr == 0.003 and cfg.train.max_steps == 7
+    assert cfg.data.image_size == [16, 64]
+
+
+@pytest.mark.parametrize("override,message", [
+    ("train.max_stepz=3", "unknown config key 'train.max_stepz'"),
+    ("stage=bogus", "stage: 'bogus' is not one of"),
+    ("train.max_steps=many", "train.max_steps: expected an integer"),
+    ("engine.tf32=maybe", "engine.tf32: expected true/false"),
+    ("data.image_size=[30,64]", "not a multiple of the tokenizer downsampling"),
+    ("nosuchsection.x=1", "unknown config key 'nosuchsection'"),
+    ("noequals", "must look like key.sub=value"),
+])
+def test_bad_config_is_one_line_naming_the_key(override, message):
+    with pytest.raises(ConfigError, match=message) as e:
+        load_config("tiny", [override])
+    assert "\n" not in str(e.value)
+
+
+def test_cli_reports_config_error_in_one_line_exit_2():
+    r = subprocess.run([sys.executable, "-m", "ett_ds.train", "--config", "tiny", "train.bogus=1"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines() == ["error: unknown config key 'train.bogus' (valid: " +
+                                             r.stderr.split("(valid: ")[1].strip()]
+    r = subprocess.run([sys.executable, "-m", "ett_ds.train", "--config", "nope.yaml"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stderr.strip() == "error: config file not found: nope.yaml"
+
+
+def test_every_field_is_documented_and_reference_lists_it():
+    import dataclasses
+    def walk(cls):
+        docs = field_docs(cls)
+        for f in dataclasses.fields(cls):
+            assert docs.get(f.name), f"{cls.__name__}.{f.name} has no docstring"
+            if dataclasses.is_dataclass(f.type) or isinstance(f.default_factory, type):
+                sub = f.default_factory if isinstance(f.default_factory, type) else None
+                if sub is not None and dataclasses.is_dataclass(sub):
+                    walk(sub)
+    walk(Config)
+    md = markdown_reference()
+    assert "| `train.alpha` |" in md and "| `model.tokenizer.codebook_size` |" in md
