@@ -186,6 +186,8 @@ class TrainConfig:
     "Checkpoint (a step folder of a previous stage) whose weights initialise this run."
     resume: str = "auto"
     "`auto` continues from the newest complete checkpoint of this run, `never` starts fresh, or a step folder."
+    stop_at: int | None = None
+    "Stop this job (after saving) at this step although `max_steps` is later: for jobs with a time limit; the schedule still spans `max_steps` and `resume=auto` continues."
     log_every: int = 10
     "Steps between metric lines."
     save_every: int = 500
@@ -200,8 +202,8 @@ class TrainConfig:
 class EngineConfig:
     ds_config: str = "zero3"
     "DeepSpeed template: a name in ds_configs/ (`zero3`, `zero3_offload`, `zero2`) or a path to your own JSON."
-    precision: str = "autocast_bf16"
-    "`autocast_bf16` (fp32 params, bf16 compute, fp32 decoder) or `fp32`."
+    precision: str = "auto"
+    "`autocast_bf16` (fp32 params, bf16 compute, fp32 decoder), `fp32`, or `auto` (autocast_bf16 on GPU, fp32 on CPU, where bf16 is emulated and slower)."
     persistence_threshold: int | None = None
     "ZeRO-3 `stage3_param_persistence_threshold`; default derived from the LLM hidden size."
     bucket_size: int | None = None
@@ -255,8 +257,8 @@ class Config:
         f = 2 ** (len(t.ch_mult) - 1)
         for side in self.data.image_size:
             need(side % f == 0, f"data.image_size: {side} is not a multiple of the tokenizer downsampling {f}")
-        need(self.engine.precision in ("autocast_bf16", "fp32"),
-             f"engine.precision: '{self.engine.precision}' must be autocast_bf16 or fp32")
+        need(self.engine.precision in ("auto", "autocast_bf16", "fp32"),
+             f"engine.precision: '{self.engine.precision}' must be auto, autocast_bf16 or fp32")
         need(self.optim.schedule in ("cosine", "constant"), "optim.schedule: must be cosine or constant")
         need(self.train.max_steps > 0 and self.train.micro_batch_size > 0, "train: max_steps and micro_batch_size must be > 0")
         need(0 <= self.optim.warmup_ratio < 1, "optim.warmup_ratio: must be in [0, 1)")

@@ -71,6 +71,7 @@ class Trainer:
         self.ds_config = eng.resolve_ds_config(cfg, self.world, llm_hidden_size(cfg))
         self.accum = self.ds_config["gradient_accumulation_steps"]
         eng.enable_zero_init(self.ds_config)
+        ensure_demo_data(cfg)
         self.text = None
         if self.spec.uses_llm:
             self.text = TextTokenizer(cfg.model.llm.text_tokenizer or cfg.model.llm.path,
@@ -100,11 +101,6 @@ class Trainer:
     def batches(self):
         from .data.batch import Batcher
         from .data.shards import train_batches
-        if self.cfg.data.demo_dir and not _has_shards(self.cfg.data.train):
-            if dist.is_rank0():
-                from data_tools.demo import main as demo_main
-                demo_main(["--out", self.cfg.data.demo_dir])
-            dist.barrier()
         batcher = Batcher(self.cfg, self.text, train=True)
         return train_batches(self.cfg.data.train, batch_size=self.cfg.train.micro_batch_size,
                              make_example=batcher.make_example, collate=batcher.collate, seed=self.cfg.seed,
@@ -197,7 +193,13 @@ class Trainer:
     # -- pictures ------------------------------------------------------------------------------------------------
     @torch.no_grad()
     def write_images(self) -> None:
-        """Input vs reconstruction of the first batch; all ranks compute (ZeRO-3), rank 0 writes."""
+        """Input vs reconstruction of the first batch, or (t2i) samples for its first captions; all ranks compute
+        (ZeRO-3), rank 0 writes."""
+        if self.spec.generate:
+            from .generation import generate_images
+            prompts = list(self.first_batch["text"][:4])
+            samples = generate_images(self.model, self.text, prompts, seed=self.cfg.seed)
+            self.log.images(self.step, [self.first_batch["pixels"][:4], samples], ["data", "samples"], name="samples")
         if not self.spec.reconstruct:
             return
         x = self.first_batch["pixels"][:8]
@@ -221,7 +223,8 @@ class Trainer:
         self.log.start(total=cfg.train.max_steps, initial=self.step)
         it = iter(self.batches())
         last = None
-        while self.step < cfg.train.max_steps:
+        end = min(cfg.train.max_steps, cfg.train.stop_at or cfg.train.max_steps)
+        while self.step < end:
             self.train_step(it)
             lrs = {g["ett_name"].split("/")[0]: g["lr"] for g in self.engine.optimizer.param_groups}
             row = self.log.step(self.step, lrs)
@@ -231,7 +234,7 @@ class Trainer:
                     raise FloatingPointError(f"loss is {row['loss']} at step {self.step}; see {self.log.path}")
             if cfg.train.image_every and self.step % cfg.train.image_every == 0:
                 self.write_images()
-            if self.step % cfg.train.save_every == 0 or self.step == cfg.train.max_steps:
+            if self.step % cfg.train.save_every == 0 or self.step == end:
                 self.save()
                 it = iter(self.batches())
         self.log.close()
@@ -244,6 +247,17 @@ class _nullcontext:
 
     def __exit__(self, *a):
         return False
+
+
+def ensure_demo_data(cfg: C.Config) -> None:
+    """Build the built-in demo data (rank 0, others wait) when the recipe asks for it and it is missing."""
+    if not cfg.data.demo_dir or _has_shards(cfg.data.train):
+        return
+    if dist.is_rank0():
+        from data_tools.cli import main as data_tools_main
+        if data_tools_main(["demo", "--out", cfg.data.demo_dir]) != 0:
+            raise FileNotFoundError(f"could not build the demo data in {cfg.data.demo_dir}")
+    dist.barrier()
 
 
 def _has_shards(urls: str) -> bool:

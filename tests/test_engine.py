@@ -92,7 +92,8 @@ def test_index_mode_refuses_end_to_end_stage(spm_model, tmp_path):
 def test_resolved_ds_config_has_no_auto_and_buckets_follow_hidden_size(spm_model, tmp_path):
     import json
     from ett_ds.engine.deepspeed import resolve_ds_config
-    cfg = tiny_config(spm_model, tmp_path, "train.global_batch_size=16", "engine.persistence_threshold=null")
+    cfg = tiny_config(spm_model, tmp_path, "train.global_batch_size=16", "engine.persistence_threshold=null",
+                      "engine.precision=autocast_bf16")
     ds = resolve_ds_config(cfg, world_size=2, hidden=1536)
     assert "\"auto\"" not in json.dumps(ds)
     assert ds["gradient_accumulation_steps"] == 2 and ds["train_batch_size"] == 16

@@ -6,11 +6,13 @@ Precision (`engine.precision`):
   its FP32Conv2d class is not in ``lower_precision_safe_modules`` (exact-class match), so even on 2+ ranks its weights
   are all-gathered in fp32. DeepSpeed's plain ``bf16`` mode is not offered: it casts every parameter, the decoder's too.
 - ``fp32``: everything in fp32 (debugging, exactness tests).
+- ``auto`` (default): autocast_bf16 on GPU; fp32 on CPU, where bf16 convolutions are emulated and slower.
 """
 from __future__ import annotations
 
 import json
 import math
+import warnings
 from pathlib import Path
 
 import torch
@@ -19,6 +21,9 @@ from ..config import Config, ConfigError
 
 DS_CONFIGS = Path(__file__).resolve().parents[2] / "ds_configs"
 LOW_PRECISION_SAFE = ["torch.nn.modules.linear.Linear", "torch.nn.modules.conv.Conv2d"]
+
+# DeepSpeed 0.19 calls collectives that torch 2.13 deprecates, once per bucket: noise, not news.
+warnings.filterwarnings("ignore", message=r".*torch\.distributed\.\w+` is deprecated", category=FutureWarning)
 
 _HF_DS_CONFIG = None  # keeps transformers' HfDeepSpeedConfig alive (it is held through a weakref)
 
@@ -84,13 +89,19 @@ def resolve_ds_config(cfg: Config, world_size: int, hidden: int | None) -> dict:
         if zero.get(k) == "auto" or (k == "stage3_param_persistence_threshold"
                                      and cfg.engine.persistence_threshold is not None and k in zero):
             zero[k] = v
-    if cfg.engine.precision == "autocast_bf16":
+    if resolved_precision(cfg) == "autocast_bf16":
         ds["torch_autocast"] = {"enabled": True, "dtype": "bfloat16",
                                 "lower_precision_safe_modules": LOW_PRECISION_SAFE}
     leftover = _find_auto(ds)
     if leftover:
         raise ConfigError(f"engine.ds_config: unresolved 'auto' at {leftover[0]} (ett_ds does not know how to fill it)")
     return ds
+
+
+def resolved_precision(cfg: Config) -> str:
+    if cfg.engine.precision == "auto":
+        return "autocast_bf16" if torch.cuda.is_available() else "fp32"
+    return cfg.engine.precision
 
 
 def _find_auto(node, path="") -> list[str]:

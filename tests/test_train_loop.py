@@ -1,0 +1,119 @@
+"""The training entry point end to end on shards built by data_tools: logging, checkpoints, exact resume, 2 ranks."""
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ett_ds.train import main
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo")
+    from data_tools.cli import main as dt
+    assert dt(["demo", "--out", str(out), "--num-train", "120", "--num-heldout", "24", "--size", "16x32",
+               "--samples-per-shard", "30", "--no-progress"]) == 0
+    return out
+
+
+def args(demo, out, *extra):
+    return ["--config", "tiny", f"out_dir={out}", f"data.train={demo}/train", f"data.eval={demo}/heldout",
+            f"model.llm.text_tokenizer={demo}/spm.model", "data.demo_dir=null", "data.image_size=[16,32]",
+            "model.tokenizer.attn_resolutions=[4]", "model.llm.init_config.num_hidden_layers=2",
+            "model.llm.init_config.hidden_size=64", "model.llm.init_config.intermediate_size=128",
+            "train.micro_batch_size=4", "train.log_every=1", "data.num_workers=0", "data.shuffle_buffer=20",
+            "engine.persistence_threshold=0", "loss.gan_start_step=2", *extra]
+
+
+def rows(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_shards_feed_training_and_the_run_folder_has_everything(demo, tmp_path):
+    assert main(args(demo, tmp_path, "name=r", "stage=ett", "train.max_steps=3", "train.save_every=2",
+                     "train.image_every=3")) == 0
+    run = tmp_path / "r"
+    for f in ("config.yaml", "ds_config.json", "metrics.jsonl"):
+        assert (run / f).is_file(), f
+    assert any((run / "tb").iterdir())
+    assert sorted(p.name for p in (run / "checkpoints").glob("step_*")) == ["step_00000002", "step_00000003"]
+    assert (run / "checkpoints" / "step_00000003" / "complete").is_file()
+    assert list((run / "images").glob("recon_step00000003.png"))
+    r = rows(run)
+    assert [x["step"] for x in r] == [1, 2, 3]
+    for key in ("loss", "loss_cap", "loss_vq", "lr", "samples_per_s", "tokens_per_s", "codebook_usage"):
+        assert r[-1][key] is not None and r[-1][key] >= 0 or key == "loss_vq", key
+    assert r[-1]["data"]["ok"] > 0
+    assert "auto" not in (run / "ds_config.json").read_text().replace("autocast", "")
+
+
+def test_save_stop_resume_reproduces_the_uninterrupted_trajectory(demo, tmp_path):
+    common = ["stage=ett", "train.max_steps=4", "train.save_every=2", "data.num_workers=1"]
+    assert main(args(demo, tmp_path, "name=full", *common)) == 0
+    assert main(args(demo, tmp_path, "name=cut", *common, "train.stop_at=2")) == 0
+    assert [x["step"] for x in rows(tmp_path / "cut")] == [1, 2]
+    assert main(args(demo, tmp_path, "name=cut", *common)) == 0  # resume=auto from step 2
+    full, cut = rows(tmp_path / "full"), rows(tmp_path / "cut")
+    assert [x["step"] for x in cut] == [1, 2, 3, 4]
+    for a, b in zip(full, cut):
+        for key in ("loss", "loss_cap", "loss_vq", "loss_d", "lr"):
+            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), (a["step"], key)
+
+
+def test_resume_on_another_world_size_points_to_universal_checkpoints(demo, tmp_path, capsys):
+    assert main(args(demo, tmp_path, "name=w", "stage=align", "train.max_steps=1")) == 0
+    state = tmp_path / "w" / "checkpoints" / "step_00000001" / "trainer_state.json"
+    s = json.loads(state.read_text())
+    state.write_text(json.dumps({**s, "world_size": 8}))
+    capsys.readouterr()
+    assert main(args(demo, tmp_path, "name=w", "stage=align", "train.max_steps=2")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "ds_to_universal" in err[0] and "8 data-parallel ranks" in err[0]
+
+
+def run_group(cmd, timeout, env=None):
+    """Run a multi-process job in its own process group; kill the whole group on timeout."""
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True, env={**os.environ, **(env or {})})
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        pytest.fail(f"timed out after {timeout}s:\n{out[-3000:]}")
+    return proc.returncode, out
+
+
+def clean_env():
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    env["OMP_NUM_THREADS"] = "1"
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    return env
+
+
+def test_two_ranks_torchrun_decoder_stays_fp32_and_training_runs(demo, tmp_path):
+    script = REPO / "tests" / "scripts" / "two_rank_fp32.py"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
+           *args(demo, tmp_path, "name=tr", "stage=ett", "engine.precision=autocast_bf16")[2:]]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True, env=clean_env())
+    try:
+        out, _ = proc.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        pytest.fail("2-rank run timed out")
+    assert proc.returncode == 0, out[-3000:]
+    results = [json.loads(line.split("RESULT ", 1)[1]) for line in out.splitlines() if "RESULT " in line]
+    assert len(results) == 2 and {r["rank"] for r in results} == {0, 1}
+    for r in results:
+        assert r["decoder_weight_dtype"] == "torch.float32" and r["decoder_out_dtype"] == "torch.float32"
+        assert r["decoder_weight_not_bf16_rounded"], "decoder weights were all-gathered in bf16"
+        assert r["llm_out_dtype"] == "torch.bfloat16"
+        assert r["world_size"] == 2 and r["losses_finite"]
