@@ -8,7 +8,8 @@ Layouts (N = image tokens of the configured resolution; [x] = one special token;
     t2i      [bos] prompt [boi] [img]*N [eoi] [eos]                 loss on the N image positions (visual head);
              the prompt is dropped with probability `train.prompt_dropout` (classifier-free guidance)
 
-A sample's json may carry ``"task": "caption" | "sft" | "t2i"`` so one run can mix understanding and generation;
+Caption samples in an ``sft`` run become one-turn conversations (a caption prompt from ``data.caption_prompts``
+as the user turn, the caption as the reply). A sample's json may carry ``"task": "caption" | "sft" | "t2i"`` so one run can mix understanding and generation;
 otherwise the stage decides (sft -> sft, t2i -> t2i, else caption). ``conversations`` (LLaVA style) makes a sample sft.
 """
 from __future__ import annotations
@@ -49,10 +50,14 @@ class Batcher:
     def _clip(self, ids: list[int]) -> list[int]:
         return ids[: self.cfg.data.max_text_tokens]
 
+    def _prompt(self) -> str:
+        prompts = self.cfg.data.caption_prompts
+        return self.rng.choice(prompts) if self.train else prompts[0]
+
     def caption_prompt(self, prompt: str | None = None) -> list[int]:
         """Tokens up to where the caption starts (used by training and by captioning at inference)."""
         if prompt is None:
-            prompt = self.rng.choice(self.cfg.data.caption_prompts) if self.train else self.cfg.data.caption_prompts[0]
+            prompt = self._prompt()
         return self._start() + self.image_ids() + (self.text.encode(prompt + "\n") if prompt else [])
 
     def t2i_prompt(self, prompt: str) -> list[int]:
@@ -116,15 +121,19 @@ class Batcher:
         if text is None:
             text = meta.get("caption") or meta.get("text")
         task = meta.get("task") or ("sft" if "conversations" in meta else self.default_task)
-        if task == "sft" and "conversations" not in meta:
-            task = "caption"
+        conversations = meta.get("conversations")
+        if task == "sft" and not conversations:  # caption data becomes a one-turn instruction sample
+            if not (text and str(text).strip()):
+                return None
+            conversations = [{"from": "human", "value": f"{IMAGE_MARK}\n{self._prompt()}"},
+                             {"from": "gpt", "value": str(text).strip()}]
         if task != "sft" and not (text and str(text).strip()):
             return None
         pixels = image_to_tensor(sample["image"], size=self.size, train=self.train, rng=self.rng)
         ex = {"pixels": pixels, "text": str(text or ""), "gen": task == "t2i"}
         if self.text is not None:
             if task == "sft":
-                ids, labels = self.chat_sequence(meta["conversations"])
+                ids, labels = self.chat_sequence(conversations)
             elif task == "t2i":
                 ids, labels = self.t2i_sequence(str(text))
             else:
