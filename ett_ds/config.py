@@ -449,9 +449,22 @@ def markdown_reference(cls=Config, prefix: str = "") -> str:
     return "\n".join(lines)
 
 
+README_START, README_END = "<!-- config-reference:start -->", "<!-- config-reference:end -->"
+
+
+def readme_with_reference(text: str) -> str:
+    """README text with the block between the config-reference markers regenerated."""
+    head, rest = text.split(README_START, 1)
+    _, tail = rest.split(README_END, 1)
+    return f"{head}{README_START}\n{markdown_reference()}\n{README_END}{tail}"
+
+
 if __name__ == "__main__":
     if "--markdown" in sys.argv:
         print(markdown_reference())
+    elif "--write-readme" in sys.argv:
+        readme = Path(sys.argv[sys.argv.index("--write-readme") + 1])
+        readme.write_text(readme_with_reference(readme.read_text()))
     else:
         args = [a for a in sys.argv[1:]]
         cfg = load_config(args[0] if args and "=" not in args[0] else None,
