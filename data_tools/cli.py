@@ -1,0 +1,275 @@
+"""``python -m data_tools SUBCOMMAND``: argument parsing and one-line errors; the work lives in the other modules.
+
+``main(argv)`` returns the exit code (0 ok, 1 verify found problems, 2 usage error) and never prints a traceback
+for a bad argument or a missing input, so tests and scripts can call it directly.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .errors import UsageError
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line on stderr, exit 2 (argparse's default prints the whole usage)
+        raise UsageError(f"{self.prog}: {message}")
+
+
+def _size(text: str) -> tuple[int, int]:
+    try:
+        h, w = (int(v) for v in text.lower().split("x"))
+        if h <= 0 or w <= 0:
+            raise ValueError
+        return h, w
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected HxW like 32x128, got {text!r}") from None
+
+
+def _positive(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        v = 0
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return v
+
+
+def _bytes(text: str) -> int:
+    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+    t = text.strip().lower().rstrip("b")
+    try:
+        v = int(float(t[:-1]) * units[t[-1]]) if t and t[-1] in units else int(t)
+    except ValueError:
+        v = 0
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"expected a size like 500M, got {text!r}")
+    return v
+
+
+def _add_output(p, prefix: str, per_shard: int):
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--prefix", default=prefix, help="shard name prefix: PREFIX-000000.tar")
+    p.add_argument("--samples-per-shard", type=_positive, default=per_shard)
+    p.add_argument("--workers", type=_positive, default=1, help="processes (spawn pool), one shard per task")
+    p.add_argument("--resume", action="store_true", help="skip shards whose _stats.json exists")
+    p.add_argument("--overwrite", action="store_true", help="delete existing shards with this prefix first")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def _add_encode(p, fmt="keep", max_side=None):
+    p.add_argument("--max-side", type=_positive, default=max_side, help="resize so the longest side is at most N")
+    p.add_argument("--min-side", type=_positive, default=8, help="shorter side below N -> too_small")
+    p.add_argument("--max-pixels", type=_positive, default=128_000_000, help="w*h above N -> too_large")
+    p.add_argument("--format", choices=["keep", "jpg", "png", "webp"], default=fmt)
+    p.add_argument("--quality", type=int, default=95)
+    p.add_argument("--validate", choices=["quick", "full"], default="quick",
+                   help="pass-through images: quick = header + end marker, full = decode every image")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="data_tools", description="Build, check and synthesise WebDataset shards for ett_ds.")
+    sub = parser.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
+
+    p = sub.add_parser("shard", help="folder of images + sidecar captions, or a manifest -> shards")
+    p.add_argument("input", help="a folder (a.jpg + a.txt/a.json) or a .jsonl/.csv/.tsv/.parquet manifest")
+    p.add_argument("--image-col", default="image", help="manifest column with the image path")
+    p.add_argument("--caption-col", default="caption", help="manifest column / sidecar json field with the caption")
+    p.add_argument("--image-root", help="base for relative image paths (default: the manifest's folder)")
+    p.add_argument("--bytes-per-shard", type=_bytes, help="e.g. 500M (planned on source sizes)")
+    _add_output(p, "data", 1000)
+    _add_encode(p)
+
+    p = sub.add_parser("verify", help="re-read every shard of a directory and check it")
+    p.add_argument("dir")
+    p.add_argument("--json", action="store_true", help="print the whole report as JSON")
+
+    p = sub.add_parser("synth-text", help="render corpus text in fonts -> shards (caption = rendered text)")
+    p.add_argument("--fonts", nargs="+", required=True, help="font files or globs")
+    p.add_argument("--corpus", nargs="+", required=True, help="text files (one line per sample; WordNet data.*)")
+    p.add_argument("--num", type=_positive, required=True)
+    p.add_argument("--size", type=_size, default=(32, 128), help="HxW, e.g. 32x128")
+    p.add_argument("--min-chars", type=_positive, default=1)
+    p.add_argument("--max-chars", type=_positive, default=32)
+    p.add_argument("--words", help="take a window of LO-HI consecutive words per line, e.g. 1-3")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--text-split", choices=["all", "train", "heldout"], default="all",
+                   help="keep captions whose stable hash is in the 90%% train or 10%% held-out bucket")
+    p.add_argument("--heldout-percent", type=int, default=10)
+    p.add_argument("--noise", type=float, default=12.0, help="max std of background noise")
+    p.add_argument("--max-rotation", type=float, default=3.0, help="degrees")
+    _add_output(p, "synth", 1000)
+
+    p = sub.add_parser("import", help="real captioned images from Debian packages -> shards")
+    p.add_argument("source", choices=["tuxpaint", "fashion-mnist"])
+    p.add_argument("--root", help="package data folder (default: the Debian install path)")
+    p.add_argument("--split", choices=["train", "test"], default="train", help="fashion-mnist split")
+    p.add_argument("--limit", type=_positive)
+    p.add_argument("--template", default="a photo of a {label}", help="fashion-mnist caption template")
+    p.add_argument("--only-category", nargs="+", help="tuxpaint: keep these top-level categories")
+    p.add_argument("--exclude-category", nargs="+", help="tuxpaint: drop these (e.g. a held-out category)")
+    _add_output(p, None, 1000)
+    _add_encode(p, fmt="png")
+
+    p = sub.add_parser("train-spm", help="sentencepiece model from caption text")
+    p.add_argument("--input", nargs="+", required=True, help="shard dirs, .tar files or text files")
+    p.add_argument("--vocab-size", type=_positive, default=1000)
+    p.add_argument("--model-type", choices=["unigram", "bpe", "char", "word"], default="unigram")
+    p.add_argument("--out", required=True, help="output prefix: PREFIX.model, PREFIX.vocab")
+    p.add_argument("--seed", type=int, default=0)
+
+    p = sub.add_parser("demo", help="the built-in demo data set for the tiny recipe")
+    p.add_argument("--out", required=True)
+    p.add_argument("--num-train", type=_positive, default=2000)
+    p.add_argument("--num-heldout", type=_positive, default=200)
+    p.add_argument("--size", type=_size, default=(32, 128), help="HxW")
+    p.add_argument("--words", default="1-3", help="LO-HI words per caption")
+    p.add_argument("--max-chars", type=_positive, default=16)
+    p.add_argument("--vocab-size", type=_positive, default=512)
+    p.add_argument("--samples-per-shard", type=_positive, default=500)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workers", type=_positive, default=1)
+    p.add_argument("--force", action="store_true", help="rebuild even if the manifest matches")
+    p.add_argument("--no-progress", action="store_true")
+    return parser
+
+
+def _words(text: str | None) -> tuple[int, int] | None:
+    if not text:
+        return None
+    try:
+        lo, _, hi = text.partition("-")
+        lo, hi = int(lo), int(hi or lo)
+        if not 1 <= lo <= hi:
+            raise ValueError
+        return lo, hi
+    except ValueError:
+        raise UsageError(f"--words: expected LO-HI like 1-3, got {text!r}") from None
+
+
+def _encode_options(a, **overrides):
+    from .shard import EncodeOptions
+    kw = dict(format=a.format, quality=a.quality, max_side=a.max_side, min_side=a.min_side,
+              max_pixels=a.max_pixels, validate=a.validate)
+    kw.update(overrides)
+    return EncodeOptions(**kw)
+
+
+def _print_summary(stats: dict) -> None:
+    print(json.dumps(stats, sort_keys=True))
+
+
+def _cmd_shard(a) -> int:
+    from .shard import items_from_folder, items_from_manifest, shard_items
+    src = Path(a.input)
+    if not src.exists():
+        raise UsageError(f"input not found: {src}")
+    if src.is_dir():
+        items = items_from_folder(src, caption_col=a.caption_col)
+    else:
+        items = items_from_manifest(src, a.image_col, a.caption_col, Path(a.image_root) if a.image_root else None)
+    if not items:
+        raise UsageError(f"no images found in {src}")
+    stats = shard_items(items, a.out, prefix=a.prefix, samples_per_shard=a.samples_per_shard,
+                        bytes_per_shard=a.bytes_per_shard, opts=_encode_options(a), workers=a.workers,
+                        resume=a.resume, overwrite=a.overwrite, progress=not a.no_progress,
+                        source_id=str(src.resolve()))
+    _print_summary(stats)
+    return 0
+
+
+def _cmd_verify(a) -> int:
+    from .verify import verify_dir
+    if not Path(a.dir).is_dir():
+        raise UsageError(f"not a directory: {a.dir}")
+    report = verify_dir(a.dir)
+    if a.json:
+        print(json.dumps(report, indent=1))
+    else:
+        print(f"{report['dir']}: {report['shards']} shards, {report['samples']} samples, "
+              f"{len(report['problems'])} problems")
+        for line in report["problems"][:50]:
+            print(f"  {line}")
+        if len(report["problems"]) > 50:
+            print(f"  ... and {len(report['problems']) - 50} more")
+    return 1 if report["problems"] else 0
+
+
+def _cmd_synth(a) -> int:
+    from .synth_text import SynthConfig, resolve_fonts, synth_text
+    if a.min_chars > a.max_chars:
+        raise UsageError("--min-chars is larger than --max-chars")
+    for c in a.corpus:
+        if not Path(c).is_file():
+            raise UsageError(f"corpus file not found: {c}")
+    cfg = SynthConfig(fonts=tuple(resolve_fonts(a.fonts)), corpus=tuple(str(Path(c).resolve()) for c in a.corpus),
+                      height=a.size[0], width=a.size[1], min_chars=a.min_chars, max_chars=a.max_chars,
+                      words=_words(a.words), seed=a.seed, text_split=a.text_split,
+                      heldout_percent=a.heldout_percent, noise=a.noise, max_rotation=a.max_rotation)
+    stats = synth_text(cfg, a.out, num=a.num, prefix=a.prefix, samples_per_shard=a.samples_per_shard,
+                       workers=a.workers, resume=a.resume, overwrite=a.overwrite, progress=not a.no_progress)
+    _print_summary(stats)
+    return 0
+
+
+def _cmd_import(a) -> int:
+    from . import importers
+    from .shard import shard_items
+    if a.source == "tuxpaint":
+        root = Path(a.root) if a.root else importers.TUXPAINT_DIR
+        items = importers.tuxpaint_items(root, a.only_category, a.exclude_category)
+        if a.limit:
+            items = items[:a.limit]
+        opts = _encode_options(a, flatten_alpha=True, max_side=a.max_side or 256)
+    else:
+        root = Path(a.root) if a.root else importers.FASHION_DIR
+        items = importers.fashion_mnist_items(root, a.split, a.limit, a.template)
+        opts = _encode_options(a)
+    prefix = a.prefix or a.source.replace("-", "_")
+    stats = shard_items(items, a.out, prefix=prefix, samples_per_shard=a.samples_per_shard, opts=opts,
+                        workers=a.workers, resume=a.resume, overwrite=a.overwrite, progress=not a.no_progress,
+                        source_id=f"{a.source}:{root}:{a.split}")
+    _print_summary(stats)
+    return 0
+
+
+def _cmd_spm(a) -> int:
+    from .spm import train_spm
+    _print_summary(train_spm(a.input, a.out, vocab_size=a.vocab_size, model_type=a.model_type, seed=a.seed))
+    return 0
+
+
+def _cmd_demo(a) -> int:
+    from .demo import DemoOptions, build_demo
+    lo, hi = _words(a.words)
+    opts = DemoOptions(num_train=a.num_train, num_heldout=a.num_heldout, height=a.size[0], width=a.size[1],
+                       min_words=lo, max_words=hi, max_chars=a.max_chars, seed=a.seed,
+                       samples_per_shard=a.samples_per_shard, vocab_size=a.vocab_size)
+    summary = build_demo(a.out, opts, workers=a.workers, progress=not a.no_progress, force=a.force)
+    state = "already built, skipped" if summary["skipped"] else f"built in {summary['seconds']} s"
+    print(f"demo data in {summary['out']} ({state}): {summary['train_samples']} train samples in "
+          f"{summary['train_shards']} shards, {summary['heldout_samples']} held-out samples, "
+          f"spm vocab {summary['spm_vocab_size']}, {summary['train_fonts']} train / {summary['heldout_fonts']} "
+          f"held-out fonts, text from {summary['corpus']}")
+    return 0
+
+
+COMMANDS = {"shard": _cmd_shard, "verify": _cmd_verify, "synth-text": _cmd_synth, "import": _cmd_import,
+            "train-spm": _cmd_spm, "demo": _cmd_demo}
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        if getattr(args, "resume", False) and getattr(args, "overwrite", False):
+            raise UsageError("--resume and --overwrite exclude each other")
+        return COMMANDS[args.cmd](args)
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; rerun with --resume to continue", file=sys.stderr)
+        return 130

@@ -1,0 +1,135 @@
+"""``data_tools demo --out DIR``: the built-in data the tiny recipe trains on, in one call.
+
+Layout::
+
+    DIR/train/demo-000000.tar ...    synth-text, training fonts, training half of the caption hash split
+    DIR/heldout/demo-000000.tar ...  held-out fonts when the machine has a second family, held-out captions
+    DIR/spm.model, DIR/spm.vocab     sentencepiece trained on the training captions
+    DIR/README.txt, DIR/demo_manifest.json
+
+Fonts: DejaVu from /usr/share/fonts or matplotlib's mpl-data; Liberation (fonts-liberation2) becomes the held-out
+family when present, otherwise a fixed subset of the DejaVu files is held out. Text: WordNet glosses when
+``wordnet-base`` is installed, else the phrase list shipped in ``data_tools/assets/phrases.txt``. The manifest
+records every option and the fonts/corpus used; a second call with the same options finds it and does nothing.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from .errors import UsageError
+from .spm import train_spm
+from .synth_text import SynthConfig, synth_text
+
+ASSETS = Path(__file__).with_name("assets")
+WORDNET = Path("/usr/share/wordnet")
+SKIP_FONTS = ("ExtraLight", "MathTeXGyre")
+
+
+@dataclass(frozen=True)
+class DemoOptions:
+    num_train: int = 2000
+    num_heldout: int = 200
+    height: int = 32
+    width: int = 128
+    min_words: int = 1
+    max_words: int = 3
+    max_chars: int = 16
+    seed: int = 0
+    samples_per_shard: int = 500
+    vocab_size: int = 512
+
+
+def _font_dirs() -> list[Path]:
+    dirs = [Path("/usr/share/fonts")]
+    spec = importlib.util.find_spec("matplotlib")
+    if spec and spec.origin:
+        dirs.append(Path(spec.origin).parent / "mpl-data" / "fonts" / "ttf")
+    return [d for d in dirs if d.is_dir()]
+
+
+def find_fonts() -> tuple[list[str], list[str]]:
+    """(train fonts, held-out fonts); one file per font name (the first directory wins)."""
+    by_name: dict[str, str] = {}
+    for d in _font_dirs():
+        for p in sorted(d.rglob("*.ttf")):
+            if p.name.startswith(("DejaVu", "Liberation")) and not any(s in p.name for s in SKIP_FONTS):
+                by_name.setdefault(p.name, str(p))
+    dejavu = [by_name[n] for n in sorted(by_name) if n.startswith("DejaVu")]
+    liberation = [by_name[n] for n in sorted(by_name) if n.startswith("Liberation")]
+    if not dejavu and not liberation:
+        raise UsageError("no DejaVu or Liberation fonts found: apt-get install -y fonts-dejavu-core")
+    if dejavu and liberation:
+        return dejavu, liberation
+    fonts = dejavu or liberation
+    if len(fonts) == 1:
+        return fonts, fonts
+    heldout = fonts[::5]
+    return [f for f in fonts if f not in heldout], heldout
+
+
+def find_corpus() -> list[str]:
+    wn = [str(WORDNET / f"data.{pos}") for pos in ("noun", "verb", "adj", "adv")]
+    wn = [p for p in wn if Path(p).is_file()]
+    return wn or [str(ASSETS / "phrases.txt")]
+
+
+def build_demo(out: str | Path, opts: DemoOptions = DemoOptions(), *, workers: int = 1, progress: bool = True,
+               force: bool = False) -> dict:
+    out = Path(out)
+    train_fonts, heldout_fonts = find_fonts()
+    corpus = find_corpus()
+    manifest = {"options": asdict(opts), "train_fonts": [Path(f).name for f in train_fonts],
+                "heldout_fonts": [Path(f).name for f in heldout_fonts], "corpus": corpus, "version": 1}
+    manifest_path = out / "demo_manifest.json"
+    if not force and manifest_path.exists() and (out / "spm.model").exists():
+        old = json.loads(manifest_path.read_text())
+        if old.get("config") == manifest:
+            return {**old["summary"], "skipped": True}
+    t0 = time.time()
+    if out.exists():
+        for sub in ("train", "heldout"):
+            shutil.rmtree(out / sub, ignore_errors=True)
+        manifest_path.unlink(missing_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+
+    def config(fonts, split, seed):
+        return SynthConfig(fonts=tuple(fonts), corpus=tuple(corpus), height=opts.height, width=opts.width,
+                           min_chars=2, max_chars=opts.max_chars, words=(opts.min_words, opts.max_words),
+                           seed=seed, text_split=split)
+
+    common = dict(prefix="demo", samples_per_shard=opts.samples_per_shard, workers=workers, progress=progress)
+    train = synth_text(config(train_fonts, "train", opts.seed), out / "train", num=opts.num_train, **common)
+    heldout = synth_text(config(heldout_fonts, "heldout", opts.seed + 1), out / "heldout", num=opts.num_heldout,
+                         **common)
+    spm = train_spm([str(out / "train")], str(out / "spm"), vocab_size=opts.vocab_size, seed=opts.seed)
+    summary = {"out": str(out), "train_samples": train["ok"], "train_shards": train["shards"],
+               "heldout_samples": heldout["ok"], "heldout_shards": heldout["shards"],
+               "spm_vocab_size": spm["vocab_size"], "train_fonts": len(train_fonts),
+               "heldout_fonts": len(heldout_fonts), "corpus": "wordnet" if "wordnet" in corpus[0] else "phrases",
+               "seconds": round(time.time() - t0, 1)}
+    (out / "README.txt").write_text(_readme(opts, manifest, summary))
+    manifest_path.write_text(json.dumps({"config": manifest, "summary": summary}, indent=1, sort_keys=True))
+    return {**summary, "skipped": False}
+
+
+def _readme(opts: DemoOptions, manifest: dict, summary: dict) -> str:
+    n_train, n_held = summary["train_shards"], summary["heldout_shards"]
+    return f"""ett_ds demo data (built by `python -m data_tools demo`)
+
+Task: read the text rendered in each {opts.height}x{opts.width} (HxW) image; the caption (txt member) is exactly the
+rendered string ({opts.min_words}-{opts.max_words} words, at most {opts.max_chars} characters).
+
+train/    demo-{{000000..{n_train - 1:06d}}}.tar  {summary['train_samples']} samples, fonts: {', '.join(manifest['train_fonts'])}
+heldout/  demo-{{000000..{n_held - 1:06d}}}.tar  {summary['heldout_samples']} samples, fonts: {', '.join(manifest['heldout_fonts'])}
+          captions come from the held-out bucket of a stable hash split, so none of them occurs in train/.
+spm.model sentencepiece (byte fallback; pad=0 unk=1 bos=2 eos=3), vocabulary {summary['spm_vocab_size']}, trained on train/ captions.
+Text source: {', '.join(manifest['corpus'])}
+
+Each sample: KEY.png, KEY.txt (caption), KEY.json (text, font, font_px, angle, seed, index).
+sizes.json / stats.json in each split directory follow open_clip's conventions.
+"""

@@ -1,0 +1,160 @@
+"""Reading shards safely: whitelisted members only, nothrow grouping, late decode with a header pixel cap.
+
+Nothing read from a shard is ever unpickled or executed: members whose extension is not in :data:`WHITELIST` are
+skipped from the tar stream without reading their data and counted as ``ignored_member``. Every failure becomes a
+counter bucket (see :data:`NON_ERRORS` for the buckets that do not count towards the error rate), never an
+exception that ends the stream.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import tarfile
+import warnings
+from collections import Counter
+from typing import Iterator
+
+from PIL import Image, UnidentifiedImageError
+
+from .transforms import cover_size, to_rgb
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+WHITELIST = frozenset(IMAGE_EXTS + ("txt", "json"))
+# Counter buckets that are not data errors: delivered samples, harmless extra members, make_example's own filter.
+NON_ERRORS = frozenset({"ok", "ignored_member", "rejected"})
+
+
+class DataErrorRateExceeded(RuntimeError):
+    """Too many bad samples: the shards are probably broken, and training on the rest would be silently biased."""
+
+
+class SampleSkip(Exception):
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+def split_name(name: str) -> tuple[str, str]:
+    """WebDataset's key rule: key = path up to the first '.' of the basename, ext = the rest (lower case)."""
+    head, _, base = name.rpartition("/")
+    stem, _, ext = base.partition(".")
+    return (f"{head}/{stem}" if head else stem), ext.lower()
+
+
+def iter_tar_samples(url: str, stats: Counter) -> Iterator[dict]:
+    """Raw samples ``{"__key__", "__url__", ext: bytes}`` of one shard.
+
+    A repeated extension starts a new sample (open_clip's nothrow grouping) instead of raising. A truncated or
+    unreadable tar ends the shard (``truncated_tar`` / ``unreadable_shard``); the sample being assembled when the
+    data ran out is dropped, the ones before it are kept.
+    """
+    try:
+        f = open(url, "rb")
+    except OSError:
+        stats["unreadable_shard"] += 1
+        return
+    cur: dict | None = None
+    try:
+        with f, tarfile.open(fileobj=f, mode="r|") as tar:
+            for info in tar:
+                if not info.isfile():
+                    continue
+                key, ext = split_name(info.name)
+                if ext not in WHITELIST:
+                    stats["ignored_member"] += 1  # never read, never unpickled
+                    continue
+                if cur is None or cur["__key__"] != key or ext in cur:
+                    if cur is not None:
+                        yield cur
+                    cur = {"__key__": key, "__url__": url}
+                cur[ext] = tar.extractfile(info).read()
+            # tarfile treats a header cut in half as the end of the archive; a complete tar is followed by two
+            # zero blocks, so a file that ends before them was truncated and its last sample may be incomplete.
+            if os.fstat(f.fileno()).st_size < tar.offset + 2 * tarfile.BLOCKSIZE:
+                raise tarfile.ReadError("missing end-of-archive blocks")
+    except (tarfile.TarError, EOFError, OSError, ValueError):
+        stats["truncated_tar" if cur is not None else "unreadable_shard"] += 1
+        return
+    if cur is not None:
+        yield cur
+
+
+def decode_sample(raw: dict, max_pixels: int = 128_000_000, decode_size: tuple[int, int] | None = None) -> dict:
+    """Raw members -> ``{"__key__", "image": RGB PIL, "text": str | None, "json": dict | None}``; raises SampleSkip.
+
+    The pixel cap is checked from the header (``Image.open`` reads only that) before ``load()``; ``decode_size``
+    = (H, W) lets JPEGs decode at a reduced DCT scale that still covers the final crop (``Image.draft``).
+    """
+    ext = next((e for e in IMAGE_EXTS if e in raw), None)
+    if ext is None:
+        raise SampleSkip("missing_image")
+    text = None
+    if "txt" in raw:
+        try:
+            text = raw["txt"].decode("utf-8")
+        except UnicodeDecodeError:
+            raise SampleSkip("non_utf8_caption") from None
+        if not text.strip():
+            raise SampleSkip("empty_caption")
+        text = text.strip()
+    meta = None
+    if "json" in raw:
+        try:
+            meta = json.loads(raw["json"])
+        except ValueError:
+            raise SampleSkip("bad_json") from None
+        if not isinstance(meta, dict):
+            raise SampleSkip("bad_json")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
+            img = Image.open(io.BytesIO(raw[ext]))
+        except Image.DecompressionBombError:
+            raise SampleSkip("too_large") from None
+        except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
+            raise SampleSkip("unreadable") from None
+        w, h = img.size
+        if w * h > max_pixels or w <= 0 or h <= 0:
+            raise SampleSkip("too_large")
+        if decode_size is not None and img.format == "JPEG":
+            img.draft("RGB", cover_size(w, h, decode_size))
+        try:
+            img.load()
+        except OSError as e:
+            raise SampleSkip("truncated" if "truncated" in str(e) else "unreadable") from None
+        except Exception:  # noqa: BLE001 - any decoder failure is one bad sample
+            raise SampleSkip("unreadable") from None
+    return {"__key__": raw["__key__"], "image": to_rgb(img), "text": text, "json": meta}
+
+
+def error_count(totals: Counter | dict) -> int:
+    return sum(v for k, v in totals.items() if k not in NON_ERRORS)
+
+
+def check_error_rate(totals: Counter | dict, max_error_rate: float, min_samples: int, where: str = "") -> None:
+    errors = error_count(totals)
+    seen = errors + totals.get("ok", 0)
+    if seen >= min_samples and errors > max_error_rate * seen:
+        reasons = {k: v for k, v in sorted(totals.items()) if k not in NON_ERRORS}
+        raise DataErrorRateExceeded(
+            f"data error rate {errors}/{seen} = {errors / seen:.3f} exceeds max_error_rate={max_error_rate}"
+            f"{' in ' + where if where else ''}; errors by reason: {reasons}")
+    rejected = totals.get("rejected", 0)
+    if rejected >= 10 * max(min_samples, 1) and rejected > 0.99 * (rejected + totals.get("ok", 0)):
+        raise DataErrorRateExceeded(f"make_example rejected {rejected} of {rejected + totals.get('ok', 0)} "
+                                    f"samples{' in ' + where if where else ''}; the stream would never yield")
+
+
+def count_samples(url: str) -> int:
+    """Samples with an image member in one shard, from the tar headers only (seeks over the data)."""
+    keys: set[str] = set()
+    try:
+        with tarfile.open(url, mode="r:") as tar:
+            for info in tar:
+                key, ext = split_name(info.name)
+                if info.isfile() and ext in IMAGE_EXTS:
+                    keys.add(key)
+    except (tarfile.TarError, OSError, EOFError):
+        pass
+    return len(keys)

@@ -1,0 +1,377 @@
+"""Training and evaluation streams over WebDataset shards (open_clip's design, explicit about ranks and workers).
+
+Training (:func:`train_batches`) is infinite: every (seed, segment, rank, worker) stream draws shards *with
+replacement* from its own RNG, so no rank ever runs out first and hangs a collective, the trainer owns the step
+count, and a resume reseeds by bumping ``segment`` instead of replaying consumed data. Samples are shuffled as raw
+bytes (10-50x smaller than decoded pixels) and decoded last. With ``num_workers`` > 0 the DataLoader takes batches
+from the workers in a fixed round robin, so the same arguments give the same batch sequence.
+
+Evaluation (:func:`eval_batches`) is one finite pass: sorted shards split by rank, then by worker
+(``shards[rank::world][worker::workers]``), so every sample is read exactly once across ranks x workers. Because
+ZeRO-3 runs collectives inside every forward, each rank must run the *same number* of eval batches. That number is
+computed before the first batch from the per-shard counts -- ``sizes.json`` next to the shards, or a header-only
+scan of every shard when a count is missing -- as the maximum over all ranks of
+``sum_workers ceil(n_worker / batch_size)``; every rank computes it from the same global shard list, so no
+communication is needed. As a guard against ranks seeing different files, it is also all-reduced (MAX) when
+``torch.distributed`` is initialised. Short ranks (fewer shards, or samples lost to decode errors) are topped up
+with copies of a real batch whose ``batch["valid"]`` is all False; a rank never yields more than the target.
+"""
+from __future__ import annotations
+
+import functools
+import glob
+import hashlib
+import json
+import math
+import os
+import random
+from collections import Counter
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from .decode import (DataErrorRateExceeded, SampleSkip, check_error_rate, count_samples, decode_sample,
+                     iter_tar_samples)
+
+__all__ = ["train_batches", "eval_batches", "expand_urls", "DataErrorRateExceeded", "stream_seed"]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# URLs
+
+
+def _expand_one(spec: str, missing: list[str]) -> list[str]:
+    from braceexpand import braceexpand
+
+    out: list[str] = []
+    for path in braceexpand(spec):
+        p = Path(os.path.expanduser(path))
+        if p.is_dir():
+            tars = sorted(str(t) for t in p.glob("*.tar"))
+            if not tars:
+                missing.append(f"{p}/*.tar")
+            out.extend(tars)
+        elif glob.has_magic(str(p)):
+            hits = sorted(glob.glob(str(p)))
+            if not hits:
+                missing.append(str(p))
+            out.extend(hits)
+        elif p.is_file():
+            out.append(str(p))
+        else:
+            missing.append(str(p))
+    return out
+
+
+def expand_urls(urls) -> list[str]:
+    """Brace patterns, ``a::b`` joins, lists, directories (every ``*.tar`` inside) and globs -> shard paths.
+
+    Raises a one-line FileNotFoundError naming what is missing (and how many paths are).
+    """
+    if isinstance(urls, (str, os.PathLike)):
+        specs = str(urls).split("::")
+    else:
+        specs = [s for u in urls for s in str(u).split("::")]
+    missing: list[str] = []
+    out = [path for spec in specs if spec.strip() for path in _expand_one(spec.strip(), missing)]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise FileNotFoundError(f"shard(s) not found: {missing[0]}{more}")
+    if not out:
+        raise FileNotFoundError(f"no shards given: {urls!r}")
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Seeding
+
+
+def stream_seed(seed: int, segment: int, rank: int, worker: int) -> int:
+    """A 63-bit seed per stream; hashing (not adding) keeps neighbouring tuples uncorrelated."""
+    digest = hashlib.sha256(f"ett_ds/data:{seed}:{segment}:{rank}:{worker}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") >> 1
+
+
+def _worker_init(seed: int, segment: int, rank: int, max_pixels: int, worker_id: int) -> None:
+    s = stream_seed(seed, segment, rank, worker_id)
+    random.seed(s)
+    np.random.seed(s % (1 << 32))
+    torch.manual_seed(s)
+    torch.set_num_threads(1)
+    Image.MAX_IMAGE_PIXELS = max(max_pixels, Image.MAX_IMAGE_PIXELS or 0)
+
+
+def _rank_world(rank: int | None, world_size: int | None) -> tuple[int, int]:
+    if rank is not None and world_size is not None:
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside world_size {world_size}")
+        return rank, world_size
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def _worker() -> tuple[int, int]:
+    info = get_worker_info()
+    return (info.id, info.num_workers) if info is not None else (0, 1)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Shared stream pieces
+
+
+def _shuffle(samples: Iterator[dict], size: int, rng: random.Random, initial: int) -> Iterator[dict]:
+    """Buffer shuffle; starts yielding after ``initial`` samples and grows to ``size`` (webdataset's scheme)."""
+    if size <= 1:
+        yield from samples
+        return
+    buf: list[dict] = []
+    for sample in samples:
+        buf.append(sample)
+        if len(buf) < size:
+            nxt = next(samples, None)
+            if nxt is not None:
+                buf.append(nxt)
+        if len(buf) < initial:
+            continue
+        j = rng.randrange(len(buf))
+        buf[j], buf[-1] = buf[-1], buf[j]
+        yield buf.pop()
+    rng.shuffle(buf)
+    yield from buf
+
+
+def _examples(raw_samples: Iterator[dict], make_example: Callable, stats: Counter, rng: random.Random,
+              max_pixels: int, decode_size, on_count: Callable[[], None] = lambda: None) -> Iterator:
+    for raw in raw_samples:
+        try:
+            sample = decode_sample(raw, max_pixels=max_pixels, decode_size=decode_size)
+        except SampleSkip as e:
+            stats[e.reason] += 1
+            on_count()
+            continue
+        sample["__rng__"] = rng
+        example = make_example(sample)
+        if example is None:
+            stats["rejected"] += 1
+            on_count()
+            continue
+        stats["ok"] += 1
+        yield example
+
+
+def _finish(batch: dict, n_valid: int, n_total: int, stats: Counter) -> dict:
+    valid = torch.zeros(n_total, dtype=torch.bool)
+    valid[:n_valid] = True
+    batch["valid"] = valid
+    batch["data_stats"] = dict(stats)
+    stats.clear()
+    return batch
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Training
+
+
+STALL_LIMIT = 10_000  # skips in a row (whatever the thresholds) after which a training stream gives up
+
+
+class _TrainStream(IterableDataset):
+    def __init__(self, urls, batch_size, make_example, collate, seed, segment, rank, shuffle_buffer, max_pixels,
+                 max_error_rate, min_samples, decode_size, shuffle_initial):
+        super().__init__()
+        self.urls, self.batch_size, self.make_example, self.collate = urls, batch_size, make_example, collate
+        self.seed, self.segment, self.rank = seed, segment, rank
+        self.shuffle_buffer, self.shuffle_initial, self.max_pixels = shuffle_buffer, shuffle_initial, max_pixels
+        self.max_error_rate, self.min_samples, self.decode_size = max_error_rate, min_samples, decode_size
+
+    def _raw(self, rng: random.Random, stats: Counter, check: Callable[[], None]) -> Iterator[dict]:
+        while True:  # resampled: shards drawn with replacement, forever
+            yield from iter_tar_samples(self.urls[rng.randrange(len(self.urls))], stats)
+            check()  # shard-level failures (missing, truncated) count too; all-broken shards must not spin
+
+    def __iter__(self):
+        worker, _ = _worker()
+        rng = random.Random(stream_seed(self.seed, self.segment, self.rank, worker))
+        stats, totals = Counter(), Counter()
+        where = f"rank {self.rank} worker {worker}"
+
+        stall = [0, -1]  # consecutive checks without a new ok sample, ok count at the last check
+
+        def check():  # also runs on skips, so a stream of nothing but bad samples fails instead of spinning
+            now = totals + stats
+            check_error_rate(now, self.max_error_rate, self.min_samples, where)
+            stall[0] = stall[0] + 1 if now["ok"] == stall[1] else 0
+            stall[1] = now["ok"]
+            if stall[0] >= STALL_LIMIT:
+                raise DataErrorRateExceeded(f"no usable sample in {STALL_LIMIT} attempts in {where}: "
+                                            f"{dict(sorted(now.items()))}")
+
+        raw = _shuffle(self._raw(rng, stats, check), self.shuffle_buffer, rng, self.shuffle_initial)
+        batch = []
+        for example in _examples(raw, self.make_example, stats, rng, self.max_pixels, self.decode_size, check):
+            batch.append(example)
+            if len(batch) == self.batch_size:
+                totals.update(stats)
+                check_error_rate(totals, self.max_error_rate, self.min_samples, where)
+                yield _finish(self.collate(batch), len(batch), len(batch), stats)
+                batch = []
+
+
+def _loader(dataset, num_workers: int, worker_init, multiprocessing_context=None) -> DataLoader:
+    kwargs = {}
+    if num_workers > 0:
+        kwargs = dict(persistent_workers=True, worker_init_fn=worker_init, prefetch_factor=4,
+                      multiprocessing_context=multiprocessing_context)
+    return DataLoader(dataset, batch_size=None, num_workers=num_workers, pin_memory=torch.cuda.is_available(),
+                      **kwargs)
+
+
+def train_batches(urls, *, batch_size: int, make_example, collate, seed: int = 0, segment: int = 0,
+                  rank: int | None = None, world_size: int | None = None, num_workers: int = 0,
+                  shuffle_buffer: int = 1000, max_pixels: int = 128_000_000, max_error_rate: float = 0.1,
+                  min_samples_for_error_rate: int = 100, decode_size: tuple[int, int] | None = None,
+                  shuffle_initial: int | None = None, multiprocessing_context=None) -> Iterator[dict]:
+    """Infinite batches ``collate(examples) | {"valid", "data_stats"}`` for rank ``rank`` of ``world_size``.
+
+    ``make_example(sample)`` gets ``{"__key__", "image" (RGB PIL), "text", "json", "__rng__"}`` where
+    ``__rng__`` is the stream's ``random.Random`` (use it for augmentation: reproducible whatever the worker
+    count); it returns an example or None (counted as ``rejected``). ``batch["data_stats"]`` holds the counts
+    (``ok`` and skip reasons) of the worker that built the batch since its previous batch. Raises
+    :class:`DataErrorRateExceeded` once errors / (ok + errors) > ``max_error_rate`` after
+    ``min_samples_for_error_rate`` samples (checked per worker and over all batches seen here).
+    ``decode_size`` (H, W): optional JPEG reduced-scale decode that still covers that size.
+    """
+    shards = expand_urls(urls)
+    rank, _ = _rank_world(rank, world_size)
+    initial = shuffle_initial if shuffle_initial is not None else min(shuffle_buffer, 100)
+    dataset = _TrainStream(shards, batch_size, make_example, collate, seed, segment, rank, shuffle_buffer,
+                           max_pixels, max_error_rate, min_samples_for_error_rate, decode_size, initial)
+    init = functools.partial(_worker_init, seed, segment, rank, max_pixels)
+    totals: Counter = Counter()
+    for batch in _loader(dataset, num_workers, init, multiprocessing_context):
+        totals.update(batch["data_stats"])
+        check_error_rate(totals, max_error_rate, min_samples_for_error_rate, f"rank {rank}")
+        yield batch
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Evaluation
+
+
+@functools.lru_cache(maxsize=64)
+def _sizes_json(directory: str) -> dict:
+    path = Path(directory) / "sizes.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def shard_counts(shards: list[str]) -> list[int]:
+    """Samples per shard: ``sizes.json`` when it lists the shard, else a header-only scan."""
+    counts = []
+    for s in shards:
+        n = _sizes_json(str(Path(s).parent)).get(Path(s).name)
+        counts.append(int(n) if n is not None else count_samples(s))
+    return counts
+
+
+def eval_plan(shards: list[str], batch_size: int, world_size: int, num_workers: int) -> list[int]:
+    """Batches each rank yields before padding (shards split by rank, then by worker; one partial batch each)."""
+    counts = dict(zip(shards, shard_counts(shards)))
+    per_rank = []
+    for r in range(world_size):
+        mine = shards[r::world_size]
+        per_rank.append(sum(math.ceil(sum(counts[s] for s in mine[w::max(1, num_workers)]) / batch_size)
+                            for w in range(max(1, num_workers))))
+    return per_rank
+
+
+class _EvalStream(IterableDataset):
+    def __init__(self, shards, batch_size, make_example, collate, max_pixels, pad_partial):
+        super().__init__()
+        self.shards, self.batch_size, self.make_example, self.collate = shards, batch_size, make_example, collate
+        self.max_pixels, self.pad_partial = max_pixels, pad_partial
+
+    def __iter__(self):
+        worker, workers = _worker()
+        stats = Counter()
+        rng = random.Random(stream_seed(0, 0, 0, worker))
+        mine = self.shards[worker::workers]
+        raw = (s for url in mine for s in iter_tar_samples(url, stats))
+        batch: list = []
+        for example in _examples(raw, self.make_example, stats, rng, self.max_pixels, None):
+            batch.append(example)
+            if len(batch) == self.batch_size:
+                yield _finish(self.collate(batch), len(batch), len(batch), stats)
+                batch = []
+        if batch:
+            n = len(batch)
+            if self.pad_partial:
+                batch = batch + [batch[i % n] for i in range(self.batch_size - n)]
+            yield _finish(self.collate(batch), n, len(batch), stats)
+
+
+def _padding_batch(template: dict) -> dict:
+    pad = dict(template)
+    pad["valid"] = torch.zeros_like(template["valid"])
+    pad["data_stats"] = {}
+    return pad
+
+
+def _all_reduce_max(value: int) -> int:
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()):
+        return value
+    device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+    t = torch.tensor([value], dtype=torch.long, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
+
+
+def eval_batches(urls, *, batch_size: int, make_example, collate, rank=None, world_size=None,
+                 num_workers: int = 0, max_batches: int | None = None, pad_partial: bool = False,
+                 max_pixels: int = 128_000_000, multiprocessing_context=None) -> Iterator[dict]:
+    """One finite pass; every rank yields exactly the same number of batches (see the module docstring).
+
+    Every batch carries ``batch["valid"]`` (bool per row; False rows are padding copies to be masked out of
+    metrics) and ``batch["data_stats"]``. ``pad_partial`` also pads the last partial batch of each worker to
+    ``batch_size`` rows (static shapes). ``max_batches`` caps the pass on every rank alike.
+    """
+    shards = sorted(expand_urls(urls))
+    rank, world = _rank_world(rank, world_size)
+    target = max(eval_plan(shards, batch_size, world, num_workers))
+    target = _all_reduce_max(target)
+    if max_batches is not None:
+        target = min(target, max_batches)
+    mine = shards[rank::world]
+    dataset = _EvalStream(mine, batch_size, make_example, collate, max_pixels, pad_partial)
+    init = functools.partial(_worker_init, 0, 0, rank, max_pixels)
+    n, last = 0, None
+    if mine and target > 0:
+        loader = _loader(dataset, num_workers if len(mine) > 0 else 0, init, multiprocessing_context)
+        for batch in loader:
+            if n >= target:
+                break
+            yield batch
+            last, n = batch, n + 1
+        del loader
+    if n < target and last is None:
+        last = _template_batch(shards, make_example, collate, max_pixels)
+    while n < target:
+        yield _padding_batch(last)
+        n += 1
+
+
+def _template_batch(shards, make_example, collate, max_pixels) -> dict:
+    """A rank without data still needs a batch of the right structure to pad with: build one from any shard."""
+    stats: Counter = Counter()
+    raw = (s for url in shards for s in iter_tar_samples(url, stats))
+    for example in _examples(raw, make_example, stats, random.Random(0), max_pixels, None):
+        return _finish(collate([example]), 0, 1, Counter())
+    raise RuntimeError(f"eval_batches: no decodable sample in {len(shards)} shard(s) to build padding batches")
