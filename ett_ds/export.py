@@ -1,0 +1,127 @@
+"""Export: ``python -m ett_ds.export --ckpt RUN/checkpoints/STEP --out DIR [--dtype float32|bfloat16|float16]``.
+
+Consolidates a ZeRO-3 training checkpoint (frozen parameters included; the tokenizer's EMA when the run kept one)
+into files other code can open:
+
+    DIR/llm/                    the LLM (HF save_pretrained, safetensors, tied embeddings re-tied) and, for an HF
+                                text tokenizer, the tokenizer with the image special tokens (AutoTokenizer opens it)
+    DIR/spm.model               the sentencepiece text tokenizer (when the run used one)
+    DIR/tokenizer.safetensors   the vision tokenizer in the IBQ key layout; its config in the metadata
+    DIR/tokenizer_config.json   the same config in SEED-Voken's naming (ddconfig, n_embed, embed_dim)
+    DIR/projector.safetensors   and visual_head / index_embed .safetensors when the model has them
+    DIR/ett_config.yaml         the resolved ett_ds config, paths pointing at the files above
+
+A tokenizer-stage checkpoint exports only the vision tokenizer and the config. ``--dtype`` casts the LLM, the
+projector and the heads; the vision tokenizer is always written in float32 (its decoder is an fp32 island and the
+codebook argmax is precision-sensitive). ``python -m ett_ds.infer`` loads the folder directly.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from .config import save_config
+from .loading import EXPORT_CONFIG, EXTRA_PARTS, load_model, no_zero_init, resolve
+from .models.ibq_checkpoint import CheckpointError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def ibq_config(tcfg) -> dict:
+    """SEED-Voken's naming: what ``ibq_checkpoint.tokenizer_config_from_ibq_yaml`` reads back."""
+    return {"ddconfig": {"double_z": False, "z_channels": tcfg.z_channels, "resolution": tcfg.resolution,
+                         "in_channels": tcfg.in_channels, "out_ch": tcfg.in_channels, "ch": tcfg.ch,
+                         "ch_mult": list(tcfg.ch_mult), "num_res_blocks": tcfg.num_res_blocks,
+                         "attn_resolutions": list(tcfg.attn_resolutions), "dropout": tcfg.dropout},
+            "n_embed": tcfg.codebook_size, "embed_dim": tcfg.code_dim,
+            "beta": tcfg.beta, "entropy_temperature": tcfg.entropy_temperature}
+
+
+def save_module(module: torch.nn.Module, path: Path, dtype: torch.dtype, metadata: dict | None = None) -> None:
+    from safetensors.torch import save_file
+    sd = {k: (v.to(dtype) if v.is_floating_point() else v).contiguous() for k, v in module.state_dict().items()}
+    save_file(sd, str(path), metadata=metadata)
+
+
+def export(ckpt: str | Path, out: str | Path, dtype: torch.dtype = torch.float32, verify: bool = True) -> Path:
+    kind, folder = resolve(ckpt)
+    if kind != "checkpoint":
+        raise CheckpointError(f"{folder} is already an export; --ckpt takes a training checkpoint")
+    out = Path(out).resolve()
+    if out.exists() and any(out.iterdir()):
+        raise CheckpointError(f"--out {out} exists and is not empty")
+    loaded = load_model(folder, "cpu")
+    model, cfg = loaded.model, loaded.cfg
+    out.mkdir(parents=True, exist_ok=True)
+
+    tcfg = cfg.model.tokenizer
+    ibq = ibq_config(tcfg)
+    save_module(model.tokenizer, out / "tokenizer.safetensors", torch.float32,
+                {"format": "ibq", "ibq_config": json.dumps(ibq), "ett_tokenizer_config": json.dumps(asdict(tcfg))})
+    (out / "tokenizer_config.json").write_text(json.dumps(ibq, indent=1))
+    tcfg.checkpoint, tcfg.checkpoint_config, tcfg.use_ema_weights = str(out / "tokenizer.safetensors"), None, False
+
+    if model.llm is not None:
+        llm = model.llm.to(dtype)
+        llm.config.use_cache = True
+        llm.tie_weights()  # the consolidated state dict carries both names of tied tables: make them one again
+        llm.save_pretrained(str(out / "llm"), safe_serialization=True)
+        text = loaded.text
+        text.save(out / "llm" if text.kind == "hf" else out)
+        for part in EXTRA_PARTS:
+            module = getattr(model, part)
+            if module is not None:
+                save_module(module, out / f"{part}.safetensors", dtype)
+        lcfg = cfg.model.llm
+        lcfg.path, lcfg.init_config = str(out / "llm"), None
+        lcfg.text_tokenizer = str(out / "llm") if text.kind == "hf" else str(out / "spm.model")
+        lcfg.gradient_checkpointing = True  # a training default again, for runs that start from this config
+        if verify:
+            check_llm(out / "llm", llm)
+    cfg.train.init_from = None
+    save_config(cfg, out / EXPORT_CONFIG)
+    return out
+
+
+def check_llm(folder: Path, llm: torch.nn.Module) -> None:
+    """``AutoModelForCausalLM.from_pretrained(folder)`` opens the export and holds exactly the saved tensors."""
+    from transformers import AutoModelForCausalLM
+    with no_zero_init():
+        reopened = AutoModelForCausalLM.from_pretrained(str(folder), dtype=next(llm.parameters()).dtype)
+    ours, theirs = llm.state_dict(), reopened.state_dict()
+    if set(ours) != set(theirs):
+        raise CheckpointError(f"{folder}: reopened LLM has different tensors ({sorted(set(ours) ^ set(theirs))[:3]})")
+    bad = [k for k in ours if not torch.equal(ours[k], theirs[k])]
+    if bad:
+        raise CheckpointError(f"{folder}: reopened LLM differs at {bad[:3]}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m ett_ds.export", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--ckpt", required=True, help="a training step folder (or a run folder: its newest step)")
+    ap.add_argument("--out", required=True, help="a new (or empty) folder")
+    ap.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    ap.add_argument("--no-verify", action="store_true", help="skip reopening the LLM with from_pretrained")
+    args = ap.parse_args(sys.argv[1:] if argv is None else argv)
+    out = Path(args.out)
+    created = not out.exists()
+    try:
+        export(args.ckpt, out, DTYPES[args.dtype], verify=not args.no_verify)
+    except (CheckpointError, FileNotFoundError, OSError) as e:
+        if created and out.exists():
+            shutil.rmtree(out, ignore_errors=True)  # no half-written export left behind
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,216 @@
+"""Generation over a loaded ETTModel: captions, chat replies, text-to-image samples and reconstructions.
+
+All decoding is autoregressive with the LLM's KV cache: the prompt runs once through the transformer body
+(``use_cache=True``), then one position at a time with the returned cache (transformers 5 calls the former
+``past_key_values`` argument ``cache``). Sequences of one call always have the same length (captions of a batch
+share their prompt; a t2i prompt's images share theirs), so no padding is needed and a batch gives exactly what its
+samples give one by one.
+
+Classifier-free guidance runs a second stream on the empty prompt and samples from
+``cond + (s - 1) * (cond - uncond)`` (= ``uncond + s * (cond - uncond)``, written so that s = 1 is exactly the
+unguided logits). ``cfg_scale=None`` skips the second stream.
+
+The functions also work on the live model inside a ZeRO-3 engine (every rank must call them with the same inputs:
+each step runs the same modules on every rank).
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from .data.batch import IMAGE_MARK, Batcher
+from .models.ett import ETTModel
+from .models.ibq_checkpoint import CheckpointError
+from .models.llm import base_model
+from .models.text import TextTokenizer
+
+
+# -- sampling ------------------------------------------------------------------------------------------------------
+def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+    """(B, V) logits -> (B,) ids. Greedy when temperature == 0; else top-k, then nucleus (top-p), then a draw."""
+    logits = logits.float()
+    if temperature <= 0:
+        return logits.argmax(-1)
+    logits = logits / temperature
+    if 0 < top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = logits.sort(-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        # drop a token when the tokens ranked before it already hold top_p of the mass (the first always stays)
+        drop = (probs.cumsum(-1) - probs) >= top_p
+        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
+
+
+def _device(model: ETTModel) -> torch.device:
+    return next(model.tokenizer.parameters()).device
+
+
+def _autocast(model: ETTModel):
+    """Low-precision LLM weights (load_model(dtype=...)) compute under autocast; fp32 weights run plain."""
+    llm_dtype = next(model.llm.parameters()).dtype if model.llm is not None else torch.float32
+    if llm_dtype in (torch.bfloat16, torch.float16):
+        return torch.autocast(_device(model).type, dtype=llm_dtype)
+    return contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def _eval(model: ETTModel):
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()  # also turns gradient checkpointing off, which would disable the KV cache
+    try:
+        with torch.no_grad(), _autocast(model):
+            yield
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
+class _Stream:
+    """One batch of sequences advancing together through the LLM with a KV cache."""
+
+    def __init__(self, model: ETTModel, embeds: torch.Tensor):
+        self.body = base_model(model.llm)
+        out = self.body(inputs_embeds=embeds, use_cache=True)
+        self.cache, self.last = out.cache, out.last_hidden_state[:, -1]
+
+    def feed(self, embeds: torch.Tensor) -> None:
+        """(B, 1, hidden) next inputs."""
+        out = self.body(inputs_embeds=embeds, cache=self.cache, use_cache=True)  # transformers 5: `cache`
+        self.cache, self.last = out.cache, out.last_hidden_state[:, -1]
+
+
+def _need_llm(model: ETTModel) -> None:
+    if model.llm is None:
+        raise CheckpointError(f"this model was trained with stage={model.cfg.stage} and has no LLM")
+
+
+# -- text ----------------------------------------------------------------------------------------------------------
+def decode_tokens(model: ETTModel, text: TextTokenizer, prompt_ids: torch.Tensor, pixels: torch.Tensor,
+                  max_new_tokens: int, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+                  generator: torch.Generator | None = None) -> torch.Tensor:
+    """(B, T) new token ids (eos-filled after a row's eos). prompt_ids: (B, L), the same layout in every row, with
+    one image's placeholders per row; call under ``no_grad``."""
+    q = model.tokenizer.encode(pixels)
+    embeds = model.embed_inputs(prompt_ids, model.visual_tokens(q.z_q, q.indices))
+    stream = _Stream(model, embeds)
+    head, table = model.llm.get_output_embeddings(), model.llm.get_input_embeddings()
+    banned = [text.boi_id, text.eoi_id, text.image_id]
+    b = prompt_ids.shape[0]
+    out = torch.full((b, 0), text.eos_id, dtype=torch.long, device=prompt_ids.device)
+    done = torch.zeros(b, dtype=torch.bool, device=prompt_ids.device)
+    for _ in range(max_new_tokens):
+        logits = head(stream.last).float()
+        logits[:, text.vocab_size:] = float("-inf")  # padding rows of the embedding table
+        logits[:, banned] = float("-inf")
+        nxt = sample_next(logits, temperature, top_k, top_p, generator)
+        nxt = torch.where(done, torch.full_like(nxt, text.eos_id), nxt)
+        out = torch.cat([out, nxt[:, None]], 1)
+        done |= nxt == text.eos_id
+        if bool(done.all()):
+            break
+        stream.feed(table(nxt[:, None]))
+    return out
+
+
+def _texts(text: TextTokenizer, tokens: torch.Tensor) -> list[str]:
+    texts = []
+    for row in tokens.tolist():
+        row = row[: row.index(text.eos_id)] if text.eos_id in row else row
+        texts.append(text.decode(row).strip())
+    return texts
+
+
+def caption(model: ETTModel, text: TextTokenizer, pixels: torch.Tensor, prompt: str | None = None,
+            max_new_tokens: int = 32, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+            generator: torch.Generator | None = None) -> list[str]:
+    """One caption per image of ``pixels`` (B, 3, H, W) in [-1, 1]; ``prompt`` defaults to the config's first."""
+    _need_llm(model)
+    batcher = Batcher(model.cfg, text, train=False)
+    ids = torch.tensor([batcher.caption_prompt(prompt)] * pixels.shape[0], device=_device(model))
+    with _eval(model):
+        return _texts(text, decode_tokens(model, text, ids, pixels.to(_device(model)), max_new_tokens, temperature,
+                                          top_k, top_p, generator))
+
+
+def chat_prompt(model: ETTModel, text: TextTokenizer, turns: list[dict]) -> list[int]:
+    """Token ids of a conversation (training's sft layout) followed by the opening of the assistant's turn."""
+    ids, _ = Batcher(model.cfg, text, train=False).chat_sequence(turns)
+    opening = model.cfg.data.chat_template.split("{content}", 1)[0].format(role="assistant")
+    return ids + text.encode(opening)
+
+
+def chat_reply(model: ETTModel, text: TextTokenizer, pixels: torch.Tensor, turns: list[dict],
+               max_new_tokens: int = 64, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+               generator: torch.Generator | None = None) -> str:
+    """The assistant's reply to ``turns`` (LLaVA style: ``[{"from": "human", "value": "<image>\\n..."}, ...]``,
+    ending with a user turn) about one image ``pixels`` (3, H, W) or (1, 3, H, W)."""
+    _need_llm(model)
+    if not turns or str(turns[-1].get("from", turns[-1].get("role"))) not in ("human", "user"):
+        raise ValueError("chat_reply: the conversation must end with a user turn")
+    ids = torch.tensor([chat_prompt(model, text, turns)], device=_device(model))
+    pixels = pixels.reshape(1, *pixels.shape[-3:]).to(_device(model))
+    with _eval(model):
+        return _texts(text, decode_tokens(model, text, ids, pixels, max_new_tokens, temperature, top_k, top_p,
+                                          generator))[0]
+
+
+def first_user_turn(message: str) -> dict:
+    return {"from": "human", "value": f"{IMAGE_MARK}\n{message}"}
+
+
+# -- images --------------------------------------------------------------------------------------------------------
+def sample_codes(model: ETTModel, cond_ids: list[int], uncond_ids: list[int] | None, n_codes: int, batch: int,
+                 cfg_scale: float | None, temperature: float, top_k: int, top_p: float,
+                 generator: torch.Generator | None) -> torch.Tensor:
+    """(batch, n_codes) visual codes predicted one by one through the visual head."""
+    dev = _device(model)
+    table = model.llm.get_input_embeddings()
+
+    def start(ids):
+        return _Stream(model, table(torch.tensor([ids] * batch, device=dev)))
+
+    streams = [start(cond_ids)] + ([start(uncond_ids)] if cfg_scale is not None else [])
+    codes = []
+    for i in range(n_codes):
+        logits = [model.visual_head(s.last).float() for s in streams]
+        if cfg_scale is not None:
+            cond, uncond = logits
+            logits = [cond + (cfg_scale - 1.0) * (cond - uncond)]
+        code = sample_next(logits[0], temperature, top_k, top_p, generator)
+        codes.append(code)
+        if i + 1 < n_codes:
+            nxt = model.embed_codes(code[:, None])
+            for s in streams:
+                s.feed(nxt)
+    return torch.stack(codes, 1)
+
+
+def generate_images(model: ETTModel, text: TextTokenizer, prompts: list[str], cfg_scale: float | None = 3.0,
+                    top_k: int = 0, top_p: float = 1.0, temperature: float = 1.0, seed: int = 0,
+                    num_images: int = 1) -> torch.Tensor:
+    """(len(prompts) * num_images, 3, H, W) images in [-1, 1], prompt-major. Prompt i samples with the seed
+    ``seed + i`` (so an image does not depend on the other prompts of the call); temperature 0 is greedy."""
+    if model.visual_head is None:
+        raise CheckpointError(f"this model was trained with stage={model.cfg.stage}; generate needs a t2i checkpoint")
+    batcher = Batcher(model.cfg, text, train=False)
+    h, w = (side // model.tokenizer.downsample for side in model.cfg.data.image_size)
+    dev = _device(model)
+    images = []
+    with _eval(model):
+        for i, prompt in enumerate(prompts):
+            g = torch.Generator(device=dev).manual_seed(seed + i)
+            codes = sample_codes(model, batcher.t2i_prompt(prompt), batcher.t2i_prompt(""), h * w, num_images,
+                                 cfg_scale, temperature, top_k, top_p, g)
+            images.append(model.tokenizer.decode_indices(codes.view(num_images, h, w)).float().clamp(-1, 1))
+    return torch.cat(images)
+
+
+def reconstruct(model: ETTModel, pixels: torch.Tensor) -> torch.Tensor:
+    """The tokenizer's round trip, (B, 3, H, W) in [-1, 1]."""
+    with _eval(model):
+        return model.tokenizer(pixels.to(_device(model)))[0].float().clamp(-1, 1)

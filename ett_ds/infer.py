@@ -1,0 +1,167 @@
+"""Inference: ``python -m ett_ds.infer {caption,chat,generate,reconstruct} --ckpt PATH ...``.
+
+--ckpt is a training step folder, a run folder (its newest complete checkpoint) or an export folder.
+
+    caption     --image FILE [FILE ...] [--prompt TEXT]      one caption per image, one line each
+    chat        --image FILE                                 user turns from stdin (one per line), replies on stdout
+    generate    --prompt TEXT [--prompt TEXT ...] --out FILE.png [--num-images N --cfg-scale S ...]
+                one image writes FILE.png, more write FILE_0.png, FILE_1.png ... (prompt-major)
+    reconstruct --image FILE [FILE ...] --out FILE.png       the tokenizer's round trip at the configured size
+
+Errors (missing file, unreadable image, a checkpoint of the wrong kind) are one ``error: ...`` line, exit code 2.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class CLIError(Exception):
+    pass
+
+
+def parse_args(argv):
+    ap = argparse.ArgumentParser(prog="python -m ett_ds.infer", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    def common(p, sampling_default_temperature: float | None):
+        p.add_argument("--ckpt", required=True, help="step folder, run folder or export folder")
+        p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+        p.add_argument("--dtype", choices=sorted(DTYPES), default="float32",
+                       help="weights of the LLM and heads (the vision tokenizer stays float32)")
+        if sampling_default_temperature is not None:
+            p.add_argument("--temperature", type=float, default=sampling_default_temperature,
+                           help="0 = greedy")
+            p.add_argument("--top-k", type=int, default=0, help="0 = off")
+            p.add_argument("--top-p", type=float, default=1.0, help="1 = off")
+            p.add_argument("--seed", type=int, default=0)
+
+    for name in ("caption", "chat"):
+        p = sub.add_parser(name, help=f"{name} about an image")
+        common(p, 0.0)
+        p.add_argument("--image", nargs="+" if name == "caption" else None, required=True)
+        if name == "caption":
+            p.add_argument("--prompt", default=None, help="default: the config's first caption prompt")
+        p.add_argument("--max-new-tokens", type=int, default=32 if name == "caption" else 128)
+    p = sub.add_parser("generate", help="text to image")
+    common(p, 1.0)
+    p.add_argument("--prompt", action="append", required=True, help="repeat for several prompts")
+    p.add_argument("--out", required=True, help="FILE.png")
+    p.add_argument("--cfg-scale", type=float, default=3.0, help="classifier-free guidance; <= 0 turns it off")
+    p.add_argument("--num-images", type=int, default=1, help="images per prompt")
+    p = sub.add_parser("reconstruct", help="tokenizer round trip")
+    common(p, None)
+    p.add_argument("--image", nargs="+", required=True)
+    p.add_argument("--out", required=True, help="FILE.png")
+    return ap.parse_args(argv)
+
+
+def read_images(paths: list[str], size: tuple[int, int]) -> torch.Tensor:
+    from PIL import Image, UnidentifiedImageError
+
+    from .data.transforms import image_to_tensor
+    out = []
+    for p in paths:
+        if not Path(p).is_file():
+            raise CLIError(f"image not found: {p}")
+        try:
+            with Image.open(p) as img:
+                img.load()
+                out.append(image_to_tensor(img, size=size, train=False))
+        except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+            raise CLIError(f"cannot read image {p}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") \
+                from None
+    return torch.stack(out)
+
+
+def out_paths(out: str, n: int) -> list[Path]:
+    base = Path(out)
+    if base.suffix.lower() != ".png":
+        raise CLIError(f"--out must be a .png file name, got {out}")
+    try:  # fail before any model work when the output cannot be written
+        base.parent.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        raise CLIError(f"cannot create the output folder {base.parent}") from None
+    if not os.access(base.parent, os.W_OK):
+        raise CLIError(f"output folder {base.parent} is not writable")
+    if n == 1:
+        return [base]
+    return [base.with_name(f"{base.stem}_{i}{base.suffix}") for i in range(n)]
+
+
+def write_pngs(images: torch.Tensor, paths: list[Path]) -> None:
+    from PIL import Image
+
+    from .eval.metrics import to_uint8_images
+    for arr, path in zip(to_uint8_images(images), paths):
+        try:
+            Image.fromarray(arr, mode="RGB").save(path, format="PNG")
+        except OSError as e:
+            raise CLIError(f"cannot write {path}: {e.strerror or e}") from None
+        print(path, flush=True)
+
+
+def run(args) -> None:
+    from .generation import caption, chat_reply, first_user_turn, generate_images, reconstruct
+    from .loading import load_model, resolve
+
+    resolve(args.ckpt)  # a missing or foreign --ckpt fails before images are decoded or anything heavy is imported
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if args.command == "generate":
+        if args.num_images < 1:
+            raise CLIError("--num-images must be >= 1")
+        paths = out_paths(args.out, len(args.prompt) * args.num_images)
+        loaded = load_model(args.ckpt, device, DTYPES[args.dtype], require="generate")
+        images = generate_images(loaded.model, loaded.text, args.prompt,
+                                 cfg_scale=args.cfg_scale if args.cfg_scale > 0 else None, top_k=args.top_k,
+                                 top_p=args.top_p, temperature=args.temperature, seed=args.seed,
+                                 num_images=args.num_images)
+        write_pngs(images, paths)
+        return
+    from .loading import read_config
+    cfg = read_config(*resolve(args.ckpt))
+    pixels = read_images(args.image if isinstance(args.image, list) else [args.image], tuple(cfg.data.image_size))
+    if args.command == "reconstruct":
+        paths = out_paths(args.out, len(pixels))
+        loaded = load_model(args.ckpt, device, DTYPES[args.dtype])
+        write_pngs(reconstruct(loaded.model, pixels), paths)
+        return
+    loaded = load_model(args.ckpt, device, DTYPES[args.dtype], require="llm")
+    g = torch.Generator(device=device).manual_seed(args.seed)
+    sampling = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                    top_p=args.top_p, generator=g)
+    if args.command == "caption":
+        for text in caption(loaded.model, loaded.text, pixels, prompt=args.prompt, **sampling):
+            print(text, flush=True)
+        return
+    turns: list[dict] = []
+    for line in sys.stdin:
+        message = line.rstrip("\n")
+        if not message.strip():
+            continue
+        turns.append(first_user_turn(message) if not turns else {"from": "human", "value": message})
+        reply = chat_reply(loaded.model, loaded.text, pixels, turns, **sampling)
+        turns.append({"from": "gpt", "value": reply})
+        print(reply, flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    from .models.ibq_checkpoint import CheckpointError
+    try:
+        run(args)
+    except (CLIError, CheckpointError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
