@@ -1,0 +1,277 @@
+"""Evaluate a checkpoint: ``python -m ett_ds.evaluate --ckpt PATH --data SHARDS --tasks recon,caption,t2i
+--out metrics.json``.
+
+Tasks
+- ``recon``: the tokenizer's round trip. PSNR and SSIM (skimage) per image, codebook usage / perplexity over the
+  whole evaluation set, and -- when RapidOCR is installed -- the OCR character error rate of the reconstruction
+  against the sample's reference text, next to the OCR CER of the original image (the reader's own ceiling).
+- ``caption``: greedy caption of each image with the training prompt; exact match and CER against the reference;
+  per-sample outputs go to ``<out stem>_samples.jsonl``.
+- ``t2i``: an image generated from each of the first ``--t2i-samples`` captions, read back by the OCR reader (CER),
+  and a grid ``<out stem>_t2i.png``. Skipped with a note when the checkpoint has no visual head.
+
+``--ckpt`` is a training step folder, a run folder (newest complete step) or an export folder. Launched with
+several ranks (torchrun / deepspeed), every rank evaluates its own slice of the shards (the same number of batches
+on every rank, padding rows masked by ``batch["valid"]``); rank 0 gathers the records, prints a table and writes
+the files. The model is a plain module per rank (``ett_ds.loading``), not a ZeRO-3 engine.
+Errors (missing checkpoint or data, a task the checkpoint cannot do) print one line and exit 2.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+TASKS = ("recon", "caption", "t2i")
+
+
+class EvalError(Exception):
+    """A one-line user error (exit 2)."""
+
+
+def parse_args(argv):
+    ap = argparse.ArgumentParser(prog="python -m ett_ds.evaluate", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--ckpt", required=True, help="step folder, run folder or export folder")
+    ap.add_argument("--data", default=None, help="eval shards (default: the checkpoint config's data.eval)")
+    ap.add_argument("--tasks", default="recon,caption", help=f"comma list of {', '.join(TASKS)}")
+    ap.add_argument("--out", required=True, help="metrics JSON path")
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--max-samples", type=int, default=None, help="stop after about this many samples (all ranks)")
+    ap.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda:LOCAL_RANK if available)")
+    ap.add_argument("--num-workers", type=int, default=0)
+    ap.add_argument("--ocr", choices=("auto", "on", "off"), default="auto",
+                    help="OCR scoring (auto: when rapidocr-onnxruntime is installed)")
+    ap.add_argument("--t2i-samples", type=int, default=8, help="captions turned into images for t2i")
+    ap.add_argument("--cfg-scale", type=float, default=3.0)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--quiet", action="store_true", help="no table on stdout")
+    ap.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    return ap.parse_args(argv)
+
+
+# -- distributed ---------------------------------------------------------------------------------------------------
+def _dist_setup() -> tuple[int, int]:
+    from .engine import dist
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        dist.init_distributed()
+    return dist.rank(), dist.world_size()
+
+
+def gather(obj, world: int) -> list:
+    """Every rank's ``obj`` (a list on every rank; ``[obj]`` in one process)."""
+    if world == 1 or not torch.distributed.is_initialized():
+        return [obj]
+    out = [None] * world
+    torch.distributed.all_gather_object(out, obj)
+    return out
+
+
+# -- pieces --------------------------------------------------------------------------------------------------------
+def _ocr_reader(mode: str):
+    from .eval import ocr
+    if mode == "off" or (mode == "auto" and not ocr.available()):
+        return None
+    if not ocr.available():
+        raise EvalError(f"--ocr on: RapidOCR is not installed ({ocr.INSTALL_HINT})")
+    return ocr.OCRReader()
+
+
+def _load(ckpt: str, tasks: list[str], device):
+    from .loading import load_model
+    from .models.ibq_checkpoint import CheckpointError
+    require = "llm" if "caption" in tasks else None
+    try:
+        return load_model(ckpt, device=device, require=require)
+    except CheckpointError as e:
+        raise EvalError(str(e).splitlines()[0]) from None
+
+
+def _mean(xs):
+    xs = [x for x in xs if x is not None and math.isfinite(x)]
+    return sum(xs) / len(xs) if xs else None
+
+
+@torch.no_grad()
+def evaluate_batch(model, text, batch, tasks, reader, device, max_new_tokens) -> tuple[list[dict], torch.Tensor, dict]:
+    """Records of the batch's valid rows, the codebook histogram of those rows, and the first reconstructions."""
+    from .eval import metrics as M
+    from .generation import caption
+    valid = batch["valid"].bool()
+    pixels = batch["pixels"][valid].to(device)
+    refs = [t for t, v in zip(batch["text"], valid.tolist()) if v]
+    recs = [{"ref": r} for r in refs]
+    hist = torch.zeros(model.tokenizer.cfg.codebook_size, dtype=torch.long)
+    pics = {}
+    if not len(refs):
+        return recs, hist, pics
+    if "recon" in tasks:
+        tok = model.tokenizer
+        q = tok.encode(pixels)
+        recon = tok.decode(q.z_q).float().clamp(-1, 1)
+        hist += M.histogram(q.indices.cpu(), tok.cfg.codebook_size)
+        for r, p, s in zip(recs, M.psnr(recon, pixels).tolist(), M.ssim(recon.cpu(), pixels.cpu()).tolist()):
+            r.update(psnr=p, ssim=s)
+        if reader is not None:
+            for r, orig, rec in zip(recs, M.to_uint8_images(pixels), M.to_uint8_images(recon)):
+                r["ocr_original"], r["ocr_recon"] = reader.read(orig), reader.read(rec)
+        pics = {"input": pixels.cpu(), "recon": recon.cpu()}
+    if "caption" in tasks:
+        for r, c in zip(recs, caption(model, text, pixels, max_new_tokens=max_new_tokens)):
+            r["caption"] = c
+    return recs, hist, pics
+
+
+def t2i_images(model, text, prompts, args, device) -> torch.Tensor:
+    from .generation import generate_images
+    if not prompts:
+        return torch.zeros(0, 3, *model.cfg.data.image_size)
+    return generate_images(model, text, prompts, cfg_scale=args.cfg_scale, temperature=1.0, top_k=0,
+                           seed=args.seed).cpu()
+
+
+def summarize(recs: list[dict], hist: torch.Tensor, tasks: list[str], reader_on: bool) -> dict:
+    from .eval import metrics as M
+    out: dict = {"num_samples": len(recs)}
+    refs = [r["ref"] for r in recs]
+    if "recon" in tasks:
+        cb = M.stats_from_histogram(hist)
+        rec = {"psnr": _mean([r["psnr"] for r in recs]), "ssim": _mean([r["ssim"] for r in recs]),
+               "codebook_usage": cb["usage"], "codebook_perplexity": cb["perplexity"], "codes_used": cb["used"],
+               "codebook_size": cb["codebook_size"]}
+        if reader_on:
+            rec["ocr_cer_recon"] = M.corpus_cer([r["ocr_recon"] for r in recs], refs, normalize=True)
+            rec["ocr_cer_original"] = M.corpus_cer([r["ocr_original"] for r in recs], refs, normalize=True)
+            rec["ocr_em_recon"] = M.mean_exact_match([r["ocr_recon"] for r in recs], refs)
+            rec["ocr_em_original"] = M.mean_exact_match([r["ocr_original"] for r in recs], refs)
+        else:
+            rec["ocr"] = "skipped: RapidOCR not installed or --ocr off"
+        out["recon"] = rec
+    if "caption" in tasks:
+        hyps = [r["caption"] for r in recs]
+        out["caption"] = {"exact_match": M.mean_exact_match(hyps, refs),
+                          "cer": M.corpus_cer(hyps, refs, normalize=True),
+                          "mean_cer": _mean([M.char_error_rate(h, r, normalize=True) for h, r in zip(hyps, refs)])}
+    return out
+
+
+def print_table(result: dict) -> None:
+    rows = [("samples", result["num_samples"])]
+    for task in TASKS:
+        for k, v in (result.get(task) or {}).items():
+            if isinstance(v, (int, float, str)) and k not in ("grid",):
+                rows.append((f"{task}.{k}", v))
+    w = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        print(f"{k:<{w}}  {v:.4f}" if isinstance(v, float) else f"{k:<{w}}  {v}")
+
+
+# -- main ----------------------------------------------------------------------------------------------------------
+def run(args) -> dict | None:
+    from .data.batch import Batcher
+    from .data.shards import eval_batches, expand_urls
+    from .eval import metrics as M
+    from .models.ett import STAGE_SPECS
+
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    bad = [t for t in tasks if t not in TASKS]
+    if bad or not tasks:
+        raise EvalError(f"--tasks: unknown task(s) {', '.join(bad) or '(none)'}; choose from {', '.join(TASKS)}")
+    if not Path(args.ckpt).exists():
+        raise EvalError(f"checkpoint not found: {args.ckpt}")
+    rank, world = _dist_setup()
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    device = torch.device(args.device or (f"cuda:{local}" if torch.cuda.is_available() else "cpu"))
+    loaded = _load(args.ckpt, tasks, device)
+    model, text, cfg = loaded.model, loaded.text, loaded.cfg
+    data = args.data or cfg.data.eval
+    if not data:
+        raise EvalError("no --data given and the checkpoint's config has no data.eval")
+    try:
+        expand_urls(data)
+    except FileNotFoundError as e:
+        raise EvalError(str(e)) from None
+    notes = {}
+    if "t2i" in tasks and not STAGE_SPECS[cfg.stage].generate:
+        tasks.remove("t2i")
+        notes["t2i"] = {"skipped": f"stage={cfg.stage} checkpoint has no visual head (t2i needs a stage=t2i one)"}
+    reader = _ocr_reader(args.ocr) if ("recon" in tasks or "t2i" in tasks) else None
+    needs_text = text if ("caption" in tasks or "t2i" in tasks) else None
+    batcher = Batcher(cfg, text if STAGE_SPECS[cfg.stage].uses_llm else None, train=False)
+    max_batches = None
+    if args.max_samples:
+        max_batches = max(1, math.ceil(args.max_samples / (args.batch_size * world)))
+    t0 = time.time()
+    recs, hist, pics = [], torch.zeros(cfg.model.tokenizer.codebook_size, dtype=torch.long), {}
+    for batch in eval_batches(data, batch_size=args.batch_size, make_example=batcher.make_example,
+                              collate=batcher.collate, rank=rank, world_size=world, num_workers=args.num_workers,
+                              max_batches=max_batches):
+        r, h, p = evaluate_batch(model, needs_text, batch, tasks, reader, device, cfg.data.max_text_tokens + 1)
+        recs += r
+        hist += h
+        if not pics and p:
+            pics = {k: v[:8] for k, v in p.items()}
+    t2i = None
+    if "t2i" in tasks:  # each rank draws its share of the first --t2i-samples captions
+        mine = recs[: math.ceil(args.t2i_samples / world)]
+        imgs = t2i_images(model, text, [r["ref"] for r in mine], args, device)
+        gen = [M.to_uint8_images(im)[0] for im in imgs]
+        t2i = [{"prompt": r["ref"], "ocr": reader.read(g) if reader else None} for r, g in zip(mine, gen)], imgs
+    gathered = gather((recs, hist, t2i, pics), world)
+    if rank != 0:
+        return None
+    all_recs = [r for g in gathered for r in g[0]]
+    if args.max_samples:
+        all_recs = all_recs[: args.max_samples]
+    total_hist = sum(g[1] for g in gathered)
+    result = {"ckpt": str(loaded.source), "stage": cfg.stage, "visual_input": cfg.model.visual_input,
+              "data": str(data), "world_size": world, "tasks": tasks,
+              **summarize(all_recs, total_hist, tasks, reader is not None)}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if t2i is not None:
+        items = [x for g in gathered for x in g[2][0]][: args.t2i_samples]
+        imgs = torch.cat([g[2][1] for g in gathered])[: args.t2i_samples]
+        grid = M.save_grid([imgs], out.with_name(out.stem + "_t2i.png"), labels=["t2i"], scale=2)
+        res = {"num": len(items), "grid": str(grid)}
+        if reader is not None:
+            res["ocr_cer"] = M.corpus_cer([x["ocr"] for x in items], [x["prompt"] for x in items], normalize=True)
+        result["t2i"] = res
+        for x in items:
+            x["task"] = "t2i"
+    result.update(notes)
+    pics = gathered[0][3]
+    if pics and "recon" in result:
+        result["recon"]["grid"] = str(M.save_grid([pics["input"], pics["recon"]], out.with_name(out.stem + "_recon.png"),
+                                                   labels=["input", "recon"], scale=2))
+    with open(out.with_name(out.stem + "_samples.jsonl"), "w") as fh:
+        for i, r in enumerate(all_recs):
+            fh.write(json.dumps({"index": i, **r}) + "\n")
+    if t2i is not None:
+        result["t2i"]["samples"] = items
+    result["seconds"] = round(time.time() - t0, 2)
+    out.write_text(json.dumps(result, indent=1))
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        result = run(args)
+    except (EvalError, FileNotFoundError) as e:
+        print(f"error: {str(e).splitlines()[0] if str(e) else e}", file=sys.stderr)
+        return 2
+    if result is not None and not args.quiet:
+        print_table(result)
+        print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

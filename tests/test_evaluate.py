@@ -1,0 +1,102 @@
+"""ett_ds.evaluate end to end on tiny checkpoints, its error paths, and the replication script's tiny mode."""
+import json
+from pathlib import Path
+
+import pytest
+
+from ett_ds.evaluate import main as evaluate
+from ett_ds.train import main as train
+
+NUM_HELDOUT = 12
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo")
+    from data_tools.cli import main as dt
+    assert dt(["demo", "--out", str(out), "--num-train", "64", "--num-heldout", str(NUM_HELDOUT), "--size", "16x32",
+               "--samples-per-shard", "32", "--no-progress"]) == 0
+    return out
+
+
+def targs(demo, out, *extra):
+    return ["--config", "tiny", f"out_dir={out}", f"data.train={demo}/train", f"data.eval={demo}/heldout",
+            f"model.llm.text_tokenizer={demo}/spm.model", "data.demo_dir=null", "data.image_size=[16,32]",
+            "model.tokenizer.attn_resolutions=[4]", "model.llm.init_config.num_hidden_layers=2",
+            "model.llm.init_config.hidden_size=64", "model.llm.init_config.intermediate_size=128",
+            "train.micro_batch_size=4", "data.num_workers=0", "data.shuffle_buffer=20", "train.image_every=0",
+            "engine.persistence_threshold=0", *extra]
+
+
+@pytest.fixture(scope="module")
+def ckpts(demo, tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs")
+    assert train(targs(demo, out, "name=tok", "stage=tokenizer", "train.max_steps=2")) == 0
+    assert train(targs(demo, out, "name=e", "stage=ett", "train.max_steps=2")) == 0
+    assert train(targs(demo, out, "name=g", "stage=t2i", "train.max_steps=1")) == 0
+    return {k: out / k / "checkpoints" / f"step_{n:08d}" for k, n in (("tok", 2), ("e", 2), ("g", 1))}
+
+
+def test_recon_and_caption_on_an_ett_checkpoint(demo, ckpts, tmp_path, capsys):
+    out = tmp_path / "m.json"
+    # t2i is asked for but this stage has no visual head: skipped with a note, not an error
+    assert evaluate(["--ckpt", str(ckpts["e"]), "--data", f"{demo}/heldout", "--tasks", "recon,caption,t2i",
+                     "--out", str(out), "--batch-size", "5", "--ocr", "off"]) == 0
+    m = json.loads(out.read_text())
+    assert m["num_samples"] == NUM_HELDOUT and m["stage"] == "ett"
+    r, c = m["recon"], m["caption"]
+    assert 0 < r["psnr"] < 100 and -1 <= r["ssim"] <= 1
+    assert 0 < r["codebook_usage"] <= 1 and 1 <= r["codebook_perplexity"] <= r["codebook_size"]
+    assert 0 <= c["exact_match"] <= 1 and c["cer"] >= 0
+    assert "visual head" in m["t2i"]["skipped"]
+    lines = [json.loads(x) for x in (tmp_path / "m_samples.jsonl").read_text().splitlines()]
+    assert len(lines) == NUM_HELDOUT
+    assert all({"ref", "caption", "psnr", "ssim"} <= set(x) for x in lines)
+    assert Path(r["grid"]).is_file()
+    assert "caption.exact_match" in capsys.readouterr().out
+
+
+def test_recon_only_on_a_tokenizer_checkpoint_with_ocr(demo, ckpts, tmp_path):
+    pytest.importorskip("rapidocr_onnxruntime")
+    out = tmp_path / "tok.json"
+    assert evaluate(["--ckpt", str(ckpts["tok"].parent.parent), "--data", f"{demo}/heldout", "--tasks", "recon",
+                     "--out", str(out), "--max-samples", "4", "--batch-size", "4", "--ocr", "on", "--quiet"]) == 0
+    r = json.loads(out.read_text())["recon"]
+    assert r["ocr_cer_recon"] >= 0 and r["ocr_cer_original"] >= 0 and 0 <= r["ocr_em_original"] <= 1
+    assert len((tmp_path / "tok_samples.jsonl").read_text().splitlines()) == 4
+
+
+def test_t2i_generates_a_grid(demo, ckpts, tmp_path):
+    out = tmp_path / "g.json"
+    assert evaluate(["--ckpt", str(ckpts["g"]), "--data", f"{demo}/heldout", "--tasks", "t2i", "--out", str(out),
+                     "--t2i-samples", "3", "--ocr", "off", "--quiet"]) == 0
+    t = json.loads(out.read_text())["t2i"]
+    assert t["num"] == 3 and Path(t["grid"]).is_file() and len(t["samples"]) == 3
+
+
+@pytest.mark.parametrize("case", ["no_ckpt", "no_data", "caption_on_tokenizer", "bad_task"])
+def test_errors_are_one_line_exit_2(demo, ckpts, tmp_path, capsys, case):
+    argv = {"no_ckpt": ["--ckpt", str(tmp_path / "nope"), "--data", f"{demo}/heldout"],
+            "no_data": ["--ckpt", str(ckpts["e"]), "--data", str(tmp_path / "missing")],
+            "caption_on_tokenizer": ["--ckpt", str(ckpts["tok"]), "--data", f"{demo}/heldout", "--tasks", "caption"],
+            "bad_task": ["--ckpt", str(ckpts["e"]), "--data", f"{demo}/heldout", "--tasks", "recon,vqa"]}[case]
+    capsys.readouterr()
+    assert evaluate([*argv, "--out", str(tmp_path / "x.json")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    assert not (tmp_path / "x.json").exists()
+
+
+def test_replicate_tiny_runs_every_arm_and_writes_the_report(tmp_path):
+    from ett_ds.replicate import main as replicate
+    out = tmp_path / "rep"
+    assert replicate(["--size", "tiny", "--out", str(out), "--steps0", "2", "--steps1", "1", "--steps2", "1"]) == 0
+    for f in ("results.md", "results.json", "bars.png", "recon_by_arm.png"):
+        assert (out / f).is_file() and (out / f).stat().st_size > 0, f
+    res = json.loads((out / "results.json").read_text())
+    arms = [r["arm"] for r in res["rows"]]
+    assert arms[1:] == ["index", "frozen", "ett_a0.25", "ett_a0.5", "ett_a1.0", "und_only"]
+    frozen = [r for r in res["rows"] if not r["tokenizer_tuned"]]
+    assert len({round(r["psnr"], 4) for r in frozen}) == 1  # frozen tokenizers reconstruct exactly like stage 0
+    md = (out / "results.md").read_text()
+    assert "| arm |" in md and "ett_a0.25" in md and "Goal checks" in md
