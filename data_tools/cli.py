@@ -121,6 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output prefix: PREFIX.model, PREFIX.vocab")
     p.add_argument("--seed", type=int, default=0)
 
+    p = sub.add_parser("instruct", help="caption shards -> instruction (SFT) shards from question templates",
+                       add_help=False)
+    p.add_argument("rest", nargs=argparse.REMAINDER, help="arguments of python -m data_tools.instruct")
     p = sub.add_parser("demo", help="the built-in demo data set for the tiny recipe")
     p.add_argument("--out", required=True)
     p.add_argument("--num-train", type=_positive, default=2000)
@@ -257,11 +260,19 @@ def _cmd_demo(a) -> int:
     return 0
 
 
-COMMANDS = {"shard": _cmd_shard, "verify": _cmd_verify, "synth-text": _cmd_synth, "import": _cmd_import,
+def _cmd_instruct(a) -> int:
+    from .instruct import main as instruct_main
+    return instruct_main(a.rest)
+
+
+COMMANDS = {"instruct": _cmd_instruct, "shard": _cmd_shard, "verify": _cmd_verify, "synth-text": _cmd_synth, "import": _cmd_import,
             "train-spm": _cmd_spm, "demo": _cmd_demo}
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["instruct"]:  # its own parser: forward everything after the sub-command name
+        return _cmd_instruct(argparse.Namespace(rest=argv[1:]))
     try:
         args = build_parser().parse_args(argv)
         if getattr(args, "resume", False) and getattr(args, "overwrite", False):

@@ -104,7 +104,7 @@ class Batcher:
                         placed = True
                     seg_ids += self.text.encode(piece.strip("\n")) if piece.strip("\n") else []
                 seg_labels = [IGNORE] * len(seg_ids)
-            tail = self.text.encode(post) if post.strip() else []
+            tail = self.text.encode(post) if post else []
             ids += seg_ids + tail
             labels += seg_labels + [IGNORE] * len(tail)
         if not placed:  # the image goes first when the conversation does not place it

@@ -23,8 +23,10 @@ class FP32Conv2d(nn.Conv2d):
 
 
 def _norm(c: int) -> nn.GroupNorm:
+    """GroupNorm(32) as in taming/IBQ for c >= 64; narrower layers keep >= 2 channels per group (a GroupNorm with
+    one channel per group is an instance norm, which erases each channel's mean: colours and backgrounds)."""
     groups = 32
-    while c % groups:
+    while groups > 1 and (c % groups or c // groups < 2):
         groups //= 2
     return nn.GroupNorm(groups, c, eps=1e-6, affine=True)
 
