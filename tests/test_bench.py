@@ -1,0 +1,75 @@
+"""Smoke check of the step benchmark's CPU mode (bench/step_bench.py --preset cpu-tiny): every measurement line is
+printed and parses, times are positive, and the last line is the engine/reference ratio. No timing assertions."""
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+BENCH = REPO / "bench" / "step_bench.py"
+EXPECTED = ["matmul", "loader", "reference", "ett", "align", "frozen"]
+
+
+def _run(args, timeout=120):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "false",
+           "PYTHONUNBUFFERED": "1"}
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_PORT"):  # the bench picks its own
+        env.pop(key, None)
+    proc = subprocess.Popen([sys.executable, str(BENCH), *args], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"step_bench did not finish in {timeout} s; stderr tail:\n{err[-3000:]}")
+    return proc.returncode, out, err
+
+
+def test_cpu_tiny_prints_every_measurement_and_a_ratio(tmp_path):
+    rc, out, err = _run(["--preset", "cpu-tiny", "--steps", "2", "--warmup", "1", "--out", str(tmp_path)])
+    assert rc == 0, f"exit {rc}; stderr tail:\n{err[-3000:]}"
+    lines = [line for line in out.splitlines() if line.strip()]
+    rows = [json.loads(line) for line in lines]  # every stdout line is one JSON object
+    names = [r["variant"] for r in rows]
+    loader_ok = "loader" in names
+    assert [n for n in names if n != "ratio"] == (EXPECTED if loader_ok else [v for v in EXPECTED if v != "loader"])
+    assert names[-1] == "ratio" and names.count("ratio") == 1
+    by = {r["variant"]: r for r in rows}
+    for name in ("reference", "ett", "align", "frozen"):
+        r = by[name]
+        assert "error" not in r, r
+        assert r["s_per_step"] > 0 and r["s_p10"] > 0 and r["s_p90"] >= r["s_p10"], r
+        assert r["samples_per_s"] > 0 and r["tokens_per_s"] > 0 and r["llm_tflops"] > 0, r
+        assert r["mfu"] is not None and r["mfu"] > 0, r
+        assert r["peak_mem_gib"] > 0 and r["steps_timed"] == 2, r
+        assert r["tokens_per_step"] == r["micro_batch"] * r["seq_len"], r  # one fixed, pad-free shape
+    assert by["ett"]["zero_stage"] == 3
+    assert by["align"]["flops_factor"] == 4 and by["ett"]["flops_factor"] == 6
+    assert by["matmul"]["ceiling_flops"] > 0
+    if by["loader"].get("skipped"):
+        assert by["loader"]["reason"]
+    else:
+        assert by["loader"]["samples_per_s"] > 0
+    ratio = by["ratio"]
+    assert ratio["engine_over_reference"] > 0
+    assert ratio["engine_over_reference"] == pytest.approx(ratio["reference_s_per_step"] / ratio["engine_s_per_step"])
+    written = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+    assert written == rows
+
+
+def test_summarize_reads_the_results(tmp_path):
+    rows = [{"variant": "matmul", "n": 8192, "tflops": 790.0, "ceiling_flops": 7.9e14, "s_per_matmul": 0.0014},
+            {"variant": "ett", "micro_batch": 8, "s_per_step": 0.5, "s_p10": 0.49, "s_p90": 0.52,
+             "samples_per_s": 16.0, "llm_tflops": 160.4, "mfu": 0.203, "peak_mem_gib": 60.0, "tag": "mb8"},
+            {"variant": "ett", "error": "RuntimeError: boom", "tag": "zero2"},
+            {"variant": "ratio", "engine_over_reference": 0.7, "target": 0.9}]
+    path = tmp_path / "results.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    rc, out, err = _run(["--summarize", str(path)], timeout=60)
+    assert rc == 0, err
+    assert "0.5000" in out and "20.3" in out and "RuntimeError: boom" in out and "engine/reference = 0.700" in out
