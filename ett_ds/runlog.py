@@ -51,8 +51,11 @@ class RunLog:
     def add(self, terms: dict, indices: torch.Tensor, codebook_size: int, samples: int, tokens=None) -> None:
         for k, v in terms.items():
             self.sums[k] = self.sums[k] + v if k in self.sums else v.clone()
-        h = torch.bincount(indices.flatten(), minlength=codebook_size)
-        self.hist = h if self.hist is None else self.hist + h
+        idx = indices.flatten()
+        if self.hist is None:
+            self.hist = torch.zeros(codebook_size, dtype=torch.long, device=idx.device)
+        # index_add_ (unlike bincount, which reads min/max back to the host on CUDA) never synchronises
+        self.hist.index_add_(0, idx, torch.ones_like(idx))
         self.n += 1
         self.samples += samples
         if tokens is not None:

@@ -193,13 +193,31 @@ def entropy_loss(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     return sample_entropy - batch_entropy
 
 
+class _SoftPath(torch.autograd.Function):
+    """``(soft - sg(soft)) @ E`` without the matmul: its value is exactly zero, its gradient w.r.t. soft is g @ E^T.
+
+    Saves an (N x K) @ (K x D) product (137 GFLOP at K = 131,072, 8 x 256 tokens) and an N x D temporary per step.
+    """
+
+    @staticmethod
+    def forward(ctx, soft, codebook):
+        ctx.save_for_backward(codebook)
+        return soft.new_zeros(soft.shape[0], codebook.shape[1])
+
+    @staticmethod
+    def backward(ctx, grad):
+        (codebook,) = ctx.saved_tensors
+        return grad @ codebook.t(), None
+
+
 class IBQuantizer(nn.Module):
     """Index Backpropagation Quantization.
 
     logits = z . E^T over all K codes; soft = softmax(logits); hard = one_hot(argmax);
     z_q = (hard - sg(soft) + soft) @ E. The product is evaluated without materialising the one-hot:
     ``E[idx] + (soft - sg(soft)) @ sg(E)`` has the same value and the same gradients (to E only through the
-    selected rows, to the logits through the soft path), at the cost of one gather instead of a K-wide matmul.
+    selected rows, to the logits through the soft path), at the cost of one gather instead of a K-wide matmul; the
+    soft path's forward, identically zero, is not computed at all (``_SoftPath``).
     """
 
     def __init__(self, codebook_size: int, code_dim: int, beta: float = 0.25, entropy_temperature: float = 0.01):
@@ -220,7 +238,7 @@ class IBQuantizer(nn.Module):
             soft = logits.softmax(-1)
             idx = logits.argmax(-1)
             z_hard = F.embedding(idx, codebook)
-            z_q = z_hard + (soft - soft.detach()) @ codebook.detach()
+            z_q = z_hard + _SoftPath.apply(soft, codebook.detach())
             quant_loss = (F.mse_loss(z_q, zf) + F.mse_loss(z_hard.detach(), zf)
                           + self.beta * F.mse_loss(z_hard, zf.detach()))
             ent = entropy_loss(logits, self.temperature)
