@@ -1,13 +1,12 @@
 """Smoke check of the step benchmark's CPU mode (bench/step_bench.py --preset cpu-tiny): every measurement line is
 printed and parses, times are positive, and the last line is the engine/reference ratio. No timing assertions."""
 import json
-import os
-import signal
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from tests.tiny import run_group, subprocess_env
 
 REPO = Path(__file__).resolve().parents[1]
 BENCH = REPO / "bench" / "step_bench.py"
@@ -15,19 +14,8 @@ EXPECTED = ["matmul", "loader", "reference", "ett", "align", "frozen"]
 
 
 def _run(args, timeout=120):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "false",
-           "PYTHONUNBUFFERED": "1"}
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_PORT"):  # the bench picks its own
-        env.pop(key, None)
-    proc = subprocess.Popen([sys.executable, str(BENCH), *args], cwd=REPO, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
-        pytest.fail(f"step_bench did not finish in {timeout} s; stderr tail:\n{err[-3000:]}")
-    return proc.returncode, out, err
+    env = subprocess_env(DS_ACCELERATOR="cpu", TOKENIZERS_PARALLELISM="false")  # the bench picks its own port
+    return run_group([sys.executable, str(BENCH), *args], timeout, cwd=REPO, env=env)
 
 
 def test_cpu_tiny_prints_every_measurement_and_a_ratio(tmp_path):

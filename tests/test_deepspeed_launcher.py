@@ -1,12 +1,10 @@
 """`launchers/train.sh` with the real `deepspeed` launcher: 2 CPU processes run 3 training steps for real."""
 import json
 import os
-import signal
-import subprocess
 import sys
 from pathlib import Path
 
-import pytest
+from tests.tiny import run_group, subprocess_env
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -16,22 +14,15 @@ def test_deepspeed_launcher_two_processes_three_steps(tmp_path):
     demo = tmp_path / "demo"
     assert dt(["demo", "--out", str(demo), "--num-train", "64", "--num-heldout", "8", "--size", "16x32",
                "--samples-per-shard", "16", "--no-progress"]) == 0
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
-    env.update(ETT_NO_SETUP="1", ETT_NUM_PROCS="2", OMP_NUM_THREADS="1",
-               PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}")
+    env = subprocess_env(ETT_NO_SETUP="1", ETT_NUM_PROCS="2",
+                         PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
     cmd = ["bash", str(REPO / "launchers" / "train.sh"), "tiny", f"out_dir={tmp_path}", "name=ds2",
            f"data.train={demo}/train", f"model.llm.text_tokenizer={demo}/spm.model", "data.demo_dir=null",
            "data.image_size=[16,32]", "model.tokenizer.attn_resolutions=[4]", "train.micro_batch_size=2",
            "train.max_steps=3", "train.log_every=1", "data.num_workers=0", "stage=ett"]
-    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env=env, start_new_session=True)
-    try:
-        out, _ = proc.communicate(timeout=300)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        pytest.fail("deepspeed launcher run timed out")
-    assert proc.returncode == 0, out[-4000:]
+    rc, out, err = run_group(cmd, 300, cwd=tmp_path, env=env)
+    out = out + err
+    assert rc == 0, out[-4000:]
     assert "deepspeed --num_gpus 2" in out
     rows = [json.loads(x) for x in (tmp_path / "ds2" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3]

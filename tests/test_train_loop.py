@@ -1,14 +1,12 @@
 """The training entry point end to end on shards built by data_tools: logging, checkpoints, exact resume, 2 ranks."""
 import json
-import os
-import signal
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
 from ett_ds.train import main
+from tests.tiny import run_group, subprocess_env
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -77,39 +75,12 @@ def test_resume_on_another_world_size_points_to_universal_checkpoints(demo, tmp_
     assert len(err) == 1 and "ds_to_universal" in err[0] and "8 data-parallel ranks" in err[0]
 
 
-def run_group(cmd, timeout, env=None):
-    """Run a multi-process job in its own process group; kill the whole group on timeout."""
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True, env={**os.environ, **(env or {})})
-    try:
-        out, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate()
-        pytest.fail(f"timed out after {timeout}s:\n{out[-3000:]}")
-    return proc.returncode, out
-
-
-def clean_env():
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
-    env["OMP_NUM_THREADS"] = "1"
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
-    return env
-
-
 def test_two_ranks_torchrun_decoder_stays_fp32_and_training_runs(demo, tmp_path):
     script = REPO / "tests" / "scripts" / "two_rank_fp32.py"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
            *args(demo, tmp_path, "name=tr", "stage=ett", "engine.precision=autocast_bf16")[2:]]
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True, env=clean_env())
-    try:
-        out, _ = proc.communicate(timeout=240)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        pytest.fail("2-rank run timed out")
-    assert proc.returncode == 0, out[-3000:]
+    rc, out, err = run_group(cmd, 240, cwd=REPO, env=subprocess_env())
+    assert rc == 0, (out + err)[-3000:]
     results = [json.loads(line.split("RESULT ", 1)[1]) for line in out.splitlines() if "RESULT " in line]
     assert len(results) == 2 and {r["rank"] for r in results} == {0, 1}
     for r in results:

@@ -48,3 +48,35 @@ def caption_batch(trainer, captions: list[str], seed: int = 0) -> dict:
 def repeat(batch: dict):
     while True:
         yield dict(batch)
+
+
+TORCH_DIST_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def subprocess_env(**extra: str) -> dict:
+    """The test environment minus conftest's in-process rank variables (a launcher sets its own), plus extras."""
+    import os
+    repo = str(Path(__file__).resolve().parents[1])
+    env = {k: v for k, v in os.environ.items() if k not in TORCH_DIST_VARS}
+    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1",
+               PYTHONPATH=os.pathsep.join(filter(None, [repo, env.get("PYTHONPATH")])))
+    env.update(extra)
+    return env
+
+
+def run_group(cmd: list[str], timeout: float, cwd=None, env: dict | None = None) -> tuple[int, str, str]:
+    """Run a (multi-process) command in its own session; on timeout kill the whole group and fail the test."""
+    import os
+    import signal
+    import subprocess
+
+    import pytest
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"{cmd[:4]} did not finish in {timeout} s; output tail:\n{(out + err)[-3000:]}")
+    return proc.returncode, out, err
