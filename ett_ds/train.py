@@ -284,6 +284,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if dist.is_rank0() and last:
         print(json.dumps({"final": last}))
+    if dist.world_size() > 1:
+        dist.shutdown()
     return 0
 
 

@@ -170,7 +170,7 @@ print("env", os.environ["RANK"], os.environ["LOCAL_RANK"], os.environ["WORLD_SIZ
 print("shm", deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"])
 print("sum", dist.all_reduce_sum(torch.ones(3)).tolist(), dist.broadcast_object("hi"), dist.is_rank0())
 print("rank", dist.rank(), dist.world_size())
-dist.barrier()
+dist.shutdown()
 """
 
 

@@ -263,3 +263,11 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+def shutdown() -> None:
+    """Leave the process group cleanly (all ranks together); a no-op without one. Exiting without it can abort a
+    rank whose communication threads are still up when its peer has already gone."""
+    if _initialized():
+        dist.barrier()
+        dist.destroy_process_group()
