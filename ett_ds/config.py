@@ -50,6 +50,8 @@ class TokenizerConfig:
     "K, the number of codes (paper: 131,072)."
     code_dim: int = 256
     "Dimension of each code (paper: 256)."
+    codebook_init_std: float | None = None
+    "None: IBQ's uniform(-1/K, 1/K) codebook init; a number: normal(0, std) (keeps more codes alive in short runs)."
     beta: float = 0.25
     "Weight of the codebook term in the double quantization loss (IBQ's placement)."
     entropy_temperature: float = 0.01

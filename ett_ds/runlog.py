@@ -37,7 +37,10 @@ class RunLog:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
         from tqdm import tqdm
-        self.bar = tqdm(total=total, initial=initial, desc="train", dynamic_ncols=True)
+        import sys
+        # a terminal gets a live bar; a log file (SLURM, CI) gets a line every 30 s instead of every step
+        self.bar = tqdm(total=total, initial=initial, desc="train", dynamic_ncols=True,
+                        mininterval=0.5 if sys.stderr.isatty() else 30.0)
         try:
             from torch.utils.tensorboard import SummaryWriter
             self.tb = SummaryWriter(str(self.run_dir / "tb"))

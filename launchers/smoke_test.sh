@@ -37,7 +37,7 @@ fi
 
 stage tok tokenizer "$(steps 300)" "train.ema_decay=0.99"
 stage align align "$(steps 150)" "train.init_from=$(latest "$OUT/tok")" "data.train=$TRAIN"
-stage ett ett "$(steps 200)" "train.init_from=$(latest "$OUT/align")" "data.train=$TRAIN"
+stage ett ett "$(steps 200)" "train.init_from=$(latest "$OUT/align")" "data.train=$TRAIN" "optim.tokenizer_lr=2e-4"
 stage sft sft "$(steps 100)" "train.init_from=$(latest "$OUT/ett")" "optim.lr=5e-4" "optim.projector_lr=5e-4"
 stage t2i t2i "$(steps 200)" "train.init_from=$(latest "$OUT/ett")" "optim.lr=5e-4" "optim.projector_lr=1e-3"
 

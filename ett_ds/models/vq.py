@@ -220,12 +220,16 @@ class IBQuantizer(nn.Module):
     soft path's forward, identically zero, is not computed at all (``_SoftPath``).
     """
 
-    def __init__(self, codebook_size: int, code_dim: int, beta: float = 0.25, entropy_temperature: float = 0.01):
+    def __init__(self, codebook_size: int, code_dim: int, beta: float = 0.25, entropy_temperature: float = 0.01,
+                 init_std: float | None = None):
         super().__init__()
         self.codebook_size, self.code_dim = codebook_size, code_dim
         self.beta, self.temperature = beta, entropy_temperature
         self.embedding = nn.Embedding(codebook_size, code_dim)
-        nn.init.uniform_(self.embedding.weight, -1.0 / codebook_size, 1.0 / codebook_size)
+        if init_std is None:
+            nn.init.uniform_(self.embedding.weight, -1.0 / codebook_size, 1.0 / codebook_size)
+        else:
+            nn.init.normal_(self.embedding.weight, 0.0, init_std)
 
     def forward(self, z: torch.Tensor) -> tuple:
         """Returns (z_q, indices, quant_loss, entropy_loss) as a plain tuple: ZeRO-3's backward hooks only see
@@ -263,7 +267,8 @@ class VisionTokenizer(nn.Module):
         self.decoder = Decoder(cfg)
         self.quant_conv = nn.Conv2d(cfg.z_channels, cfg.code_dim, 1)
         self.post_quant_conv = FP32Conv2d(cfg.code_dim, cfg.z_channels, 1)
-        self.quantize = IBQuantizer(cfg.codebook_size, cfg.code_dim, cfg.beta, cfg.entropy_temperature)
+        self.quantize = IBQuantizer(cfg.codebook_size, cfg.code_dim, cfg.beta, cfg.entropy_temperature,
+                                    cfg.codebook_init_std)
 
     @property
     def downsample(self) -> int:
