@@ -6,6 +6,7 @@ stage (config) decides what trains and which loss terms exist. Every rank runs e
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import sys
@@ -95,6 +96,7 @@ class Trainer:
         if cfg.stage == "tokenizer" and cfg.train.ema_decay > 0:
             self.ema = ShardEMA(self.model.tokenizer.named_parameters(), cfg.train.ema_decay)
         self.step, self.segment, self.samples_seen = 0, 0, 0
+        self.first_batch = None
         self.log = RunLog(self.run_dir, cfg.train.log_every, enabled=dist.is_rank0())
 
     # -- data ----------------------------------------------------------------------------------------------------
@@ -138,7 +140,8 @@ class Trainer:
             batch = next(it)
             self.log.add_data_stats(batch.pop("data_stats", None))
             batch = to_device(batch, self.device)
-            self.first_batch = getattr(self, "first_batch", None) or {k: v for k, v in batch.items()}
+            if self.first_batch is None:  # kept for the image grids: the same inputs every time
+                self.first_batch = batch
             out = self.engine(**{k: batch[k] for k in MODEL_INPUTS if k in batch})
             loss, terms = self.loss_terms(out, batch)
             self.engine.backward(loss)
@@ -206,7 +209,7 @@ class Trainer:
         tok = self.model.tokenizer
         was_training = tok.training
         tok.eval()
-        ctx = self.ema.swapped() if self.ema is not None else _nullcontext()
+        ctx = self.ema.swapped() if self.ema is not None else contextlib.nullcontext()
         with ctx:
             recon = tok(x)[0].clamp(-1, 1)
         tok.train(was_training)
@@ -239,14 +242,6 @@ class Trainer:
                 it = iter(self.batches())
         self.log.close()
         return last or {}
-
-
-class _nullcontext:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
 
 
 def ensure_demo_data(cfg: C.Config) -> None:
