@@ -26,7 +26,7 @@ def main(argv: list[str]) -> int:
             print(f"| {name} | (no metrics) | | | | | |")
             continue
         a, b = r[0], r[-1]
-        key = next((k for k in ("loss_cap", "loss_t2i", "loss_vq", "l1") if b.get(k) is not None), "loss")
+        key = next((k for k in ("loss_t2i", "loss_cap", "loss_vq") if b.get(k) is not None), "loss")
         sps = sum(x["samples_per_s"] for x in r[1:] or r) / max(1, len(r[1:] or r))
         print(f"| {name} | {b['step']} | {fmt(a['loss'])} | {fmt(b['loss'])} | {key}: {fmt(a.get(key))} -> "
               f"{fmt(b.get(key))} | {sps:.1f} | {fmt(b.get('codebook_usage'), '.2f')} |")

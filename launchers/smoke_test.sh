@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The main job on the built-in default: the whole ETT pipeline on the tiny recipe, on one GPU if present, else CPU.
 #
-#   bash launchers/smoke_test.sh            # ~10-15 min on 2 CPU cores; a few minutes on one GPU
+#   bash launchers/smoke_test.sh            # 855 s measured on 2 shared CPU cores (GPU: not yet measured)
 #
 # Sets up .venv (unless an environment is active), builds the demo data with data_tools (rendered words in real
 # fonts; plus the Tux Paint stamps when the Debian package is installed), then runs every stage, each starting
