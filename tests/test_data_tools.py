@@ -270,3 +270,24 @@ def test_import_tuxpaint(tmp_path):
     assert len(pngs) == 12 and all(m["category"] == "food" for m in metas)
     assert all(Image.open(io.BytesIO(p)).mode in ("RGB", "L") and max(Image.open(io.BytesIO(p)).size) <= 256
                for p in pngs)
+
+
+def test_shard_parquet_manifest_keeps_extra_columns(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+    src = tmp_path / "imgs"
+    src.mkdir()
+    for i in range(5):
+        _img(src / f"{i}.png", i, size=(40, 20))
+    table = pa.table({"file": [f"imgs/{i}.png" for i in range(5)], "caption": [f"pq row {i}" for i in range(5)],
+                      "score": [0.5 * i for i in range(5)]})
+    pq.write_table(table, tmp_path / "m.parquet")
+    out = tmp_path / "out"
+    assert main(["shard", str(tmp_path / "m.parquet"), "--out", str(out), "--image-col", "file",
+                 "--samples-per-shard", "2", "--no-progress"]) == 0
+    assert main(["verify", str(out)]) == 0
+    assert json.loads((out / "sizes.json").read_text()) == {"data-000000.tar": 2, "data-000001.tar": 2,
+                                                             "data-000002.tar": 1}
+    with tarfile.open(out / "data-000002.tar") as tar:
+        meta = json.loads(tar.extractfile("000002000000.json").read())
+    assert meta["caption"] == "pq row 4" and meta["score"] == 2.0
