@@ -4,16 +4,13 @@ import os
 import sys
 from pathlib import Path
 
-from tests.tiny import run_group, subprocess_env
+from tests.tiny import build_demo, run_group, subprocess_env
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def test_deepspeed_launcher_two_processes_three_steps(tmp_path):
-    from data_tools.cli import main as dt
-    demo = tmp_path / "demo"
-    assert dt(["demo", "--out", str(demo), "--num-train", "64", "--num-heldout", "8", "--size", "16x32",
-               "--samples-per-shard", "16", "--no-progress"]) == 0
+    demo = build_demo(tmp_path / "demo", 64, 8, 16)
     env = subprocess_env(ETT_NO_SETUP="1", ETT_NUM_PROCS="2",
                          PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
     cmd = ["bash", str(REPO / "launchers" / "train.sh"), "tiny", f"out_dir={tmp_path}", "name=ds2",

@@ -6,26 +6,18 @@ import pytest
 
 from ett_ds.evaluate import main as evaluate
 from ett_ds.train import main as train
+from tests.tiny import build_demo, demo_train_args
 
 NUM_HELDOUT = 12
 
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
-    out = tmp_path_factory.mktemp("demo")
-    from data_tools.cli import main as dt
-    assert dt(["demo", "--out", str(out), "--num-train", "64", "--num-heldout", str(NUM_HELDOUT), "--size", "16x32",
-               "--samples-per-shard", "32", "--no-progress"]) == 0
-    return out
+    return build_demo(tmp_path_factory.mktemp("demo"), 64, NUM_HELDOUT, 32)
 
 
 def targs(demo, out, *extra):
-    return ["--config", "tiny", f"out_dir={out}", f"data.train={demo}/train", f"data.eval={demo}/heldout",
-            f"model.llm.text_tokenizer={demo}/spm.model", "data.demo_dir=null", "data.image_size=[16,32]",
-            "model.tokenizer.attn_resolutions=[4]", "model.llm.init_config.num_hidden_layers=2",
-            "model.llm.init_config.hidden_size=64", "model.llm.init_config.intermediate_size=128",
-            "train.micro_batch_size=4", "data.num_workers=0", "data.shuffle_buffer=20", "train.image_every=0",
-            "engine.persistence_threshold=0", *extra]
+    return demo_train_args(demo, out, "train.image_every=0", *extra)
 
 
 @pytest.fixture(scope="module")

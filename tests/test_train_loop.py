@@ -6,27 +6,18 @@ from pathlib import Path
 import pytest
 
 from ett_ds.train import main
-from tests.tiny import run_group, subprocess_env
+from tests.tiny import build_demo, demo_train_args, run_group, subprocess_env
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
-    out = tmp_path_factory.mktemp("demo")
-    from data_tools.cli import main as dt
-    assert dt(["demo", "--out", str(out), "--num-train", "120", "--num-heldout", "24", "--size", "16x32",
-               "--samples-per-shard", "30", "--no-progress"]) == 0
-    return out
+    return build_demo(tmp_path_factory.mktemp("demo"), 120, 24, 30)
 
 
 def args(demo, out, *extra):
-    return ["--config", "tiny", f"out_dir={out}", f"data.train={demo}/train", f"data.eval={demo}/heldout",
-            f"model.llm.text_tokenizer={demo}/spm.model", "data.demo_dir=null", "data.image_size=[16,32]",
-            "model.tokenizer.attn_resolutions=[4]", "model.llm.init_config.num_hidden_layers=2",
-            "model.llm.init_config.hidden_size=64", "model.llm.init_config.intermediate_size=128",
-            "train.micro_batch_size=4", "train.log_every=1", "data.num_workers=0", "data.shuffle_buffer=20",
-            "engine.persistence_threshold=0", "loss.gan_start_step=2", *extra]
+    return demo_train_args(demo, out, "train.log_every=1", "loss.gan_start_step=2", *extra)
 
 
 def rows(run_dir):

@@ -21,14 +21,32 @@ def train_spm(folder: Path) -> Path:
     return folder / "spm.model"
 
 
+# The tiny recipe shrunk further for tests; ZeRO-3 really partitions (persistence threshold 0).
+SHRINK = ["data.demo_dir=null", "engine.persistence_threshold=0", "model.llm.init_config.num_hidden_layers=2",
+          "model.llm.init_config.hidden_size=64", "model.llm.init_config.intermediate_size=128",
+          "data.image_size=[16,32]", "model.tokenizer.attn_resolutions=[4]", "train.micro_batch_size=4"]
+
+
 def tiny_config(spm_model: Path, out_dir: Path, *overrides: str):
-    """The built-in tiny recipe, shrunk further for tests; ZeRO-3 really partitions (persistence threshold 0)."""
-    base = [f"model.llm.text_tokenizer={spm_model}", f"out_dir={out_dir}", "data.demo_dir=null",
-            "engine.persistence_threshold=0", "model.llm.init_config.num_hidden_layers=2",
-            "model.llm.init_config.hidden_size=64", "model.llm.init_config.intermediate_size=128",
-            "data.image_size=[16,32]", "model.tokenizer.attn_resolutions=[4]", "train.micro_batch_size=4",
+    """A Config for in-process Trainers fed with hand-made batches."""
+    base = [f"model.llm.text_tokenizer={spm_model}", f"out_dir={out_dir}", *SHRINK,
             "train.log_every=1", "train.save_every=1000", "train.image_every=0", "optim.warmup_ratio=0"]
     return load_config("tiny", base + list(overrides))
+
+
+def build_demo(out: Path, num_train: int, num_heldout: int, per_shard: int) -> Path:
+    """`python -m data_tools demo` at the tests' 16x32 size."""
+    from data_tools.cli import main as data_tools
+    assert data_tools(["demo", "--out", str(out), "--num-train", str(num_train), "--num-heldout", str(num_heldout),
+                       "--size", "16x32", "--samples-per-shard", str(per_shard), "--no-progress"]) == 0
+    return out
+
+
+def demo_train_args(demo: Path, out: Path, *extra: str) -> list[str]:
+    """`python -m ett_ds.train` arguments for the tiny recipe on demo shards built by `build_demo`."""
+    return ["--config", "tiny", f"out_dir={out}", f"data.train={demo}/train", f"data.eval={demo}/heldout",
+            f"model.llm.text_tokenizer={demo}/spm.model", *SHRINK, "data.num_workers=0", "data.shuffle_buffer=20",
+            *extra]
 
 
 def caption_batch(trainer, captions: list[str], seed: int = 0) -> dict:
