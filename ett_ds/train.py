@@ -108,7 +108,8 @@ class Trainer:
                              make_example=batcher.make_example, collate=batcher.collate, seed=self.cfg.seed,
                              segment=self.segment, rank=self.rank, world_size=self.world,
                              num_workers=self.cfg.data.num_workers, shuffle_buffer=self.cfg.data.shuffle_buffer,
-                             max_error_rate=self.cfg.data.max_error_rate)
+                             max_error_rate=self.cfg.data.max_error_rate,
+                             decode_size=tuple(self.cfg.data.image_size))  # JPEGs decode at reduced DCT scale
 
     # -- one optimizer step --------------------------------------------------------------------------------------
     def loss_terms(self, out: dict, batch: dict) -> tuple[torch.Tensor, dict]:
