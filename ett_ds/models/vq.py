@@ -90,6 +90,14 @@ class _Level(nn.Module):
         self.block = nn.ModuleList()
         self.attn = nn.ModuleList()
 
+    def forward(self, h):
+        for j, block in enumerate(self.block):
+            h = block(h)
+            if len(self.attn):
+                h = self.attn[j](h)
+        resample = getattr(self, "downsample", None) or getattr(self, "upsample", None)
+        return resample(h) if resample is not None else h
+
 
 class _Mid(nn.Module):
     def __init__(self, c: int, dropout: float, conv):
@@ -127,12 +135,7 @@ class Encoder(nn.Module):
     def forward(self, x):
         h = self.conv_in(x)
         for level in self.down:
-            for j, block in enumerate(level.block):
-                h = block(h)
-                if len(level.attn):
-                    h = level.attn[j](h)
-            if hasattr(level, "downsample"):
-                h = level.downsample(h)
+            h = level(h)
         return self.conv_out(F.silu(self.norm_out(self.mid(h))))
 
 
@@ -166,12 +169,7 @@ class Decoder(nn.Module):
         with torch.autocast(device_type=z.device.type, enabled=False):
             h = self.mid(self.conv_in(z.float()))
             for level in reversed(self.up):
-                for j, block in enumerate(level.block):
-                    h = block(h)
-                    if len(level.attn):
-                        h = level.attn[j](h)
-                if hasattr(level, "upsample"):
-                    h = level.upsample(h)
+                h = level(h)
             return self.conv_out(F.silu(self.norm_out(h)))
 
 
