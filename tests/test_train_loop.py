@@ -72,7 +72,7 @@ def test_two_ranks_torchrun_decoder_stays_fp32_and_training_runs(demo, tmp_path)
            *args(demo, tmp_path, "name=tr", "stage=ett", "engine.precision=autocast_bf16")[2:]]
     rc, out, err = run_group(cmd, 240, cwd=REPO, env=subprocess_env())
     assert rc == 0, (out + err)[-3000:]
-    results = [json.loads(line.split("RESULT ", 1)[1]) for line in out.splitlines() if "RESULT " in line]
+    results = [json.loads(p.read_text()) for p in sorted((tmp_path / "tr").glob("result_rank*.json"))]
     assert len(results) == 2 and {r["rank"] for r in results} == {0, 1}
     for r in results:
         assert r["decoder_weight_dtype"] == "torch.float32" and r["decoder_out_dtype"] == "torch.float32"

@@ -1,6 +1,6 @@
 """Run under torchrun with 2 ranks: trains 2 ETT steps on shards and reports, per rank, what the decoder saw.
 
-Prints one ``RESULT {json}`` line per rank. Used by tests/test_train_loop.py.
+Writes ``result_rank{N}.json`` per rank into the run folder (ranks share stdout, so printed lines can interleave). Used by tests/test_train_loop.py.
 """
 import json
 import math
@@ -35,10 +35,12 @@ def main(overrides):
     for _ in range(2):
         tr.train_step(it)
         finite &= all(math.isfinite(float(v)) for v in tr.log.sums.values())
-    print("RESULT " + json.dumps({"rank": dist.rank(), "world_size": dist.world_size(),
-                                  "decoder_weight_dtype": seen["w_dtype"], "decoder_out_dtype": seen["out_dtype"],
-                                  "decoder_weight_not_bf16_rounded": seen["not_rounded"], "llm_out_dtype": seen["llm"],
-                                  "losses_finite": finite}), flush=True)
+    result = {"rank": dist.rank(), "world_size": dist.world_size(),
+              "decoder_weight_dtype": seen["w_dtype"], "decoder_out_dtype": seen["out_dtype"],
+              "decoder_weight_not_bf16_rounded": seen["not_rounded"], "llm_out_dtype": seen["llm"],
+              "losses_finite": finite}
+    tr.run_dir.mkdir(parents=True, exist_ok=True)
+    (tr.run_dir / f"result_rank{dist.rank()}.json").write_text(json.dumps(result))
     dist.barrier()
 
 
