@@ -101,10 +101,11 @@ def _mean(xs):
 @torch.no_grad()
 def evaluate_batch(model, text, batch, tasks, reader, device, max_new_tokens) -> tuple[list[dict], torch.Tensor, dict]:
     """Records of the batch's valid rows, the codebook histogram of those rows, and the first reconstructions."""
+    from .data.transforms import to_unit_range
     from .eval import metrics as M
     from .generation import caption
     valid = batch["valid"].bool()
-    pixels = batch["pixels"][valid].to(device)
+    pixels = to_unit_range(batch["pixels"][valid].to(device))
     refs = [t for t, v in zip(batch["text"], valid.tolist()) if v]
     recs = [{"ref": r} for r in refs]
     hist = torch.zeros(model.tokenizer.cfg.codebook_size, dtype=torch.long)

@@ -395,6 +395,7 @@ def recon_by_arm(path: Path, ckpts: dict, heldout: Path, n: int = 6) -> None:
     import torch
     from .data.batch import Batcher
     from .data.shards import eval_batches
+    from .data.transforms import to_unit_range
     from .eval.metrics import save_grid
     from .loading import load_model
     first = None
@@ -405,7 +406,7 @@ def recon_by_arm(path: Path, ckpts: dict, heldout: Path, n: int = 6) -> None:
             b = Batcher(m.cfg, None, train=False)
             batch = next(iter(eval_batches(str(heldout), batch_size=n, make_example=b.make_example,
                                            collate=b.collate, rank=0, world_size=1, max_batches=1)))
-            first = batch["pixels"][batch["valid"]]
+            first = to_unit_range(batch["pixels"][batch["valid"]])
             rows.append(first), labels.append("input")
         with torch.no_grad():
             tok = m.model.tokenizer

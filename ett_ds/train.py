@@ -17,6 +17,7 @@ import torch
 import yaml
 
 from . import config as C
+from .data.batch import batch_to_device
 from .engine import checkpoint as ckpt
 from .engine import deepspeed as eng
 from .engine import dist
@@ -46,10 +47,6 @@ def llm_hidden_size(cfg: C.Config) -> int | None:
         return int(llm.init_config["hidden_size"])
     meta = json.loads((Path(llm.path) / "config.json").read_text())
     return int(meta.get("hidden_size") or meta.get("text_config", {}).get("hidden_size"))
-
-
-def to_device(batch: dict, device) -> dict:
-    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
 MODEL_INPUTS = ("pixels", "input_ids", "attention_mask", "labels", "gen_mask")
@@ -140,7 +137,7 @@ class Trainer:
         for _ in range(self.accum):
             batch = next(it)
             self.log.add_data_stats(batch.pop("data_stats", None))
-            batch = to_device(batch, self.device)
+            batch = batch_to_device(batch, self.device)
             if self.first_batch is None:  # kept for the image grids: the same inputs every time
                 self.first_batch = batch
             out = self.engine(**{k: batch[k] for k in MODEL_INPUTS if k in batch})

@@ -10,6 +10,7 @@ import tarfile
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -253,3 +254,31 @@ def test_image_to_tensor():
     crops = {hashlib.md5(image_to_tensor(stripes, (16, 16), train=True, rng=random.Random(s)).numpy().tobytes())
              .hexdigest() for s in range(5)}
     assert len(crops) > 1 and center.shape == (3, 16, 16)
+
+
+def test_training_batches_carry_uint8_pixels_normalised_on_the_device():
+    """The loader collates 1-byte pixels; batch_to_device turns them into exactly image_to_tensor's floats."""
+    from ett_ds.config import load_config
+    from ett_ds.data.batch import Batcher, batch_to_device
+    cfg = load_config("tiny", ["data.image_size=[16,24]"])
+    b = Batcher(cfg, None, train=False)
+    imgs = [Image.fromarray(np.random.default_rng(i).integers(0, 256, (30, 50, 3), dtype=np.uint8)) for i in range(3)]
+    batch = b.collate([b.make_example({"image": im, "text": f"cap {i}", "json": None}) for i, im in enumerate(imgs)])
+    assert batch["pixels"].dtype == torch.uint8 and batch["pixels"].shape == (3, 3, 16, 24)
+    moved = batch_to_device(batch, torch.device("cpu"))
+    assert moved["pixels"].dtype == torch.float32 and moved["text"] == ["cap 0", "cap 1", "cap 2"]
+    expect = torch.stack([image_to_tensor(im, (16, 24)) for im in imgs])
+    assert torch.equal(moved["pixels"], expect)
+    assert moved["pixels"].min() >= -1 and moved["pixels"].max() <= 1
+
+
+def test_only_the_cropped_region_is_resampled():
+    """Resizing just the crop's source box gives the pixels of resize-then-crop (up to rounding)."""
+    from ett_ds.data.transforms import cover_size, image_to_uint8
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (300, 400, 3), dtype=np.uint8))
+    nw, nh = cover_size(400, 300, (128, 128))
+    full = img.resize((nw, nh), Image.Resampling.BICUBIC, reducing_gap=3.0)
+    left = (nw - 128) // 2
+    ref = torch.from_numpy(np.array(full.crop((left, 0, left + 128, 128)))).permute(2, 0, 1).int()
+    got = image_to_uint8(img, (128, 128)).int()
+    assert (got - ref).abs().max() <= 1 and (got - ref).abs().float().mean() < 0.01

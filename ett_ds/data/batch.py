@@ -21,7 +21,7 @@ import torch
 from ..config import Config
 from ..models.losses import IGNORE
 from ..models.text import TextTokenizer
-from .transforms import image_to_tensor
+from .transforms import image_to_uint8, to_unit_range
 
 IMAGE_MARK = "<image>"
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
@@ -129,7 +129,7 @@ class Batcher:
                              {"from": "gpt", "value": str(text).strip()}]
         if task != "sft" and not (text and str(text).strip()):
             return None
-        pixels = image_to_tensor(sample["image"], size=self.size, train=self.train, rng=self.rng)
+        pixels = image_to_uint8(sample["image"], size=self.size, train=self.train, rng=self.rng)
         ex = {"pixels": pixels, "text": str(text or ""), "gen": task == "t2i"}
         if self.text is not None:
             if task == "sft":
@@ -159,3 +159,11 @@ class Batcher:
         batch.update(input_ids=ids, labels=labels, attention_mask=mask,
                      gen_mask=torch.tensor([e["gen"] for e in examples], dtype=torch.bool))
         return batch
+
+
+def batch_to_device(batch: dict, device) -> dict:
+    """Tensors of a collated batch to ``device``; the uint8 ``pixels`` become float [-1, 1] there, after the copy."""
+    out = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+    if "pixels" in out:
+        out["pixels"] = to_unit_range(out["pixels"])
+    return out
