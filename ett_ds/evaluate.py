@@ -24,6 +24,7 @@ import math
 import os
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -176,6 +177,7 @@ def print_table(result: dict) -> None:
 # -- main ----------------------------------------------------------------------------------------------------------
 def run(args) -> dict | None:
     from .data.batch import Batcher
+    from .data.decode import DataErrorRateExceeded, check_error_rate
     from .data.shards import eval_batches, expand_urls
     from .eval import metrics as M
     from .models.ett import STAGE_SPECS
@@ -210,9 +212,11 @@ def run(args) -> dict | None:
         max_batches = max(1, math.ceil(args.max_samples / (args.batch_size * world)))
     t0 = time.time()
     recs, hist, pics = [], torch.zeros(cfg.model.tokenizer.codebook_size, dtype=torch.long), {}
+    stats = Counter()
     for batch in eval_batches(data, batch_size=args.batch_size, make_example=batcher.make_example,
                               collate=batcher.collate, rank=rank, world_size=world, num_workers=args.num_workers,
                               max_batches=max_batches):
+        stats.update(batch.get("data_stats") or {})
         r, h, p = evaluate_batch(model, needs_text, batch, tasks, reader, device, cfg.data.max_text_tokens + 1)
         recs += r
         hist += h
@@ -224,7 +228,12 @@ def run(args) -> dict | None:
         imgs = t2i_images(model, text, [r["ref"] for r in mine], args, device)
         gen = [M.to_uint8_images(im)[0] for im in imgs]
         t2i = [{"prompt": r["ref"], "ocr": reader.read(g) if reader else None} for r, g in zip(mine, gen)], imgs
-    gathered = gather((recs, hist, t2i, pics), world)
+    gathered = gather((recs, hist, t2i, pics, stats), world)
+    data_stats = sum((g[4] for g in gathered), Counter())
+    try:  # every rank holds the same totals after the gather, so every rank stops alike (no hung collective)
+        check_error_rate(data_stats, cfg.data.max_error_rate, min_samples=1, where=str(data))
+    except DataErrorRateExceeded as e:
+        raise EvalError(f"{e} (data.max_error_rate comes from the checkpoint's config)") from None
     if rank != 0:
         return None
     all_recs = [r for g in gathered for r in g[0]]
@@ -232,7 +241,7 @@ def run(args) -> dict | None:
         all_recs = all_recs[: args.max_samples]
     total_hist = sum(g[1] for g in gathered)
     result = {"ckpt": str(loaded.source), "stage": cfg.stage, "visual_input": cfg.model.visual_input,
-              "data": str(data), "world_size": world, "tasks": tasks,
+              "data": str(data), "world_size": world, "tasks": tasks, "data_stats": dict(sorted(data_stats.items())),
               **summarize(all_recs, total_hist, tasks, reader is not None)}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

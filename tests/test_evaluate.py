@@ -1,5 +1,7 @@
 """ett_ds.evaluate end to end on tiny checkpoints, its error paths, and the replication script's tiny mode."""
+import io
 import json
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -77,6 +79,30 @@ def test_errors_are_one_line_exit_2(demo, ckpts, tmp_path, capsys, case):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: "), err
     assert not (tmp_path / "x.json").exists()
+
+
+def test_an_eval_set_past_the_error_rate_stops_with_one_line(demo, ckpts, tmp_path, capsys):
+    """Broken samples are counted, reported in the result, and past data.max_error_rate they end the evaluation."""
+    good = sorted((demo / "heldout").glob("*.tar"))[0]
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    with tarfile.open(good) as src, tarfile.open(bad / "mixed-000000.tar", "w") as dst:
+        for info in src:
+            dst.addfile(info, src.extractfile(info))
+        for i in range(NUM_HELDOUT):  # as many corrupt JPEGs as good samples: error rate 0.5 > 0.1
+            for ext, data in (("jpg", b"not a jpeg at all"), ("txt", b"caption")):
+                info = tarfile.TarInfo(f"broken{i:03d}.{ext}")
+                info.size = len(data)
+                dst.addfile(info, io.BytesIO(data))
+    capsys.readouterr()
+    assert evaluate(["--ckpt", str(ckpts["e"]), "--data", str(bad), "--tasks", "recon", "--ocr", "off",
+                     "--out", str(tmp_path / "x.json"), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "data error rate" in err[0] and "'unreadable': 12" in err[0], err
+    out = tmp_path / "ok.json"  # the clean set reports its counts: every sample delivered, nothing skipped
+    assert evaluate(["--ckpt", str(ckpts["e"]), "--data", f"{demo}/heldout", "--tasks", "recon", "--ocr", "off",
+                     "--out", str(out), "--quiet"]) == 0
+    assert json.loads(out.read_text())["data_stats"] == {"ok": NUM_HELDOUT}
 
 
 def test_replicate_tiny_runs_every_arm_and_writes_the_report(tmp_path):
