@@ -1,7 +1,8 @@
 """The paper's Tab. 4/5 ablation, small, in one command: ``python -m ett_ds.replicate --size small --out DIR``.
 
-1. data: ``data_tools synth-text`` train shards (train fonts, train half of the corpus' caption-hash split) and a
-   held-out split (fonts of other families, held-out captions), plus a sentencepiece model on the train captions;
+1. data: ``data_tools synth-text`` train shards (train fonts) and a held-out split (fonts of other families; with
+   one corpus, also captions from the other caption-hash bucket; with ``--corpus-heldout``, that corpus), plus a
+   sentencepiece model on the train captions;
 2. stage 0: one tokenizer trained for reconstruction only (``stage=tokenizer``), shared by every arm;
 3. arms, each stage 1 (``align``) then the same number of stage-2 steps:
    index (``visual_input=index``, tokenizer frozen), frozen (codebook embeddings, tokenizer frozen), ETT at
@@ -14,7 +15,9 @@
 Stages run in this process by default (``--launcher inprocess``). ``--launcher python`` runs each stage as
 ``python -m ett_ds.train`` in a subprocess; ``--launcher launchers/train.sh`` uses the deepspeed launcher (all GPUs
 of the machine, or a SLURM allocation) -- DeepSpeed state is then isolated per stage. Finished stages (a complete
-last checkpoint) and evaluations (metrics JSON present) are reused, so a rerun with the same ``--out`` resumes.
+last checkpoint) and evaluations (metrics JSON newer than the checkpoint) are reused, so a rerun with the same
+``--out`` resumes; a finished stage whose recorded overrides differ from this run's is an error, never silently
+mixed in.
 """
 from __future__ import annotations
 
@@ -37,10 +40,11 @@ SIZES = {
                  model=["model.tokenizer.attn_resolutions=[4]", "model.llm.init_config.num_hidden_layers=2",
                         "model.llm.init_config.hidden_size=64", "model.llm.init_config.intermediate_size=128",
                         "engine.persistence_threshold=0"]),
-    # small: the run measured in bench/REPLICATION.md (numbers corpus: WordNet words were unreadable at this budget)
-    "small": dict(num_train=4000, num_heldout=128, image="32x128", steps0=400, steps1=60, steps2=120, batch=16,
-                  eval_samples=128, words="1-1", max_chars=6, ocr="auto", spm_vocab=300, corpus=["numbers"],
-                  model=[]),
+    # small: the run measured in bench/REPLICATION.md. One digit per 32x32 image: at this budget (2 CPU cores,
+    # < 30 min) it is the task on which a randomly initialised LLM learns to read at all; held-out = unseen fonts.
+    "small": dict(num_train=4000, num_heldout=128, image="32x32", steps0=1200, steps1=60, steps2=600, batch=16,
+                  eval_samples=128, words="1-1", max_chars=2, ocr="auto", spm_vocab=300, corpus=["digits"],
+                  corpus_heldout=["digits"], model=[]),
     "gpu": dict(num_train=60000, num_heldout=512, image="32x128", steps0=3000, steps1=500, steps2=1500, batch=64,
                 eval_samples=512, words="1-3", max_chars=16, ocr="auto", spm_vocab=512,
                 model=["model.tokenizer.ch=64", "model.tokenizer.num_res_blocks=2", "model.tokenizer.code_dim=64",
@@ -74,7 +78,9 @@ def parse_args(argv):
     ap.add_argument("--recipe", default="tiny", help="base recipe; the size's overrides go on top")
     ap.add_argument("--fonts-train", nargs="+", default=None, help="font files/globs (default: DejaVu + Liberation)")
     ap.add_argument("--fonts-heldout", nargs="+", default=None, help="default: URW base35 + FreeFont")
-    ap.add_argument("--corpus", nargs="+", default=None, help="text files, or `numbers` (built-in random numbers); default: WordNet glosses, else phrases")
+    ap.add_argument("--corpus", nargs="+", default=None,
+                    help="text files, or `numbers` / `digits` (built in: random 2-5 digit numbers / the ten digits); "
+                         "default: the size's, else WordNet glosses, else phrases")
     ap.add_argument("--corpus-heldout", nargs="+", default=None, help="held-out text (default: --corpus, other hash half)")
     for k in ("num_train", "num_heldout", "steps0", "steps1", "steps2", "batch", "eval_samples", "spm_vocab"):
         ap.add_argument("--" + k.replace("_", "-"), type=int, default=None)
@@ -83,7 +89,8 @@ def parse_args(argv):
     ap.add_argument("--noise", type=float, default=None, help="max background noise std (synth-text)")
     ap.add_argument("--image", default=None, help="HxW")
     ap.add_argument("--lr", type=float, default=1e-3, help="LLM/projector peak LR (stages 1-2)")
-    ap.add_argument("--tokenizer-lr", type=float, default=1e-4, help="tokenizer peak LR in ETT stage 2")
+    ap.add_argument("--tokenizer-lr", type=float, default=None,
+                    help="tokenizer peak LR in ETT stage 2 (default: --lr; the paper uses one peak LR in stage 2)")
     ap.add_argument("--stage0-lr", type=float, default=1e-3, help="tokenizer peak LR in stage 0")
     ap.add_argument("--alphas", default="0.25,0.5,1.0", help="ETT alphas (the und-only arm is alpha 0)")
     ap.add_argument("--gan", action="store_true", help="keep the GAN term (default: off, L_vq = L1 + quant + entropy)")
@@ -124,17 +131,22 @@ def default_corpus() -> list[str]:
 
 
 def builtin_corpus(names: list[str], root: Path, seed: int) -> list[str]:
-    """``numbers`` is a built-in corpus: 20k random 2-5 digit numbers (one per line), written under ``root``."""
+    """Built-in corpora, written under ``root``: ``numbers`` (20k random 2-5 digit numbers, one per line) and
+    ``digits`` (the ten digits). Any other name is a text file and passes through."""
+    import random
     out = []
     for name in names:
-        if name != "numbers":
+        if name == "numbers":
+            rng = random.Random(seed)
+            lines = [str(rng.randrange(10, 100000)) for _ in range(20000)]
+        elif name == "digits":
+            lines = [str(d) for d in range(10)]
+        else:
             out.append(name)
             continue
-        import random
-        rng = random.Random(seed)
-        path = root / "numbers.txt"
         root.mkdir(parents=True, exist_ok=True)
-        path.write_text("\n".join(str(rng.randrange(10, 100000)) for _ in range(20000)) + "\n")
+        path = root / f"{name}.txt"
+        path.write_text("\n".join(lines) + "\n")
         out.append(str(path))
     return out
 
@@ -150,8 +162,11 @@ def build_data(args, o: dict, root: Path) -> dict:
         train_fonts = [f for f in train_fonts if f not in held_fonts]
     names = args.corpus or o.get("corpus")
     corpus = builtin_corpus(names, root, args.seed) if names else default_corpus()
+    held_names = args.corpus_heldout or (None if args.corpus else o.get("corpus_heldout"))
+    held_corpus = builtin_corpus(held_names, root, args.seed) if held_names else None
     info = {"train_fonts": [Path(f).name for f in train_fonts], "heldout_fonts": [Path(f).name for f in held_fonts],
-            "corpus": corpus, "corpus_heldout": args.corpus_heldout or corpus}
+            "corpus": corpus, "corpus_heldout": held_corpus or corpus,
+            "text_split": "all (held-out fonts)" if held_corpus else "by caption hash"}
     done = root / "data.json"
     if done.is_file() and json.loads(done.read_text()).get("info") == {**info, "opts": _data_opts(o)}:
         return info
@@ -160,9 +175,11 @@ def build_data(args, o: dict, root: Path) -> dict:
     if o["noise"] is not None:
         common += ["--noise", str(o["noise"])]
     for split, fonts, corp, num, seed in (("train", train_fonts, corpus, o["num_train"], args.seed),
-                                          ("heldout", held_fonts, args.corpus_heldout or corpus, o["num_heldout"],
+                                          ("heldout", held_fonts, held_corpus or corpus, o["num_heldout"],
                                            args.seed + 1)):
-        text_split = "train" if split == "train" else ("heldout" if not args.corpus_heldout else "all")
+        # one corpus: captions split by hash (held-out text never rendered in training); a separate held-out
+        # corpus: both splits render all of their own text, and the held-out split differs by its fonts
+        text_split = "all" if held_corpus else split
         rc = dt(["synth-text", "--fonts", *fonts, "--corpus", *corp, "--num", str(num), "--seed", str(seed),
                  "--text-split", text_split, "--out", str(root / split), "--prefix", split, *common])
         if rc != 0:
@@ -196,11 +213,19 @@ def last_step(run_dir: Path, steps: int) -> Path | None:
 
 
 def train_stage(args, name: str, steps: int, common: list[str], extra: list[str], runs: Path, timings: dict) -> Path:
+    overrides = [f"name={name}", f"train.max_steps={steps}", *common, *extra]
+    record = runs / name / "replicate_stage.json"  # what the stage was trained with: a rerun reuses only a match
     done = last_step(runs / name, steps)
     if done is not None:
+        before = json.loads(record.read_text())["overrides"] if record.is_file() else None
+        if before is not None and before != overrides:
+            changed = sorted(set(before) ^ set(overrides))
+            raise SystemExit(f"error: {runs / name} was trained with other settings ({', '.join(changed[:4])}); "
+                             f"use a new --out, or delete that folder to retrain it")
         log(f"{name}: reusing {done}")
         return done
-    overrides = [f"name={name}", f"train.max_steps={steps}", *common, *extra]
+    record.parent.mkdir(parents=True, exist_ok=True)
+    record.write_text(json.dumps({"overrides": overrides}, indent=1))
     log(f"{name}: training {steps} steps")
     t0 = time.time()
     if args.launcher == "inprocess":
@@ -219,7 +244,7 @@ def train_stage(args, name: str, steps: int, common: list[str], extra: list[str]
 
 # -- 4. evaluation -------------------------------------------------------------------------------------------------
 def evaluate(ckpt: Path, tasks: str, out: Path, heldout: Path, o: dict, timings: dict, key: str) -> dict:
-    if out.is_file():
+    if out.is_file() and out.stat().st_mtime >= (ckpt / "complete").stat().st_mtime:  # not from an older run
         return json.loads(out.read_text())
     from .evaluate import main as eval_main
     t0 = time.time()
@@ -260,7 +285,7 @@ def run(args) -> dict:
     ckpts = {}
     for name, vi, _, stage, alpha, _ in arms:
         extra = [f"stage={stage}", f"model.visual_input={vi}", f"train.init_from={align[vi]}", *lr,
-                 f"optim.tokenizer_lr={args.tokenizer_lr}"]
+                 f"optim.tokenizer_lr={args.lr if args.tokenizer_lr is None else args.tokenizer_lr}"]
         if alpha is not None:
             extra.append(f"train.alpha={alpha}")
         ckpts[name] = train_stage(args, name, o["steps2"], common, extra, runs, timings)
