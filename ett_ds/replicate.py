@@ -371,7 +371,8 @@ def markdown(summary: dict) -> str:
                   f"- understanding-only PSNR drop: {g.get('und_only_psnr_drop_db')} dB "
                   f"(≥ 3 dB counts as destroyed: {'yes' if g.get('und_only_destroys_recon_ge_3db') else 'no'})"]
     t = summary["timings_s"]
-    lines += ["", "Time per step of the pipeline (s): " + ", ".join(f"{k} {v}" for k, v in t.items())]
+    lines += ["", "Seconds per pipeline stage run by this invocation (reused stages are not listed): "
+              + ", ".join(f"{k} {v}" for k, v in t.items())]
     return "\n".join(lines) + "\n"
 
 
