@@ -117,7 +117,8 @@ def test_replicate_tiny_runs_every_arm_and_writes_the_report(tmp_path):
     frozen = [r for r in res["rows"] if not r["tokenizer_tuned"]]
     assert len({round(r["psnr"], 4) for r in frozen}) == 1  # frozen tokenizers reconstruct exactly like stage 0
     md = (out / "results.md").read_text()
-    assert "| arm |" in md and "ett_a0.25" in md and "Goal checks" in md
+    assert "| arm |" in md and "ett_a0.25" in md and "Goal checks" in md and "best ETT arm by caption EM" in md
+    assert res["goal"]["best_ett_arm"] in arms
     # a rerun into the same folder reuses every finished stage; with other settings it refuses instead of mixing
     assert replicate(["--size", "tiny", "--out", str(out), "--steps0", "2", "--steps1", "1", "--steps2", "1"]) == 0
     with pytest.raises(SystemExit, match="trained with other settings.*optim.lr=0.002"):
