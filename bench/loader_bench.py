@@ -103,7 +103,8 @@ def main() -> int:
     (tmp / "img").mkdir()
     paths = make_images(tmp / "img", a.num, (sh, sw), a.content)
     n = len(paths)
-    emit(setup={"images": n, "content": a.content, "src_wh": [sw, sh], "out_hw": list(SIZE), "bytes": sum(p.stat().st_size for p in paths)})
+    emit(setup={"images": n, "content": a.content, "src_wh": [sw, sh], "out_hw": list(SIZE),
+                "bytes": sum(p.stat().st_size for p in paths)})
 
     # ---- 2. sharding vs a bare tarfile write -----------------------------------------------------------------
     def bare_tar():

@@ -81,7 +81,8 @@ def parse_args(argv):
     ap.add_argument("--corpus", nargs="+", default=None,
                     help="text files, or `numbers` / `digits` (built in: random 2-5 digit numbers / the ten digits); "
                          "default: the size's, else WordNet glosses, else phrases")
-    ap.add_argument("--corpus-heldout", nargs="+", default=None, help="held-out text (default: --corpus, other hash half)")
+    ap.add_argument("--corpus-heldout", nargs="+", default=None,
+                    help="held-out text (default: the size's; with --corpus, the other hash half of it)")
     for k in ("num_train", "num_heldout", "steps0", "steps1", "steps2", "batch", "eval_samples", "spm_vocab"):
         ap.add_argument("--" + k.replace("_", "-"), type=int, default=None)
     ap.add_argument("--words", default=None, help="LO-HI words per caption")
@@ -215,13 +216,13 @@ def last_step(run_dir: Path, steps: int) -> Path | None:
 def train_stage(args, name: str, steps: int, common: list[str], extra: list[str], runs: Path, timings: dict) -> Path:
     overrides = [f"name={name}", f"train.max_steps={steps}", *common, *extra]
     record = runs / name / "replicate_stage.json"  # what the stage was trained with: a rerun reuses only a match
+    before = json.loads(record.read_text())["overrides"] if record.is_file() else None
+    if before is not None and before != overrides:  # finished, or interrupted (the trainer would resume it)
+        changed = sorted(set(before) ^ set(overrides))
+        raise SystemExit(f"error: {runs / name} was trained with other settings ({', '.join(changed[:4])}); "
+                         f"use a new --out, or delete that folder to retrain it")
     done = last_step(runs / name, steps)
     if done is not None:
-        before = json.loads(record.read_text())["overrides"] if record.is_file() else None
-        if before is not None and before != overrides:
-            changed = sorted(set(before) ^ set(overrides))
-            raise SystemExit(f"error: {runs / name} was trained with other settings ({', '.join(changed[:4])}); "
-                             f"use a new --out, or delete that folder to retrain it")
         log(f"{name}: reusing {done}")
         return done
     record.parent.mkdir(parents=True, exist_ok=True)
