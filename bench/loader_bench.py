@@ -98,8 +98,13 @@ def main() -> int:
     a = ap.parse_args()
     global SIZE
     SIZE = tuple(int(v) for v in a.size.split("x"))
+    with tempfile.TemporaryDirectory(prefix="loader_bench_") as name:  # removed afterwards, even on error
+        run_all(a, Path(name))
+    return 0
+
+
+def run_all(a, tmp: Path) -> None:
     sw, sh = (int(v) for v in a.src.split("x"))
-    tmp = Path(tempfile.mkdtemp(prefix="loader_bench_"))
     (tmp / "img").mkdir()
     paths = make_images(tmp / "img", a.num, (sh, sw), a.content)
     n = len(paths)
@@ -157,7 +162,6 @@ def main() -> int:
     emit(summary={"loader_ratio_full_decode": round(results["full_decode"], 3),
                   "loader_ratio_jpeg_draft": round(results["jpeg_draft"], 3),
                   "shard_ratio": round(shard_ratio, 3)})
-    return 0
 
 
 if __name__ == "__main__":

@@ -61,3 +61,17 @@ def test_summarize_reads_the_results(tmp_path):
     rc, out, err = _run(["--summarize", str(path)], timeout=60)
     assert rc == 0, err
     assert "0.5000" in out and "20.3" in out and "RuntimeError: boom" in out and "engine/reference = 0.700" in out
+
+
+@pytest.mark.parametrize("content", ["photo", "noise"])
+def test_loader_bench_prints_both_ratios(content):
+    """bench/loader_bench.py on a few images: every line parses and the summary holds both of issue 3's ratios."""
+    env = subprocess_env(OMP_NUM_THREADS="1")
+    rc, out, err = run_group([sys.executable, str(REPO / "bench" / "loader_bench.py"), "--num", "12", "--repeats", "1",
+                              "--src", "96x64", "--size", "32x32", "--content", content], 120, cwd=REPO, env=env)
+    assert rc == 0, err[-3000:]
+    rows = [json.loads(line) for line in out.splitlines() if line.strip()]
+    assert rows[0]["setup"]["images"] == 12 and rows[0]["setup"]["content"] == content
+    summary = rows[-1]["summary"]
+    assert set(summary) == {"loader_ratio_full_decode", "loader_ratio_jpeg_draft", "shard_ratio"}
+    assert all(v > 0 for v in summary.values())
