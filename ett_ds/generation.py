@@ -79,7 +79,7 @@ class _Stream:
         self.cache, self.last = out.cache, out.last_hidden_state[:, -1]
 
     def feed(self, embeds: torch.Tensor) -> None:
-        """(B, 1, hidden) next inputs."""
+        """(B, n, hidden) next inputs (n = 1 while sampling; a whole new chat turn at once)."""
         out = self.body(inputs_embeds=embeds, cache=self.cache, use_cache=True)  # transformers 5: `cache`
         self.cache, self.last = out.cache, out.last_hidden_state[:, -1]
 
@@ -97,12 +97,19 @@ def decode_tokens(model: ETTModel, text: TextTokenizer, prompt_ids: torch.Tensor
     one image's placeholders per row; call under ``no_grad``."""
     q = model.tokenizer.encode(pixels)
     embeds = model.embed_inputs(prompt_ids, model.visual_tokens(q.z_q, q.indices))
-    stream = _Stream(model, embeds)
+    return _sample_text(model, text, _Stream(model, embeds), max_new_tokens, temperature, top_k, top_p,
+                        generator)[0]
+
+
+def _sample_text(model: ETTModel, text: TextTokenizer, stream: _Stream, max_new_tokens: int, temperature: float,
+                 top_k: int, top_p: float, generator) -> tuple[torch.Tensor, int]:
+    """Tokens sampled after ``stream``'s inputs, and how many of them were fed back (the cache holds those)."""
     head, table = model.llm.get_output_embeddings(), model.llm.get_input_embeddings()
     banned = [text.boi_id, text.eoi_id, text.image_id]
-    b = prompt_ids.shape[0]
-    out = torch.full((b, 0), text.eos_id, dtype=torch.long, device=prompt_ids.device)
-    done = torch.zeros(b, dtype=torch.bool, device=prompt_ids.device)
+    b, dev = stream.last.shape[0], stream.last.device
+    out = torch.full((b, 0), text.eos_id, dtype=torch.long, device=dev)
+    done = torch.zeros(b, dtype=torch.bool, device=dev)
+    fed = 0
     for _ in range(max_new_tokens):
         logits = head(stream.last).float()
         logits[:, text.vocab_size:] = float("-inf")  # padding rows of the embedding table
@@ -114,7 +121,8 @@ def decode_tokens(model: ETTModel, text: TextTokenizer, prompt_ids: torch.Tensor
         if bool(done.all()):
             break
         stream.feed(table(nxt[:, None]))
-    return out
+        fed += 1
+    return out, fed
 
 
 def _texts(text: TextTokenizer, tokens: torch.Tensor) -> list[str]:
@@ -161,6 +169,65 @@ def chat_reply(model: ETTModel, text: TextTokenizer, pixels: torch.Tensor, turns
 
 def first_user_turn(message: str) -> dict:
     return {"from": "human", "value": f"{IMAGE_MARK}\n{message}"}
+
+
+def _crop(cache, keep: int) -> bool:
+    """Shorten a KV cache to its first ``keep`` positions; False when this cache type cannot."""
+    extra = cache.get_seq_length() - keep
+    if extra > 0:
+        if not getattr(cache, "is_croppable", True):
+            return False
+        cache.crop(-extra)  # a negative count removes that many positions (transformers 4 and 5 alike)
+    return cache.get_seq_length() == keep
+
+
+class ChatSession:
+    """A conversation about one image whose KV cache lives from turn to turn.
+
+    The image is encoded once. Each :meth:`reply` runs through the LLM only the tokens the cache does not hold yet:
+    the closing of the previous reply, the new user turn and the opening of the answer. When the template's
+    re-tokenisation of the previous reply differs from the sampled ids, the cache is cut back to the common prefix
+    and the rest runs again. Replies are those of :func:`chat_reply` on the whole conversation (a test checks it).
+    """
+
+    def __init__(self, model: ETTModel, text: TextTokenizer, pixels: torch.Tensor):
+        _need_llm(model)
+        self.model, self.text = model, text
+        self.pixels = pixels.reshape(1, *pixels.shape[-3:]).to(_device(model))
+        self.turns: list[dict] = []
+        self.visual = None
+        self.stream: _Stream | None = None
+        self.cached: list[int] = []  # the ids whose keys and values the cache holds, in order
+        self.prefilled = 0  # tokens run through the LLM for prompts so far (for tests and curiosity)
+
+    def reply(self, message: str, max_new_tokens: int = 64, temperature: float = 0.0, top_k: int = 0,
+              top_p: float = 1.0, generator: torch.Generator | None = None) -> str:
+        turns = self.turns + [first_user_turn(message) if not self.turns else {"from": "human", "value": message}]
+        full = chat_prompt(self.model, self.text, turns)
+        with _eval(self.model):
+            if self.visual is None:
+                q = self.model.tokenizer.encode(self.pixels)
+                self.visual = self.model.visual_tokens(q.z_q, q.indices)
+            keep = 0
+            for a, b in zip(self.cached, full[:-1]):  # at least one new position, to read the next token from
+                if a != b:
+                    break
+                keep += 1
+            if self.stream is None or keep == 0 or not _crop(self.stream.cache, keep):
+                keep = 0
+            ids = torch.tensor([full], device=self.pixels.device)
+            embeds = self.model.embed_inputs(ids, self.visual)[:, keep:]
+            if keep == 0:
+                self.stream = _Stream(self.model, embeds)
+            else:
+                self.stream.feed(embeds)
+            self.prefilled += len(full) - keep
+            tokens, fed = _sample_text(self.model, self.text, self.stream, max_new_tokens, temperature, top_k,
+                                       top_p, generator)
+        self.cached = full + tokens[0, :fed].tolist()
+        answer = _texts(self.text, tokens)[0]
+        self.turns = turns + [{"from": "gpt", "value": answer}]
+        return answer
 
 
 # -- images --------------------------------------------------------------------------------------------------------

@@ -3,7 +3,8 @@
 --ckpt is a training step folder, a run folder (its newest complete checkpoint) or an export folder.
 
     caption     --image FILE [FILE ...] [--prompt TEXT]      one caption per image, one line each
-    chat        --image FILE                                 user turns from stdin (one per line), replies on stdout
+    chat        --image FILE                                 user turns from stdin (one per line), replies on stdout;
+                                                             the image is encoded once, the KV cache kept between turns
     generate    --prompt TEXT [--prompt TEXT ...] --out FILE.png [--num-images N --cfg-scale S ...]
                 one image writes FILE.png, more write FILE_0.png, FILE_1.png ... (prompt-major)
     reconstruct --image FILE [FILE ...] --out FILE.png       the tokenizer's round trip at the configured size
@@ -109,7 +110,7 @@ def write_pngs(images: torch.Tensor, paths: list[Path]) -> None:
 
 
 def run(args) -> None:
-    from .generation import caption, chat_reply, first_user_turn, generate_images, reconstruct
+    from .generation import ChatSession, caption, generate_images, reconstruct
     from .loading import load_model, resolve
 
     resolve(args.ckpt)  # a missing or foreign --ckpt fails before images are decoded or anything heavy is imported
@@ -141,15 +142,11 @@ def run(args) -> None:
         for text in caption(loaded.model, loaded.text, pixels, prompt=args.prompt, **sampling):
             print(text, flush=True)
         return
-    turns: list[dict] = []
+    session = ChatSession(loaded.model, loaded.text, pixels)  # the KV cache carries over from turn to turn
     for line in sys.stdin:
         message = line.rstrip("\n")
-        if not message.strip():
-            continue
-        turns.append(first_user_turn(message) if not turns else {"from": "human", "value": message})
-        reply = chat_reply(loaded.model, loaded.text, pixels, turns, **sampling)
-        turns.append({"from": "gpt", "value": reply})
-        print(reply, flush=True)
+        if message.strip():
+            print(session.reply(message, **sampling), flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:

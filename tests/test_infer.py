@@ -11,7 +11,7 @@ from PIL import Image
 
 from ett_ds import infer
 from ett_ds.engine import dist
-from ett_ds.generation import caption, chat_reply, first_user_turn, generate_images
+from ett_ds.generation import ChatSession, _crop, caption, chat_reply, first_user_turn, generate_images
 from ett_ds.loading import load_model
 from ett_ds.models.ibq_checkpoint import CheckpointError
 from tests.stage_batches import smooth_images, trained_checkpoint
@@ -112,6 +112,28 @@ def test_caption_greedy_is_deterministic_and_batch_equals_single(t2i):
     turns = [first_user_turn("what is it")]
     reply = chat_reply(t2i.model, t2i.text, px[0], turns, max_new_tokens=4)
     assert reply == chat_reply(t2i.model, t2i.text, px[:1], turns, max_new_tokens=4)
+
+
+def test_chat_session_keeps_its_cache_and_replies_like_the_whole_conversation(t2i):
+    """Turn after turn, the session's reply equals chat_reply over the full history, while the LLM runs only the
+    new tokens: after the first turn, far fewer prompt tokens than the conversation (image tokens included)."""
+    px = smooth_images(1, 16, 32, seed=3)
+    session = ChatSession(t2i.model, t2i.text, px[0])
+    turns = []
+    for message in ("what is it", "and the colour", "say it again"):
+        turns.append(first_user_turn(message) if not turns else {"from": "human", "value": message})
+        expect = chat_reply(t2i.model, t2i.text, px[0], turns, max_new_tokens=5)
+        before = session.prefilled
+        assert session.reply(message, max_new_tokens=5) == expect
+        turns.append({"from": "gpt", "value": expect})
+        new = session.prefilled - before
+        if len(turns) > 2:
+            full = len(session.cached) - 5  # the conversation's prompt, at least
+            assert new < full - t2i.cfg.num_image_tokens, (new, full)
+    assert session.turns == turns
+    cache = session.stream.cache
+    assert cache.get_seq_length() == len(session.cached)
+    assert _crop(cache, len(session.cached) - 3) and cache.get_seq_length() == len(session.cached) - 3
 
 
 def test_caption_chat_reconstruct_cli(ckpts, images, capsys, monkeypatch, tmp_path):
