@@ -115,7 +115,7 @@ def evaluate_batch(model, text, batch, tasks, reader, device, max_new_tokens) ->
         return recs, hist, pics
     if "recon" in tasks:
         tok = model.tokenizer
-        q = tok.encode(pixels)
+        q = tok.encode(pixels, losses=False)
         recon = tok.decode(q.z_q).float().clamp(-1, 1)
         hist += M.histogram(q.indices.cpu(), tok.cfg.codebook_size)
         for r, p, s in zip(recs, M.psnr(recon, pixels).tolist(), M.ssim(recon.cpu(), pixels.cpu()).tolist()):

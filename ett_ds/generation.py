@@ -95,7 +95,7 @@ def decode_tokens(model: ETTModel, text: TextTokenizer, prompt_ids: torch.Tensor
                   generator: torch.Generator | None = None) -> torch.Tensor:
     """(B, T) new token ids (eos-filled after a row's eos). prompt_ids: (B, L), the same layout in every row, with
     one image's placeholders per row; call under ``no_grad``."""
-    q = model.tokenizer.encode(pixels)
+    q = model.tokenizer.encode(pixels, losses=False)
     embeds = model.embed_inputs(prompt_ids, model.visual_tokens(q.z_q, q.indices))
     return _sample_text(model, text, _Stream(model, embeds), max_new_tokens, temperature, top_k, top_p,
                         generator)[0]
@@ -206,7 +206,7 @@ class ChatSession:
         full = chat_prompt(self.model, self.text, turns)
         with _eval(self.model):
             if self.visual is None:
-                q = self.model.tokenizer.encode(self.pixels)
+                q = self.model.tokenizer.encode(self.pixels, losses=False)
                 self.visual = self.model.visual_tokens(q.z_q, q.indices)
             keep = 0
             for a, b in zip(self.cached, full[:-1]):  # at least one new position, to read the next token from

@@ -446,7 +446,7 @@ def recon_by_arm(path: Path, ckpts: dict, heldout: Path, n: int = 6) -> None:
             rows.append(first), labels.append("input")
         with torch.no_grad():
             tok = m.model.tokenizer
-            rows.append(tok.decode(tok.encode(first).z_q).float().clamp(-1, 1))
+            rows.append(tok.decode(tok.encode(first, losses=False).z_q).float().clamp(-1, 1))
         labels.append(name)
         del m
     save_grid(rows, path, labels=labels, scale=2)

@@ -47,6 +47,17 @@ def test_quantizer_matches_literal_one_hot_reference_values_and_gradients():
     assert out.indices.shape == (2, 3, 5) and out.indices.dtype == torch.long
 
 
+def test_encoding_without_losses_gives_the_same_codes_and_embeddings():
+    """losses=False (frozen tokenizer, inference) skips the softmax and entropy; codes and z_q are unchanged."""
+    torch.manual_seed(0)
+    tok = VisionTokenizer(TINY).eval()
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        full, fast = tok.encode(x), tok.encode(x, losses=False)
+    assert torch.equal(full.indices, fast.indices) and torch.equal(full.z_q, fast.z_q)
+    assert full.quant_loss is not None and fast.quant_loss is None and fast.entropy_loss is None
+
+
 def test_gradient_reaches_every_code_through_the_soft_path():
     torch.manual_seed(0)
     q = IBQuantizer(32, 8)

@@ -85,8 +85,8 @@ class ETTModel(nn.Module):
     def encode_images(self, pixels: torch.Tensor):
         if self.tokenizer_trains:
             return self.tokenizer.encode(pixels)
-        with torch.no_grad():
-            return self.tokenizer.encode(pixels)
+        with torch.no_grad():  # frozen tokenizer: only codes and embeddings, no quantizer losses
+            return self.tokenizer.encode(pixels, losses=False)
 
     def visual_tokens(self, z_q: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         """(B, D, h, w) codebook embeddings or (B, h, w) codes -> (B, h*w, hidden) LLM inputs."""

@@ -177,8 +177,8 @@ class Decoder(nn.Module):
 class QuantOutput:
     z_q: torch.Tensor  # (B, D, h, w) straight-through codebook embeddings (what the decoder and the LLM read)
     indices: torch.Tensor  # (B, h, w) int64
-    quant_loss: torch.Tensor  # double quantization loss (scalar)
-    entropy_loss: torch.Tensor  # sample entropy - batch entropy (scalar)
+    quant_loss: torch.Tensor | None  # double quantization loss (scalar); None from ``encode(losses=False)``
+    entropy_loss: torch.Tensor | None  # sample entropy - batch entropy (scalar); None likewise
 
 
 def entropy_loss(logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -229,26 +229,32 @@ class IBQuantizer(nn.Module):
         else:
             nn.init.normal_(self.embedding.weight, 0.0, init_std)
 
-    def forward(self, z: torch.Tensor) -> tuple:
+    def forward(self, z: torch.Tensor, losses: bool = True) -> tuple:
         """Returns (z_q, indices, quant_loss, entropy_loss) as a plain tuple: ZeRO-3's backward hooks only see
-        tensors inside tuples/lists/dicts, so a module must not return a dataclass. ``quantize()`` wraps it."""
+        tensors inside tuples/lists/dicts, so a module must not return a dataclass. ``quantize()`` wraps it.
+
+        ``losses=False`` (a frozen tokenizer, inference) computes only the argmax and the gathered codes: no K-wide
+        softmax, no entropy, no straight-through path, and the two losses come back as None."""
         b, d, h, w = z.shape
         with torch.autocast(device_type=z.device.type, enabled=False):
             zf = z.float().permute(0, 2, 3, 1).reshape(-1, d)
             codebook = self.embedding.weight.float()
             logits = zf @ codebook.t()
-            soft = logits.softmax(-1)
             idx = logits.argmax(-1)
             z_hard = F.embedding(idx, codebook)
-            z_q = z_hard + _SoftPath.apply(soft, codebook.detach())
-            quant_loss = (F.mse_loss(z_q, zf) + F.mse_loss(z_hard.detach(), zf)
-                          + self.beta * F.mse_loss(z_hard, zf.detach()))
-            ent = entropy_loss(logits, self.temperature)
+            if losses:
+                soft = logits.softmax(-1)
+                z_q = z_hard + _SoftPath.apply(soft, codebook.detach())
+                quant_loss = (F.mse_loss(z_q, zf) + F.mse_loss(z_hard.detach(), zf)
+                              + self.beta * F.mse_loss(z_hard, zf.detach()))
+                ent = entropy_loss(logits, self.temperature)
+            else:
+                z_q, quant_loss, ent = z_hard, None, None
         z_q = z_q.reshape(b, h, w, d).permute(0, 3, 1, 2).contiguous()
         return z_q, idx.reshape(b, h, w), quant_loss, ent
 
-    def quantize(self, z: torch.Tensor) -> QuantOutput:
-        return QuantOutput(*self(z))
+    def quantize(self, z: torch.Tensor, losses: bool = True) -> QuantOutput:
+        return QuantOutput(*self(z, losses))
 
     def lookup(self, indices: torch.Tensor) -> torch.Tensor:
         """Codebook embeddings (..., D) for integer codes."""
@@ -272,8 +278,9 @@ class VisionTokenizer(nn.Module):
     def downsample(self) -> int:
         return 2 ** (len(self.cfg.ch_mult) - 1)
 
-    def encode(self, pixels: torch.Tensor) -> QuantOutput:
-        return self.quantize.quantize(self.quant_conv(self.encoder(pixels)))
+    def encode(self, pixels: torch.Tensor, losses: bool = True) -> QuantOutput:
+        """``losses=False`` skips what only training needs (see :meth:`IBQuantizer.forward`)."""
+        return self.quantize.quantize(self.quant_conv(self.encoder(pixels)), losses)
 
     def decode(self, z_q: torch.Tensor) -> torch.Tensor:
         with torch.autocast(device_type=z_q.device.type, enabled=False):
@@ -285,5 +292,5 @@ class VisionTokenizer(nn.Module):
 
     def forward(self, pixels: torch.Tensor):
         """(reconstruction, indices): the autoencoder round trip."""
-        q = self.encode(pixels)
+        q = self.encode(pixels, losses=torch.is_grad_enabled())
         return self.decode(q.z_q), q.indices
