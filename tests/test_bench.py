@@ -75,3 +75,12 @@ def test_loader_bench_prints_both_ratios(content):
     summary = rows[-1]["summary"]
     assert set(summary) == {"loader_ratio_full_decode", "loader_ratio_jpeg_draft", "shard_ratio"}
     assert all(v > 0 for v in summary.values())
+
+
+def test_quantizer_bench_prints_its_ratio():
+    rc, out, err = run_group([sys.executable, str(REPO / "bench" / "quantizer_bench.py"), "--codebook", "64",
+                              "--dim", "8", "--tokens", "4", "--repeats", "1", "--device", "cpu"], 60, cwd=REPO,
+                             env=subprocess_env(OMP_NUM_THREADS="1"))
+    assert rc == 0, err[-2000:]
+    row = json.loads(out.strip().splitlines()[-1])
+    assert row["bench"] == "ibq_no_grad" and row["with_losses_ms"] > 0 and row["losses_false_ms"] > 0
