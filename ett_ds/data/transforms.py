@@ -54,7 +54,7 @@ def image_to_uint8(img: Image.Image, size: tuple[int, int] = (256, 256), train: 
         img = img.resize((W, H), Image.Resampling.BICUBIC, box=box, reducing_gap=3.0)
     elif (left, top, nw, nh) != (0, 0, W, H):
         img = img.crop((left, top, left + W, top + H))
-    return torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1).contiguous()
+    return torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1)  # a view: collate's stack copies once
 
 
 def to_unit_range(t: torch.Tensor) -> torch.Tensor:
