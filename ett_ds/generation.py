@@ -90,13 +90,18 @@ def _need_llm(model: ETTModel) -> None:
 
 
 # -- text ----------------------------------------------------------------------------------------------------------
+def _image_tokens(model: ETTModel, pixels: torch.Tensor) -> torch.Tensor:
+    """(B, 3, H, W) pixels -> (B, N, hidden) LLM inputs through the frozen tokenizer (no quantizer losses)."""
+    q = model.tokenizer.encode(pixels, losses=False)
+    return model.visual_tokens(q.z_q, q.indices)
+
+
 def decode_tokens(model: ETTModel, text: TextTokenizer, prompt_ids: torch.Tensor, pixels: torch.Tensor,
                   max_new_tokens: int, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
                   generator: torch.Generator | None = None) -> torch.Tensor:
     """(B, T) new token ids (eos-filled after a row's eos). prompt_ids: (B, L), the same layout in every row, with
     one image's placeholders per row; call under ``no_grad``."""
-    q = model.tokenizer.encode(pixels, losses=False)
-    embeds = model.embed_inputs(prompt_ids, model.visual_tokens(q.z_q, q.indices))
+    embeds = model.embed_inputs(prompt_ids, _image_tokens(model, pixels))
     return _sample_text(model, text, _Stream(model, embeds), max_new_tokens, temperature, top_k, top_p,
                         generator)[0]
 
@@ -206,8 +211,7 @@ class ChatSession:
         full = chat_prompt(self.model, self.text, turns)
         with _eval(self.model):
             if self.visual is None:
-                q = self.model.tokenizer.encode(self.pixels, losses=False)
-                self.visual = self.model.visual_tokens(q.z_q, q.indices)
+                self.visual = _image_tokens(self.model, self.pixels)
             keep = 0
             for a, b in zip(self.cached, full[:-1]):  # at least one new position, to read the next token from
                 if a != b:
