@@ -25,7 +25,8 @@
 #   ETT_LAUNCH_MODE       local | srun | pdsh (overridden by --mode)
 #   ETT_LAUNCH_DIR        where the hostfile and worker environment file go
 #   ETT_EXPORT_VARS       extra variable names (space or comma separated) the workers must receive in pdsh mode
-#   MASTER_PORT           rendezvous port (default in SLURM: 20000 + job id % 20000, as ett_ds.engine.dist)
+#   MASTER_PORT           rendezvous port (default in SLURM: 20000 + job id % 20000, as ett_ds.engine.dist;
+#                         on one machine outside SLURM: a free port, never a fixed one)
 #   OMP_NUM_THREADS       default max(1, cores / processes per node); the deepspeed launcher leaves it unset
 set -euo pipefail
 
@@ -134,6 +135,24 @@ master_port() {
     fi
 }
 
+# A TCP port nobody listens on, asked from the kernel (bind to port 0); used on one machine when MASTER_PORT is
+# unset, so two local jobs (or a test beside a training) never both take DeepSpeed's default 29500.
+free_port() {
+    local py
+    for py in python3 python; do
+        if command -v "$py" >/dev/null 2>&1; then
+            "$py" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])' \
+                && return 0
+        fi
+    done
+    local port tries
+    for tries in $(seq 1 50); do  # no python: probe random ports until one refuses a connection
+        port=$(( 20000 + RANDOM % 30000 ))
+        (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null || { echo "$port"; return 0; }
+    done
+    return 1
+}
+
 show_cmd() {
     local line="+"
     local word
@@ -155,6 +174,8 @@ trainer=(--module ett_ds.train --config "$recipe" "${overrides[@]}")
 # ---------------------------------------------------------------------------------------------- one machine
 if [ "$mode" = local ]; then
     port="$(master_port)"
+    # Outside SLURM (or without a numeric job id) a free port replaces DeepSpeed's fixed default 29500.
+    [ -n "$port" ] || port="$(free_port)" || die "could not find a free TCP port; set MASTER_PORT"
     launcher=(deepspeed)
     if [ "$n_gpus" -gt 0 ]; then
         nprocs="${ETT_NUM_PROCS:-$n_gpus}"

@@ -115,8 +115,28 @@ def test_cpu_dry_run_sets_procs_and_threads(sandbox):
     cmd_env, argv = only_command(train_sh(sandbox, sandbox["recipe"], "optim.lr=1e-4", "--dry-run", env=env))
     threads = max(1, len(os.sched_getaffinity(0)) // 2)
     assert cmd_env == {"PYTHONPATH": str(REPO), "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": str(threads)}
-    assert argv == ["deepspeed", "--num_gpus", "2", "--module", "ett_ds.train", "--config", sandbox["recipe"],
-                    "optim.lr=1e-4"]
+    assert argv[:3] == ["deepspeed", "--num_gpus", "2"] and argv[3] == "--master_port"
+    assert argv[5:] == ["--module", "ett_ds.train", "--config", sandbox["recipe"], "optim.lr=1e-4"]
+
+
+def test_local_run_without_master_port_takes_a_free_port_not_29500(sandbox, ds_parse):
+    """Two local jobs on one machine (or a test beside a training) must not both bind DeepSpeed's default 29500."""
+    import socket
+    env = dict(sandbox["env"], ETT_NUM_PROCS="2", CUDA_VISIBLE_DEVICES="")
+    with socket.socket() as busy:  # whoever holds 29500 now, nothing may depend on it being free
+        try:
+            busy.bind(("127.0.0.1", 29500))
+            busy.listen()
+        except OSError:
+            pass
+        ports = []
+        for _ in range(2):
+            _, argv = only_command(train_sh(sandbox, sandbox["recipe"], "--dry-run", env=env))
+            ports.append(int(ds_parse(argv[1:]).master_port))
+    assert 29500 not in ports and all(1024 <= p < 65536 for p in ports), ports
+    for port in ports:  # free when chosen: binding it here works
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", port))
 
 
 def test_cpu_defaults_to_one_process_and_keeps_user_threads(sandbox):
