@@ -156,7 +156,7 @@ def _load_checkpoint(model: ETTModel, folder: Path) -> None:
 
 
 def _load_export(model: ETTModel, folder: Path) -> None:
-    from safetensors.torch import load_file
+    from .weights import read_safetensors
     load_tokenizer_weights(model.tokenizer, folder / "tokenizer.safetensors", use_ema=False)
     for part in EXTRA_PARTS:
         module = getattr(model, part)
@@ -165,7 +165,7 @@ def _load_export(model: ETTModel, folder: Path) -> None:
         f = folder / f"{part}.safetensors"
         if not f.is_file():
             raise CheckpointError(f"{folder}: {f.name} is missing (the config's stage has a {part})")
-        sd = load_file(str(f))
+        sd = read_safetensors(f)
         own = module.state_dict()
         if set(sd) != set(own) or any(tuple(sd[k].shape) != tuple(own[k].shape) for k in own):
             raise CheckpointError(f"{f}: tensors do not match the config's {part}")

@@ -7,6 +7,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import asdict
 from pathlib import Path
@@ -20,16 +21,55 @@ from .models.llm import gathered
 TOKENIZER_EMA = "tokenizer_ema.safetensors"
 
 
+class _TorchReadingSafely:
+    """``torch`` as DeepSpeed's zero_to_fp32 sees it inside :func:`_zero_to_fp32_reads_safely`: the same module
+    except that ``load`` is :func:`ett_ds.engine.checkpoint.safe_load` (weights_only=True, allow-listed types)."""
+
+    def __init__(self, real):
+        self._real = real
+
+    def __getattr__(self, name):
+        return getattr(self._real, name)
+
+    @staticmethod
+    def load(f, map_location=None, **_ignored):
+        from .engine.checkpoint import safe_load
+        return safe_load(f, map_location=map_location or "cpu")
+
+
+@contextlib.contextmanager
+def _zero_to_fp32_reads_safely():
+    """DeepSpeed's zero_to_fp32 merges the ZeRO shards but reads them with ``torch.load(weights_only=False)``,
+    which runs whatever a pickled object asks for. While this is active its module-level ``torch`` reads safely."""
+    import deepspeed.utils.zero_to_fp32 as z
+    real = z.torch
+    z.torch = _TorchReadingSafely(real)
+    try:
+        yield
+    finally:
+        z.torch = real
+
+
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """A safetensors file's tensors; a damaged file is a one-line CheckpointError naming it."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({str(e).splitlines()[0]})") from None
+
+
 def consolidated_state_dict(folder: Path) -> dict[str, torch.Tensor]:
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
     folder = Path(folder)
     if not (folder / "complete").is_file():
         raise CheckpointError(f"{folder} is not a complete ett_ds checkpoint step folder")
-    sd = get_fp32_state_dict_from_zero_checkpoint(str(folder.parent), tag=folder.name)
+    with _zero_to_fp32_reads_safely():
+        sd = get_fp32_state_dict_from_zero_checkpoint(str(folder.parent), tag=folder.name)
     ema = folder / TOKENIZER_EMA
     if ema.is_file():
-        from safetensors.torch import load_file
-        sd.update({f"tokenizer.{k}": v for k, v in load_file(str(ema)).items()})
+        sd.update({f"tokenizer.{k}": v for k, v in read_safetensors(ema).items()})
     return sd
 
 

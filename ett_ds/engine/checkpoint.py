@@ -3,17 +3,25 @@
 ``RUN/checkpoints/step_00000100/`` = DeepSpeed's sharded engine state (all ranks call save) + ``extra_rank{r}.pt``
 (discriminator, EMA shard, RNG states, per rank) + ``trainer_state.json`` and ``config.yaml`` (rank 0) + a
 ``complete`` marker written last. Only folders with the marker count; the newest ``keep_last`` are kept.
+
+Nothing read from a checkpoint can run code: every ``.pt`` file (ours and DeepSpeed's, on resume too) is read with
+``torch.load(weights_only=True)`` through :func:`safe_load`, which allows tensors, plain containers and numbers plus
+the few DeepSpeed/numpy types listed in :func:`allowed_globals`. A file that pickles anything else (e.g. an object
+whose ``__reduce__`` calls ``os.system``) is refused with a one-line :class:`CheckpointError` naming the file.
 """
 from __future__ import annotations
 
 import json
+import pickle
 import random
+import re
 import shutil
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from ..models.ibq_checkpoint import CheckpointError
 from . import dist
 
 MARKER = "complete"
@@ -21,6 +29,46 @@ MARKER = "complete"
 
 class ResumeError(RuntimeError):
     pass
+
+
+def allowed_globals() -> list:
+    """Types a weights_only load may rebuild besides tensors and plain data: what DeepSpeed's ZeRO optimizer state
+    pickles (its stage enum and loss-scaler objects, rebuilt from their attribute dicts without running code) and
+    numpy arrays (RNG states of checkpoints written before they were stored as tensors)."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    out = [ZeroStageEnum, LossScaler, DynamicLossScaler, np.ndarray, np.dtype, type(np.dtype(np.uint32)),
+           type(np.dtype(np.float64))]
+    try:
+        from numpy._core.multiarray import _reconstruct
+    except ImportError:  # numpy < 2
+        from numpy.core.multiarray import _reconstruct
+    return out + [_reconstruct]
+
+
+def safe_load(path, map_location="cpu", **_ignored):
+    """``torch.load(path, weights_only=True)`` with :func:`allowed_globals`; anything else is refused (one line,
+    naming the file). Extra keyword arguments (DeepSpeed passes ``weights_only=False``) are ignored."""
+    path = str(path)
+    try:
+        with torch.serialization.safe_globals(allowed_globals()):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        found = re.search(r"GLOBAL (\S+)", str(e))
+        what = f"'{found.group(1)}'" if found else "a Python object"
+        raise CheckpointError(f"{path}: refused to load: it pickles {what}, which is not a tensor or plain data "
+                              "(loading it could run code)") from None
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: missing") from None
+    except (RuntimeError, OSError, EOFError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path}: not a readable PyTorch file ({first})") from None
+
+
+def make_loads_safe(engine) -> None:
+    """Route every file DeepSpeed's ``engine.load_checkpoint`` reads (model and optimizer states) through
+    :func:`safe_load` instead of its ``torch.load(weights_only=False)``."""
+    engine.checkpoint_engine.load = safe_load
 
 
 def step_dirs(ckpt_root: Path) -> list[Path]:
@@ -36,7 +84,11 @@ def latest(ckpt_root: Path) -> Path | None:
 
 
 def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """RNG states as tensors and plain data only (loadable with weights_only=True)."""
+    name, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)
+    numpy_state = {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                   "has_gauss": int(has_gauss), "cached_gaussian": float(cached)}
+    state = {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
@@ -44,7 +96,10 @@ def rng_state() -> dict:
 
 def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    n = state["numpy"]
+    if isinstance(n, dict):
+        n = (n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"])
+    np.random.set_state(n)
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
@@ -95,9 +150,10 @@ def load(engine, folder: Path, load_optimizer: bool = True) -> tuple[dict, dict]
     """Collective. Restores the engine (and optimizer/scheduler); returns (trainer_state, this rank's extra)."""
     state = read_trainer_state(folder)
     check_world_size(folder, state)
+    make_loads_safe(engine)
     path, _ = engine.load_checkpoint(str(folder.parent), tag=folder.name, load_optimizer_states=load_optimizer,
                                      load_lr_scheduler_states=load_optimizer)
     if path is None:
         raise ResumeError(f"DeepSpeed could not load {folder}")
-    extra = torch.load(folder / f"extra_rank{dist.rank()}.pt", map_location="cpu", weights_only=False)
+    extra = safe_load(folder / f"extra_rank{dist.rank()}.pt")
     return state, extra

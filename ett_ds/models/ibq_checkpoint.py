@@ -63,8 +63,12 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise CheckpointError(f"tokenizer checkpoint not found: {path}")
     if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
-        return load_file(str(path))
+        try:
+            return load_file(str(path))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise CheckpointError(f"{path}: not a readable safetensors file ({str(e).splitlines()[0]})") from None
     if not zipfile.is_zipfile(path):
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint (expected a torch.save zip archive)")
     try:
