@@ -56,6 +56,8 @@ class TokenizerConfig:
     "Weight of the codebook term in the double quantization loss (IBQ's placement)."
     entropy_temperature: float = 0.01
     "Softmax temperature of the entropy loss."
+    quantizer_chunk_tokens: int | None = None
+    "Tokens per chunk of the quantizer's K-wide logits/softmax/entropy (recomputed in backward); None: from a 256 MiB budget (128 at K = 131,072)."
     checkpoint: str | None = None
     "Local path to a tokenizer to start from: a SEED-Voken IBQ Lightning .ckpt, or an ett_ds export's tokenizer.safetensors."
     checkpoint_config: str | None = None

@@ -42,6 +42,69 @@ def test_caption_loss_ignores_masked_positions_and_is_log_k_for_uniform_logits()
     assert all_masked.item() == 0.0 and all_masked.requires_grad
 
 
+def _rel_close(actual, expected, rel=1e-5):
+    tol = rel * (expected.abs() + expected.abs().max())
+    assert ((actual - expected).abs() <= tol).all(), float(((actual - expected).abs() / tol).max())
+
+
+def _head_case(n=37, width=24, k=500, seed=0):
+    torch.manual_seed(seed)
+    head = torch.nn.Linear(width, k, bias=False)
+    hidden = torch.randn(n, width) * 2
+    targets = torch.randint(0, k, (n,))
+    targets[::5] = losses.IGNORE
+    return head, hidden, targets
+
+
+@pytest.mark.parametrize("chunk", [1, 6, 1000])
+def test_chunked_linear_cross_entropy_equals_caption_loss_of_full_logits(chunk):
+    """Issue 12: the chunked head loss (logits never all at once) has the value and, in fp32, the gradients
+    (w.r.t. the hidden states and the head weight) of caption_loss(head(hidden)) within 1e-5 relative."""
+    head, hidden, targets = _head_case()
+    h1, h2 = hidden.clone().requires_grad_(True), hidden.clone().requires_grad_(True)
+    w = head.weight.detach().clone().requires_grad_(True)
+    loss = losses.linear_cross_entropy(h1, w, targets, chunk)
+    ref = losses.caption_loss(head(h2), targets)
+    torch.testing.assert_close(loss, ref, rtol=1e-6, atol=0)
+    (1.7 * loss).backward()
+    (1.7 * ref).backward()
+    _rel_close(h1.grad, h2.grad)
+    _rel_close(w.grad, head.weight.grad)
+
+
+@pytest.mark.parametrize("chunks", [1, 4, 40])
+def test_head_caption_loss_calls_the_module_per_chunk_with_the_same_values_and_gradients(chunks):
+    head, hidden, targets = _head_case(seed=1)
+    calls = []
+    head.register_forward_pre_hook(lambda m, a: calls.append(a[0].shape[0]))
+    h1, h2 = hidden.clone().requires_grad_(True), hidden.clone().requires_grad_(True)
+    loss = losses.head_caption_loss(head, h1, targets, chunks)
+    n_forward = len(calls)
+    loss.backward()
+    w_grad, head.weight.grad = head.weight.grad.clone(), None
+    ref = losses.caption_loss(head(h2), targets)
+    ref.backward()
+    torch.testing.assert_close(loss, ref, rtol=1e-6, atol=0)
+    _rel_close(h1.grad, h2.grad)
+    _rel_close(w_grad, head.weight.grad)
+    assert n_forward == chunks and max(calls[:chunks]) <= -(-len(hidden) // chunks)
+
+
+def test_chunked_head_losses_under_bf16_autocast_and_with_every_target_ignored():
+    head, hidden, targets = _head_case(seed=2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = losses.caption_loss(head(hidden), targets)
+        chunked = losses.linear_cross_entropy(hidden, head.weight, targets, 5)
+        pieces = losses.head_caption_loss(head, hidden, targets, 3)
+    torch.testing.assert_close(chunked, ref, rtol=1e-5, atol=1e-5)  # the same bf16 logits, upcast, per chunk
+    torch.testing.assert_close(pieces, ref, rtol=1e-5, atol=1e-5)
+    h = hidden.clone().requires_grad_(True)
+    none = losses.linear_cross_entropy(h, head.weight, torch.full_like(targets, losses.IGNORE), 4)
+    assert none.item() == 0.0
+    none.backward()
+    assert h.grad is not None and not h.grad.any()
+
+
 def test_l1_hand_computed():
     assert losses.l1_loss(torch.tensor([1.0, -1.0]), torch.tensor([0.5, 0.0])).item() == pytest.approx(0.75)
 
@@ -88,3 +151,34 @@ def test_perceptual_loss_from_local_weights_only(tmp_path):
     v.backward()
     assert v.item() > 0 and y.grad.abs().sum() > 0
     assert all(not p.requires_grad for p in loss.parameters())
+
+
+def test_ett_visual_head_loss_equals_the_unchunked_head_and_lm_head_chunks_from_the_shape():
+    """ETTModel.generation_loss (t2i) through the chunked CodeHead equals caption_loss of the full logits as before."""
+    from ett_ds.config import load_config
+    from ett_ds.models.ett import CodeHead, ETTModel
+    from tests.tiny import SHRINK
+    cfg = load_config("tiny", [*SHRINK, "stage=t2i", "model.llm.text_tokenizer=null"])
+    torch.manual_seed(0)
+    model = ETTModel(cfg, vocab_size=600, image_token_id=7)
+    assert isinstance(model.visual_head, CodeHead) and isinstance(model.visual_head, torch.nn.Linear)
+    b, n_img, length, hid = 3, 8, 20, model.visual_head.in_features
+    input_ids = torch.randint(10, 600, (b, length))
+    input_ids[:, 5:5 + n_img] = 7
+    indices = torch.randint(0, cfg.model.tokenizer.codebook_size, (b, 2, 4))
+    gen_mask = torch.tensor([1, 0, 1])
+    h1 = torch.randn(b, length - 1, hid, requires_grad=True)
+    h2 = h1.detach().clone().requires_grad_(True)
+    model.visual_head.chunk_tokens = 3
+    loss = model.generation_loss(h1, input_ids, indices, gen_mask)
+    is_img = (input_ids[:, 1:] == 7) & gen_mask.view(-1, 1).bool()
+    ref = losses.caption_loss(torch.nn.functional.linear(h2[is_img], model.visual_head.weight),
+                              indices.flatten(1)[gen_mask.bool()].reshape(-1))
+    torch.testing.assert_close(loss, ref, rtol=1e-6, atol=0)
+    loss.backward()
+    w_grad, model.visual_head.weight.grad = model.visual_head.weight.grad.clone(), None
+    ref.backward()
+    _rel_close(h1.grad, h2.grad)
+    _rel_close(w_grad, model.visual_head.weight.grad)
+    assert model.lm_head_chunks(h1) == 1  # the tiny vocabulary's logits fit: no recomputation
+    assert model.lm_head_chunks(torch.empty(10 ** 4, 10 ** 3, 1)) > 1

@@ -20,6 +20,7 @@ import torch.nn as nn
 
 from ..config import Config
 from . import losses
+from .chunked import auto_chunk_tokens
 from .llm import base_model, build_llm, hidden_size, resize_for_vocab
 from .projector import MLPProjector
 from .vq import VisionTokenizer
@@ -43,6 +44,19 @@ STAGE_SPECS = {
 }
 
 
+class CodeHead(nn.Linear):
+    """The K-way visual-code head: an ``nn.Linear`` (same ``weight``, logits from ``head(h)``) whose call with
+    targets returns the mean cross-entropy chunk by chunk (``losses.linear_cross_entropy``), so the N x K logits never
+    exist at once. The loss runs inside the module's own call, where ZeRO-3 has gathered the weight."""
+
+    chunk_tokens: int | None = None  # rows per chunk; None: from the memory budget (chunked.auto_chunk_tokens)
+
+    def forward(self, x: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
+        if targets is None:
+            return super().forward(x)
+        return losses.linear_cross_entropy(x, self.weight, targets, self.chunk_tokens)
+
+
 class ETTModel(nn.Module):
     def __init__(self, cfg: Config, vocab_size: int | None = None, image_token_id: int | None = None):
         super().__init__()
@@ -63,7 +77,7 @@ class ETTModel(nn.Module):
                 self.index_embed = nn.Embedding(tcfg.codebook_size, h)
                 nn.init.normal_(self.index_embed.weight, std=0.02)
             if self.spec.generate:
-                self.visual_head = nn.Linear(h, tcfg.codebook_size, bias=False)
+                self.visual_head = CodeHead(h, tcfg.codebook_size, bias=False)
                 nn.init.normal_(self.visual_head.weight, std=0.02)
         self.set_trainable()
 
@@ -127,20 +141,26 @@ class ETTModel(nn.Module):
         hidden = self.llm_hidden(self.embed_inputs(input_ids, visual), attention_mask)
         h_prev, targets = hidden[:, :-1], labels[:, 1:]
         keep = targets != losses.IGNORE
-        logits = self.llm.get_output_embeddings()(h_prev[keep])
-        out["loss_cap"] = losses.caption_loss(logits, targets[keep])
+        out["loss_cap"] = losses.head_caption_loss(self.llm.get_output_embeddings(), h_prev[keep], targets[keep],
+                                                   self.lm_head_chunks(h_prev))
         out["num_caption_tokens"] = keep.sum()
         if self.visual_head is not None:
             out["loss_t2i"] = self.generation_loss(h_prev, input_ids, q.indices, gen_mask)
         return out
+
+    def lm_head_chunks(self, h_prev: torch.Tensor) -> int:
+        """Pieces the LM head's loss runs in: from the static shape (B x (L-1) positions could be captions), so the
+        number of head calls is the same every step; 1 (no recomputation) when all the logits fit the budget."""
+        vocab = self.llm.get_output_embeddings().out_features
+        return -(-(h_prev.shape[0] * h_prev.shape[1]) // auto_chunk_tokens(vocab, copies=5))
 
     def generation_loss(self, h_prev, input_ids, indices, gen_mask) -> torch.Tensor:
         """CE of the visual head at the positions just before each image token of generation samples."""
         is_img = input_ids[:, 1:] == self.image_token_id  # aligned with h_prev: position t predicts token t+1
         if gen_mask is not None:
             is_img = is_img & gen_mask.view(-1, 1).bool()
-        logits = self.visual_head(h_prev[is_img])
+        hidden = h_prev[is_img]
         sel = gen_mask.bool() if gen_mask is not None else torch.ones(len(indices), dtype=torch.bool,
                                                                          device=indices.device)
         targets = indices.flatten(1)[sel].reshape(-1)
-        return losses.caption_loss(logits, targets)
+        return self.visual_head(hidden, targets)  # chunked: the N x K logits never exist at once

@@ -5,7 +5,8 @@ Module and parameter names follow taming-transformers / SEED-Voken's IBQ (``enco
 
 Precision: the decoder is the reconstruction head and stays in fp32. It is built from ``FP32Conv2d`` (a subclass
 that DeepSpeed's torch_autocast does not treat as a bf16-safe module) and runs with autocast disabled on an fp32
-input. The quantizer's logits/softmax/entropy run in fp32 whatever the surrounding precision.
+input. The quantizer's logits/softmax/entropy run in fp32 whatever the surrounding precision, over token chunks
+(``chunked.py``).
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..config import TokenizerConfig
+from .chunked import IBQChunked, auto_chunk_tokens, chunked_argmax
 
 
 class FP32Conv2d(nn.Conv2d):
@@ -182,30 +184,15 @@ class QuantOutput:
 
 
 def entropy_loss(logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """MAGVIT-v2 entropy loss: mean per-sample entropy minus the entropy of the batch-mean distribution."""
+    """MAGVIT-v2 entropy loss: mean per-sample entropy minus the entropy of the batch-mean distribution.
+
+    The formula of record; ``IBQuantizer`` computes the same value chunk by chunk (``chunked.IBQChunked``)."""
     logp = F.log_softmax(logits / temperature, dim=-1)
     p = logp.exp()
     sample_entropy = -(p * logp).sum(-1).mean()
     avg_p = p.mean(0)
     batch_entropy = -(avg_p * torch.log(avg_p.clamp_min(1e-12))).sum()
     return sample_entropy - batch_entropy
-
-
-class _SoftPath(torch.autograd.Function):
-    """``(soft - sg(soft)) @ E`` without the matmul: its value is exactly zero, its gradient w.r.t. soft is g @ E^T.
-
-    Saves an (N x K) @ (K x D) product (137 GFLOP at K = 131,072, 8 x 256 tokens) and an N x D temporary per step.
-    """
-
-    @staticmethod
-    def forward(ctx, soft, codebook):
-        ctx.save_for_backward(codebook)
-        return soft.new_zeros(soft.shape[0], codebook.shape[1])
-
-    @staticmethod
-    def backward(ctx, grad):
-        (codebook,) = ctx.saved_tensors
-        return grad @ codebook.t(), None
 
 
 class IBQuantizer(nn.Module):
@@ -215,14 +202,19 @@ class IBQuantizer(nn.Module):
     z_q = (hard - sg(soft) + soft) @ E. The product is evaluated without materialising the one-hot:
     ``E[idx] + (soft - sg(soft)) @ sg(E)`` has the same value and the same gradients (to E only through the
     selected rows, to the logits through the soft path), at the cost of one gather instead of a K-wide matmul; the
-    soft path's forward, identically zero, is not computed at all (``_SoftPath``).
+    soft path's forward, identically zero, is not computed at all.
+
+    The K-wide part (logits, argmax, soft path, entropy loss) runs over chunks of ``chunk_tokens`` tokens
+    (``chunked.IBQChunked``): no N x K tensor is kept for backward, each chunk's logits are recomputed there. None
+    picks the chunk from a memory budget (``chunked.auto_chunk_tokens``).
     """
 
     def __init__(self, codebook_size: int, code_dim: int, beta: float = 0.25, entropy_temperature: float = 0.01,
-                 init_std: float | None = None):
+                 init_std: float | None = None, chunk_tokens: int | None = None):
         super().__init__()
         self.codebook_size, self.code_dim = codebook_size, code_dim
         self.beta, self.temperature = beta, entropy_temperature
+        self.chunk_tokens = int(chunk_tokens) if chunk_tokens else auto_chunk_tokens(codebook_size)
         self.embedding = nn.Embedding(codebook_size, code_dim)
         if init_std is None:
             nn.init.uniform_(self.embedding.weight, -1.0 / codebook_size, 1.0 / codebook_size)
@@ -239,17 +231,15 @@ class IBQuantizer(nn.Module):
         with torch.autocast(device_type=z.device.type, enabled=False):
             zf = z.float().permute(0, 2, 3, 1).reshape(-1, d)
             codebook = self.embedding.weight.float()
-            logits = zf @ codebook.t()
-            idx = logits.argmax(-1)
-            z_hard = F.embedding(idx, codebook)
             if losses:
-                soft = logits.softmax(-1)
-                z_q = z_hard + _SoftPath.apply(soft, codebook.detach())
+                idx, soft, ent = IBQChunked.apply(zf, codebook, self.temperature, self.chunk_tokens)
+                z_hard = F.embedding(idx, codebook)
+                z_q = z_hard + soft
                 quant_loss = (F.mse_loss(z_q, zf) + F.mse_loss(z_hard.detach(), zf)
                               + self.beta * F.mse_loss(z_hard, zf.detach()))
-                ent = entropy_loss(logits, self.temperature)
             else:
-                z_q, quant_loss, ent = z_hard, None, None
+                idx = chunked_argmax(zf, codebook, self.chunk_tokens)
+                z_q, quant_loss, ent = F.embedding(idx, codebook), None, None
         z_q = z_q.reshape(b, h, w, d).permute(0, 3, 1, 2).contiguous()
         return z_q, idx.reshape(b, h, w), quant_loss, ent
 
@@ -272,7 +262,7 @@ class VisionTokenizer(nn.Module):
         self.quant_conv = nn.Conv2d(cfg.z_channels, cfg.code_dim, 1)
         self.post_quant_conv = FP32Conv2d(cfg.code_dim, cfg.z_channels, 1)
         self.quantize = IBQuantizer(cfg.codebook_size, cfg.code_dim, cfg.beta, cfg.entropy_temperature,
-                                    cfg.codebook_init_std)
+                                    cfg.codebook_init_std, cfg.quantizer_chunk_tokens)
 
     @property
     def downsample(self) -> int:
