@@ -197,7 +197,9 @@ class TrainConfig:
     save_every: int = 500
     "Steps between checkpoints (the last step is always saved)."
     keep_last: int = 2
-    "Checkpoints kept (older ones are deleted once a newer one is complete)."
+    "Checkpoints kept (older ones are deleted once a newer one is complete; the newest one known to be good, i.e. followed by a finite step, is never deleted)."
+    max_bad_steps: int = 5
+    "Steps in a row whose loss or gradient norm is not finite (each skipped: no update) before the run stops with an error."
     image_every: int = 0
     "Steps between image grids (input vs reconstruction, samples); 0 disables."
 
@@ -266,6 +268,7 @@ class Config:
         need(self.optim.schedule in ("cosine", "constant"), "optim.schedule: must be cosine or constant")
         need(self.train.max_steps > 0 and self.train.micro_batch_size > 0, "train: max_steps and micro_batch_size must be > 0")
         need(0 <= self.optim.warmup_ratio < 1, "optim.warmup_ratio: must be in [0, 1)")
+        need(self.train.max_bad_steps >= 1, "train.max_bad_steps: must be >= 1")
         return self
 
     @property

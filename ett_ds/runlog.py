@@ -68,7 +68,9 @@ class RunLog:
         if stats:
             self.data.update({k: int(v) for k, v in stats.items()})
 
-    def step(self, step: int, lrs: dict[str, float]) -> dict | None:
+    def step(self, step: int, lrs: dict[str, float], extra: dict | None = None) -> dict | None:
+        """Every rank, every step; on a logged step returns (and rank 0 writes) the row. ``extra``: host values
+        added to the row as they are (e.g. the count of skipped steps)."""
         if self.bar is not None:
             self.bar.update(1)
         if step % self.every and step != getattr(self.bar, "total", None):
@@ -98,6 +100,7 @@ class RunLog:
         row["codebook_perplexity"] = cb["perplexity"]
         if data:
             row["data"] = dict(data)
+        row.update(extra or {})
         row["time"] = time.time()
         self._reset()
         if self.enabled:

@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -28,6 +27,10 @@ from .models.ett import STAGE_SPECS, ETTModel
 from .models.ibq_checkpoint import CheckpointError, load_tokenizer_weights, tokenizer_config_from_ibq_yaml
 from .models.text import TextTokenizer
 from .runlog import RunLog
+
+
+class TrainingDiverged(RuntimeError):
+    """Too many non-finite steps in a row, or non-finite weights at a save: the run stops (one line, exit 2)."""
 
 
 def parse_args(argv):
@@ -93,6 +96,8 @@ class Trainer:
         if cfg.stage == "tokenizer" and cfg.train.ema_decay > 0:
             self.ema = ShardEMA(self.model.tokenizer.named_parameters(), cfg.train.ema_decay)
         self.step, self.segment, self.samples_seen = 0, 0, 0
+        self.bad_in_row = self.bad_total = 0  # steps whose update was skipped (non-finite loss or gradient norm)
+        self.unverified = None  # the newest checkpoint written or resumed, until a finite step follows it
         self.first_batch = None
         self.log = RunLog(self.run_dir, cfg.train.log_every, enabled=dist.is_rank0())
 
@@ -133,7 +138,20 @@ class Trainer:
         terms["loss"] = total
         return total, {k: v.detach().float() for k, v in terms.items()}
 
-    def train_step(self, it) -> None:
+    def train_step(self, it) -> bool:
+        """One optimizer step (``accum`` micro-batches). Returns whether the update was applied.
+
+        A step whose loss (any micro-batch, the discriminator's included) or gradient norm is not finite never
+        reaches the weights: the backward is seeded with ``finite_gate(loss)`` (1, or NaN when the loss is not
+        finite, computed on the device), so a bad loss makes the gradients NaN; DeepSpeed's ZeRO optimizer already
+        all-reduces the global gradient norm and skips the update when it is not finite, identically on every
+        rank. Its decision (``engine.was_step_applied()``) then also skips the discriminator's update (its
+        buffers, LeCAM anchors and BatchNorm statistics, are restored) and the EMA. No host synchronisation is
+        added: the only one is the one DeepSpeed's norm check makes anyway.
+        """
+        gan_buffers = None
+        if self.gan is not None:  # LeCAM anchors and BatchNorm statistics change in the forward: kept to restore
+            gan_buffers = {n: b.clone() for n, b in self.gan.named_buffers()}
         for _ in range(self.accum):
             batch = next(it)
             self.log.add_data_stats(batch.pop("data_stats", None))
@@ -142,19 +160,34 @@ class Trainer:
                 self.first_batch = batch
             out = self.engine(**{k: batch[k] for k in MODEL_INPUTS if k in batch})
             loss, terms = self.loss_terms(out, batch)
-            self.engine.backward(loss)
+            d = None
             if self.gan is not None:
                 d = self.gan.discriminator_loss(batch["pixels"], out["recon"], self.step)
-                self.gan.step(d["loss_d"], apply=self.engine.is_gradient_accumulation_boundary())
                 terms.update({k: v.detach().float() for k, v in d.items()})
+            gate = finite_gate(loss, d["loss_d"] if d is not None else None)
+            self.engine.backward(loss * gate)
+            if self.gan is not None:
+                self.gan.step(d["loss_d"] * gate, apply=False)
             self.engine.step()
             tokens = batch["attention_mask"].sum() if "attention_mask" in batch else None
             self.log.add(terms, out["indices"], self.cfg.model.tokenizer.codebook_size,
                          samples=batch["pixels"].shape[0], tokens=tokens)
+        applied = bool(self.engine.was_step_applied())  # a Python bool DeepSpeed set after its own norm check
+        if self.gan is not None:
+            self.gan.apply_step(skip=not applied)
+            if not applied:
+                for n, b in self.gan.named_buffers():
+                    b.copy_(gan_buffers[n])
         self.step += 1
         self.samples_seen += self.cfg.train.micro_batch_size * self.accum * self.world
-        if self.ema is not None:
-            self.ema.update()
+        if applied:
+            self.bad_in_row = 0
+            if self.ema is not None:
+                self.ema.update()
+        else:
+            self.bad_in_row += 1
+            self.bad_total += 1
+        return applied
 
     # -- checkpoints ---------------------------------------------------------------------------------------------
     def resume(self) -> None:
@@ -173,7 +206,22 @@ class Trainer:
             self.ema.load_state_dict(extra["ema"])
         ckpt.set_rng_state(extra["rng"])
         self.step, self.segment, self.samples_seen = state["step"], state["segment"], state["samples_seen"]
+        self.unverified = folder
         self.log.info(f"resumed from {folder} at step {self.step}")
+
+    def weights_finite(self) -> bool:
+        """Collective: every rank's shards (ZeRO partitions and fp32 masters), the discriminator and the EMA are
+        finite. One all-reduce and one host read per checkpoint, not per step."""
+        from .engine.ema import _shard
+        tensors = [_shard(p) for p in self.model.parameters()]
+        tensors += list(getattr(self.engine.optimizer, "fp32_partitioned_groups_flat", None) or [])
+        if self.gan is not None:
+            tensors += list(self.gan.parameters())
+        if self.ema is not None:
+            tensors += list(self.ema.shadow.values())
+        ok = torch.stack([torch.isfinite(t).all() for t in tensors if t is not None and t.numel()]).all()
+        bad = dist.all_reduce_sum((~ok).float().reshape(1).to(self.device))  # ranks with a non-finite shard
+        return bool(bad.item() == 0)
 
     def save(self) -> Path:
         extra = {}
@@ -183,8 +231,12 @@ class Trainer:
             extra["ema"] = self.ema.state_dict()
         self.segment += 1  # the data stream is reseeded after every save: a resume continues the same stream
         state = {"segment": self.segment, "samples_seen": self.samples_seen, "stage": self.cfg.stage}
+        if not self.weights_finite():
+            raise TrainingDiverged(f"weights are not finite at step {self.step}: no checkpoint written; newest "
+                                   f"checkpoint known to be good: {ckpt.newest_good(self.ckpt_root) or 'none'}")
         folder = ckpt.save(self.engine, self.ckpt_root, self.step, state, extra,
                            yaml.safe_dump(C.to_dict(self.cfg), sort_keys=False), self.cfg.train.keep_last)
+        self.unverified = folder
         if self.ema is not None:
             from .weights import save_tokenizer
             with self.ema.swapped():
@@ -225,21 +277,43 @@ class Trainer:
         it = iter(self.batches())
         last = None
         end = min(cfg.train.max_steps, cfg.train.stop_at or cfg.train.max_steps)
+        save_pending = False
         while self.step < end:
-            self.train_step(it)
+            applied = self.train_step(it)
+            if applied and self.unverified is not None:  # its weights just gave a finite loss and gradient norm
+                ckpt.mark_good(self.unverified)
+                self.unverified = None
             lrs = {g["ett_name"].split("/")[0]: g["lr"] for g in self.engine.optimizer.param_groups}
-            row = self.log.step(self.step, lrs)
+            row = self.log.step(self.step, lrs, extra={"skipped_steps": self.bad_total})
             if row is not None:
                 last = row
-                if not math.isfinite(row["loss"]):
-                    raise FloatingPointError(f"loss is {row['loss']} at step {self.step}; see {self.log.path}")
+            if self.bad_in_row >= cfg.train.max_bad_steps:
+                good = ckpt.newest_good(self.ckpt_root)
+                raise TrainingDiverged(
+                    f"{self.bad_in_row} steps in a row (to step {self.step}) had a non-finite loss or gradient norm "
+                    f"and were skipped (train.max_bad_steps={cfg.train.max_bad_steps}); newest checkpoint known to "
+                    f"be good: {good or 'none'}; see {self.log.path}")
             if cfg.train.image_every and self.step % cfg.train.image_every == 0:
                 self.write_images()
-            if self.step % cfg.train.save_every == 0 or self.step == end:
-                self.save()
-                it = iter(self.batches())
+            if self.step % cfg.train.save_every == 0 or self.step == end or save_pending:
+                save_pending = not applied  # weights after a skipped step gave a non-finite loss: save later
+                if applied:
+                    self.save()
+                    it = iter(self.batches())
+                else:
+                    self.log.info(f"step {self.step} was skipped (non-finite); its checkpoint waits for a finite step")
         self.log.close()
         return last or {}
+
+
+def finite_gate(*losses: torch.Tensor | None) -> torch.Tensor:
+    """1.0 when every given loss is finite, NaN otherwise; a device tensor (no host synchronisation)."""
+    gate = None
+    for loss in losses:
+        if loss is not None:
+            g = loss.detach().float() * 0 + 1  # inf * 0 and nan * 0 are nan
+            gate = g if gate is None else gate * g
+    return gate
 
 
 def ensure_demo_data(cfg: C.Config) -> None:
@@ -272,7 +346,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         trainer = Trainer(cfg)
         last = trainer.fit()
-    except (C.ConfigError, CheckpointError, ckpt.ResumeError, FileNotFoundError) as e:
+    except (C.ConfigError, CheckpointError, ckpt.ResumeError, FileNotFoundError, TrainingDiverged) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if dist.is_rank0() and last:

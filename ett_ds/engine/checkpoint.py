@@ -25,6 +25,7 @@ from ..models.ibq_checkpoint import CheckpointError
 from . import dist
 
 MARKER = "complete"
+GOOD = "good"  # written into a checkpoint once a later step with finite loss and gradient norm ran from its weights
 
 
 class ResumeError(RuntimeError):
@@ -83,6 +84,30 @@ def latest(ckpt_root: Path) -> Path | None:
     return dirs[-1] if dirs else None
 
 
+def newest_good(ckpt_root: Path) -> Path | None:
+    """The newest complete checkpoint known to be good (marked by :func:`mark_good`)."""
+    good = [d for d in step_dirs(ckpt_root) if (d / GOOD).is_file()]
+    return good[-1] if good else None
+
+
+def mark_good(folder: Path) -> None:
+    """Rank 0 records that a step with a finite loss and gradient norm ran from ``folder``'s weights."""
+    if dist.is_rank0() and (folder / MARKER).is_file():
+        (folder / GOOD).write_text("ok\n")
+
+
+def to_prune(dirs: list[Path], keep_last: int) -> list[Path]:
+    """Which of the complete checkpoints ``dirs`` (oldest first) to delete: all but the newest ``keep_last`` and
+    the newest one known to be good (a diverged run never deletes its last good weights)."""
+    if keep_last <= 0:
+        return []
+    keep = set(dirs[-keep_last:])
+    good = [d for d in dirs if (d / GOOD).is_file()]
+    if good:
+        keep.add(good[-1])
+    return [d for d in dirs if d not in keep]
+
+
 def rng_state() -> dict:
     """RNG states as tensors and plain data only (loadable with weights_only=True)."""
     name, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)
@@ -122,7 +147,7 @@ def save(engine, ckpt_root: Path, step: int, trainer_state: dict, extra: dict, c
         (folder / "trainer_state.json").write_text(json.dumps(state, indent=1))
         (folder / "config.yaml").write_text(config_yaml)
         (folder / MARKER).write_text("ok\n")
-        for old in step_dirs(ckpt_root)[:-keep_last] if keep_last > 0 else []:
+        for old in to_prune(step_dirs(ckpt_root), keep_last):
             shutil.rmtree(old, ignore_errors=True)
     dist.barrier()
     return folder

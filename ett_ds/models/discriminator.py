@@ -78,7 +78,14 @@ class GANLoss(nn.Module):
     def step(self, loss_d: torch.Tensor, apply: bool = True) -> None:
         """Backward of loss_d; when ``apply`` (an accumulation boundary), average grads across ranks and step."""
         loss_d.backward()
-        if not apply:
+        if apply:
+            self.apply_step()
+
+    def apply_step(self, skip: bool = False) -> None:
+        """Average the accumulated grads across ranks and step; ``skip`` (a step whose loss or gradient norm was
+        not finite, decided alike on every rank) drops the grads without updating."""
+        if skip:
+            self.optimizer.zero_grad(set_to_none=True)
             return
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             ws = dist.get_world_size()
