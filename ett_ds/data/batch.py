@@ -21,10 +21,24 @@ import torch
 from ..config import Config
 from ..models.losses import IGNORE
 from ..models.text import TextTokenizer
+from .decode import SampleSkip
 from .transforms import image_to_uint8, to_unit_range
 
 IMAGE_MARK = "<image>"
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+
+
+def _well_formed(conversations) -> bool:
+    """A non-empty list of turns, each a dict whose role and content are strings."""
+    if not isinstance(conversations, list) or not conversations:
+        return False
+    for turn in conversations:
+        if not isinstance(turn, dict):
+            return False
+        role, content = turn.get("from", turn.get("role")), turn.get("value", turn.get("content"))
+        if not isinstance(role, str) or not isinstance(content, str):
+            return False
+    return True
 
 
 class Batcher:
@@ -115,25 +129,40 @@ class Batcher:
         return ids, labels
 
     # -- the two callables the input pipeline runs in its workers -------------------------------------------------
-    def make_example(self, sample: dict) -> dict | None:
+    def make_example(self, sample: dict) -> dict:
+        """One decoded sample -> an example. A sample that cannot serve this stage raises ``SampleSkip(reason)``
+        (counted by the input pipeline; all but ``rejected`` count towards ``data.max_error_rate``): a stage with
+        an LLM needs a caption (``missing_caption``) or well-formed ``conversations`` (``bad_conversations``);
+        a json field of the wrong type is ``bad_json``. The tokenizer stage needs no text."""
         meta = sample.get("json") or {}
         text = sample.get("text")
         if text is None:
             text = meta.get("caption") or meta.get("text")
+        if text is not None and not isinstance(text, str):
+            raise SampleSkip("bad_json")
         task = meta.get("task") or ("sft" if "conversations" in meta else self.default_task)
+        if task not in ("caption", "sft", "t2i"):
+            raise SampleSkip("bad_json")
         conversations = meta.get("conversations")
-        if task == "sft" and not conversations:  # caption data becomes a one-turn instruction sample
-            if not (text and str(text).strip()):
-                return None
-            conversations = [{"from": "human", "value": f"{IMAGE_MARK}\n{self._prompt()}"},
-                             {"from": "gpt", "value": str(text).strip()}]
-        if task != "sft" and not (text and str(text).strip()):
-            return None
+        if conversations is not None and not _well_formed(conversations):
+            raise SampleSkip("bad_conversations")
+        has_text = bool(text and text.strip())
+        if self.text is not None:
+            if task == "sft" and not conversations:  # caption data becomes a one-turn instruction sample
+                if not has_text:
+                    raise SampleSkip("missing_caption")
+                conversations = [{"from": "human", "value": f"{IMAGE_MARK}\n{self._prompt()}"},
+                                 {"from": "gpt", "value": text.strip()}]
+            if task != "sft" and not has_text:
+                raise SampleSkip("missing_caption")
         pixels = image_to_uint8(sample["image"], size=self.size, train=self.train, rng=self.rng)
         ex = {"pixels": pixels, "text": str(text or ""), "gen": task == "t2i"}
         if self.text is not None:
             if task == "sft":
-                ids, labels = self.chat_sequence(conversations)
+                try:
+                    ids, labels = self.chat_sequence(conversations)
+                except ValueError:  # unknown role, two images
+                    raise SampleSkip("bad_conversations") from None
             elif task == "t2i":
                 ids, labels = self.t2i_sequence(str(text))
             else:

@@ -122,10 +122,16 @@ def decode_sample(raw: dict, max_pixels: int = 128_000_000, decode_size: tuple[i
         try:
             img.load()
         except OSError as e:
-            raise SampleSkip("truncated" if "truncated" in str(e) else "unreadable") from None
+            raise SampleSkip(load_failure_reason(e)) from None
         except Exception:  # noqa: BLE001 - any decoder failure is one bad sample
             raise SampleSkip("unreadable") from None
     return {"__key__": raw["__key__"], "image": to_rgb(img), "text": text, "json": meta}
+
+
+def load_failure_reason(e: OSError) -> str:
+    """``truncated`` for Pillow's truncation errors, whatever their case ("image file is truncated", "Truncated
+    File Read"); ``unreadable`` otherwise."""
+    return "truncated" if "truncated" in str(e).lower() else "unreadable"
 
 
 def error_count(totals: Counter | dict) -> int:

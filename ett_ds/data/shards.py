@@ -155,7 +155,16 @@ def _examples(raw_samples: Iterator[dict], make_example: Callable, stats: Counte
             on_count()
             continue
         sample["__rng__"] = rng
-        example = make_example(sample)
+        try:
+            example = make_example(sample)
+        except SampleSkip as e:  # the Batcher's own reasons (missing_caption, bad_conversations, ...)
+            stats[e.reason] += 1
+            on_count()
+            continue
+        except Exception as e:  # noqa: BLE001 - any other failure is one bad sample, counted by its type
+            stats[f"example_error:{type(e).__name__}"] += 1
+            on_count()
+            continue
         if example is None:
             stats["rejected"] += 1
             on_count()
@@ -305,11 +314,16 @@ class _EvalStream(IterableDataset):
         mine = self.shards[worker::workers]
         raw = (s for url in mine for s in iter_tar_samples(url, stats))
         batch: list = []
+        held = None  # the last full batch, yielded once more samples (or the end) are seen, so that samples
+        # skipped after it are still counted in some batch's data_stats
         for example in _examples(raw, self.make_example, stats, rng, self.max_pixels, None):
             batch.append(example)
             if len(batch) == self.batch_size:
-                yield _finish(self.collate(batch), len(batch), len(batch), stats)
-                batch = []
+                if held is not None:
+                    yield _finish(held, self.batch_size, self.batch_size, stats)
+                held, batch = self.collate(batch), []
+        if held is not None:
+            yield _finish(held, self.batch_size, self.batch_size, stats)
         if batch:
             n = len(batch)
             if self.pad_partial:
