@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -335,6 +336,18 @@ def _has_shards(urls: str) -> bool:
         return False
 
 
+def one_line(e: BaseException) -> str:
+    """An expected error as one line. A DataLoader worker's error arrives wrapped ("Caught X in DataLoader worker
+    process 0." + the worker's traceback): its last line, without the exception's module path, is the message."""
+    lines = [x.strip() for x in str(e).strip().splitlines() if x.strip()]
+    if not lines:
+        return type(e).__name__
+    if len(lines) > 1 and lines[0].startswith("Caught "):
+        name, sep, msg = lines[-1].partition(": ")
+        return msg if sep and "." in name and " " not in name else lines[-1]
+    return lines[0]
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
@@ -343,11 +356,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     dist.init_distributed()
+    from .data.decode import DataErrorRateExceeded
+    trainer = None
     try:
         trainer = Trainer(cfg)
         last = trainer.fit()
-    except (C.ConfigError, CheckpointError, ckpt.ResumeError, FileNotFoundError, TrainingDiverged) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (C.ConfigError, CheckpointError, ckpt.ResumeError, FileNotFoundError, TrainingDiverged,
+            DataErrorRateExceeded, FloatingPointError) as e:
+        if os.environ.get("ETT_DEBUG") == "1":
+            raise
+        if trainer is not None:
+            trainer.log.close()  # ends the progress bar's line first
+        print(f"error: {one_line(e)} (ETT_DEBUG=1 shows the traceback)", file=sys.stderr)
         return 2
     if dist.is_rank0() and last:
         print(json.dumps({"final": last}))
