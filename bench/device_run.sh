@@ -14,6 +14,7 @@
 # Phases, each started only while the time budget allows (ETT_BENCH_BUDGET_S, default 360 s of this script):
 #   A  mb8    matmul ceiling, loader, plain-PyTorch reference, engine ett, align, frozen   -> ratio (target >= 0.90)
 #   B  mb16   reference and ett at micro-batch 16                                          -> engine MFU (target >= 45%)
+#   M  memory plan: bench/memory_plan.py's estimate vs torch.cuda.max_memory_allocated of the A/B engine rows
 #   C  levers ett with one setting changed each (and the reference where the change applies to it too):
 #      nockpt (no activation checkpointing), nockpt16, zero2, bucket5e8, persist1e5 (DeepSpeed's default),
 #      foreach (AdamW without fused), rb4 (IBQ's 4 res blocks); a lever's ratio line uses the mb8 reference
@@ -109,6 +110,24 @@ PLAN_FAILED=0
 bench mb8 60 --variants matmul,loader,reference,ett,align,frozen
 # B: micro-batch 16, where the MFU target is set.
 bench mb16 90 --micro-batch 16 --variants reference,ett --ceiling-from "$RESULTS"
+# M: the memory plan (issue 12) against torch.cuda.max_memory_allocated of the engine rows of A and B: activations
+# measured on a CPU beforehand (bench/memory_plan_h200-1.5b.json, from `python bench/memory_plan.py --preset
+# h200-1.5b --save ...`), model states from the meta-device model; one estimate_over_measured line per engine row.
+memory_check() {
+    local saved=bench/memory_plan_${PRESET}.json
+    if [ ! -f "$saved" ]; then say "memory plan: no $saved (make it on a CPU with --save)"; return 0; fi
+    if [ "$DRY" = 1 ]; then
+        say "plan memory check: memory_plan.py --preset $PRESET --measured $saved --compare RESULTS"
+        "$PY" bench/memory_plan.py --preset "$PRESET" --measured "$saved" --gpus 1 --gpu-gb 141 --json 2>>"$LOG" \
+            | tail -1 | cut -c1-200
+        [ "${PIPESTATUS[0]}" = 0 ] || { say "PLAN FAILED for the memory check"; PLAN_FAILED=1; }
+        return 0
+    fi
+    say "memory plan vs cuda max_memory_allocated"
+    "$PY" bench/memory_plan.py --preset "$PRESET" --measured "$saved" --compare "$RESULTS" 2>>"$LOG" \
+        | grep '"memory_plan_check"' | tee -a "$RESULTS" | tee -a "$LOG"
+}
+memory_check
 # C: levers, one setting at a time, most informative first (engine only unless the change applies to both).
 if [ "$LEVERS" = 1 ]; then
     bench nockpt 90 --variants reference,ett --ceiling-from "$RESULTS" model.llm.gradient_checkpointing=false

@@ -77,10 +77,31 @@ def test_loader_bench_prints_both_ratios(content):
     assert all(v > 0 for v in summary.values())
 
 
-def test_quantizer_bench_prints_its_ratio():
-    rc, out, err = run_group([sys.executable, str(REPO / "bench" / "quantizer_bench.py"), "--codebook", "64",
-                              "--dim", "8", "--tokens", "4", "--repeats", "1", "--device", "cpu"], 60, cwd=REPO,
+def test_quantizer_bench_no_grad_prints_its_ratio():
+    rc, out, err = run_group([sys.executable, str(REPO / "bench" / "quantizer_bench.py"), "--no-grad", "--codebook",
+                              "64", "--dim", "8", "--tokens", "4", "--repeats", "1", "--device", "cpu"], 60, cwd=REPO,
                              env=subprocess_env(OMP_NUM_THREADS="1"))
     assert rc == 0, err[-2000:]
     row = json.loads(out.strip().splitlines()[-1])
     assert row["bench"] == "ibq_no_grad" and row["with_losses_ms"] > 0 and row["losses_false_ms"] > 0
+
+
+def test_quantizer_memory_bench_runs_every_variant_in_a_child_and_ends_with_the_ratios():
+    """Issue 12's bench at a toy shape: one line per variant (own process, peak RSS growth and time), skipped
+    unchunked variants say why, and the last line holds the growths and chunked/unchunked ratios."""
+    rc, out, err = run_group([sys.executable, str(REPO / "bench" / "quantizer_bench.py"), "--tokens", "64,2048",
+                              "--codebook", "512", "--dim", "16", "--hidden", "32", "--repeats", "1",
+                              "--max-unchunked-gb", "0.01"], 120, cwd=REPO, env=subprocess_env(OMP_NUM_THREADS="1"))
+    assert rc == 0, err[-2000:]
+    rows = [json.loads(line) for line in out.strip().splitlines()]
+    *variants, last = rows
+    assert [(r["variant"], r["tokens"]) for r in variants] == [
+        (v, n) for n in (64, 2048) for v in ("ibq_unchunked", "ibq_chunked", "ibq_time_pair", "head_unchunked", "head_chunked")]
+    for r in variants:
+        assert "error" not in r, r
+        if r["tokens"] == 2048 and r["variant"].endswith(("_unchunked", "_pair")):
+            assert "max-unchunked-gb" in r["skipped"]
+        else:
+            assert r.get("s", r.get("ratio", 0)) > 0 and r.get("growth_gb", 0) >= 0 and r.get("peak_reset", True) in (True, False), r
+    assert {"ibq_growth_gb@64", "ibq_time_ratio@64", "head_growth_gb@2048", "ibq_growth_gb@2048"} <= set(last["summary"])
+    assert last["summary"]["ibq_time_ratio@64"] > 0 and "targets" in last

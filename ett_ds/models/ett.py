@@ -149,10 +149,12 @@ class ETTModel(nn.Module):
         return out
 
     def lm_head_chunks(self, h_prev: torch.Tensor) -> int:
-        """Pieces the LM head's loss runs in: from the static shape (B x (L-1) positions could be captions), so the
-        number of head calls is the same every step; 1 (no recomputation) when all the logits fit the budget."""
+        """Pieces the LM head's loss runs in, from static sizes (B x min(L - 1, data.max_text_tokens + 8) target
+        positions at most, in the usual case), so the number of head calls is the same every step; 1 (no
+        recomputation) when those logits fit the budget. More targets than that only make the pieces larger."""
         vocab = self.llm.get_output_embeddings().out_features
-        return -(-(h_prev.shape[0] * h_prev.shape[1]) // auto_chunk_tokens(vocab, copies=5))
+        rows = h_prev.shape[0] * min(h_prev.shape[1], self.cfg.data.max_text_tokens + 8)
+        return -(-rows // auto_chunk_tokens(vocab, copies=5))
 
     def generation_loss(self, h_prev, input_ids, indices, gen_mask) -> torch.Tensor:
         """CE of the visual head at the positions just before each image token of generation samples."""
