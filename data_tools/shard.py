@@ -12,6 +12,7 @@ approximate when re-encoding.
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import functools
 import hashlib
@@ -19,12 +20,13 @@ import io
 import json
 import multiprocessing
 import os
+import warnings
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from .errors import UsageError
 from .tario import ShardTarWriter, json_bytes, sample_key, shard_name
@@ -109,15 +111,45 @@ def _to_storable(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
+@contextlib.contextmanager
+def pixel_limit(max_pixels: int):
+    """Pillow's decompression-bomb limit raised to at least ``max_pixels`` (and its warning silenced) for the
+    duration: ``--max-pixels`` is the one limit, so an image Pillow refuses as a bomb (more than twice its limit)
+    is always also above ``max_pixels``, i.e. ``too_large``."""
+    before = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = max(max_pixels, before or 0)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = before
+
+
+def open_image(raw: bytes, max_pixels: int) -> Image.Image:
+    """Open (header only) and check the pixel count before anything decodes; raises SampleError."""
+    with pixel_limit(max_pixels):
+        try:
+            img = Image.open(io.BytesIO(raw))
+        except Image.DecompressionBombError:
+            raise SampleError("too_large") from None
+        except Exception:  # noqa: BLE001 - UnidentifiedImageError, OSError, a plugin's parser: one bad sample
+            raise SampleError("unreadable") from None
+    w, h = img.size
+    if w * h > max_pixels or w <= 0 or h <= 0:
+        raise SampleError("too_large")
+    return img
+
+
 def encode_image(raw: bytes, opts: EncodeOptions) -> tuple[str, bytes, tuple[int, int]]:
     """Validate (and if needed re-encode) one image; returns (ext, bytes, (width, height)) or raises SampleError."""
-    try:
-        img = Image.open(io.BytesIO(raw))
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
-        raise SampleError("unreadable") from None
+    with pixel_limit(opts.max_pixels):  # decoding below is bounded by the header check in open_image
+        return _encode_image(raw, opts)
+
+
+def _encode_image(raw: bytes, opts: EncodeOptions) -> tuple[str, bytes, tuple[int, int]]:
+    img = open_image(raw, opts.max_pixels)
     w, h = img.size
-    if w * h > opts.max_pixels:
-        raise SampleError("too_large")
     if min(w, h) < opts.min_side:
         raise SampleError("too_small")
     src_ext = PIL_TO_EXT.get(img.format or "")
@@ -183,6 +215,8 @@ def produce_items(items: list[Item], opts: EncodeOptions) -> Iterable[tuple[dict
             yield process_item(item, opts), None
         except SampleError as e:
             yield None, e.reason
+        except Exception as e:  # noqa: BLE001 - one sample never ends the shard (and its neighbours) with it
+            yield None, f"error:{type(e).__name__}"
 
 
 # ----------------------------------------------------------------------------------------------------------------
