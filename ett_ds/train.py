@@ -192,12 +192,7 @@ class Trainer:
 
     # -- checkpoints ---------------------------------------------------------------------------------------------
     def resume(self) -> None:
-        r = self.cfg.train.resume
-        folder = None
-        if r == "auto":
-            folder = ckpt.latest(self.ckpt_root)
-        elif r not in ("never", "", None):
-            folder = Path(r)
+        folder = resume_folder(self.cfg)
         if folder is None:
             return
         state, extra = ckpt.load(self.engine, folder)
@@ -269,11 +264,12 @@ class Trainer:
     # -- the loop ------------------------------------------------------------------------------------------------
     def fit(self) -> dict:
         cfg = self.cfg
+        check_inputs(cfg)  # everything is validated before anything is written: a failing run leaves no trace
+        self.resume()  # a checkpoint that does not load fails before the run folder's files are touched
         if dist.is_rank0():
             self.run_dir.mkdir(parents=True, exist_ok=True)
             C.save_config(cfg, self.run_dir / "config.yaml")
             (self.run_dir / "ds_config.json").write_text(json.dumps(self.ds_config, indent=1))
-        self.resume()
         self.log.start(total=cfg.train.max_steps, initial=self.step)
         it = iter(self.batches())
         last = None
@@ -318,14 +314,45 @@ def finite_gate(*losses: torch.Tensor | None) -> torch.Tensor:
 
 
 def ensure_demo_data(cfg: C.Config) -> None:
-    """Build the built-in demo data (rank 0, others wait) when the recipe asks for it and it is missing."""
+    """Build the built-in demo data (rank 0, others wait) when the recipe asks for it and it is missing.
+
+    Only into a folder that is absent or holds no ``demo_manifest.json`` (an interrupted build): a finished demo
+    folder is never rebuilt (a rebuild makes a new ``spm.model`` and may pick other fonts, which breaks the
+    checkpoints trained on it), so a ``data.train`` that matches nothing beside one is an error."""
     if not cfg.data.demo_dir or _has_shards(cfg.data.train):
         return
+    demo = Path(cfg.data.demo_dir)
+    if (demo / "demo_manifest.json").is_file():
+        raise FileNotFoundError(
+            f"data.train={cfg.data.train} matches no shards, and {demo} already holds built demo data, which is "
+            f"never rebuilt: point data.train at its shards ({demo}/train) or delete {demo} to rebuild it")
     if dist.is_rank0():
         from data_tools.cli import main as data_tools_main
         if data_tools_main(["demo", "--out", cfg.data.demo_dir]) != 0:
             raise FileNotFoundError(f"could not build the demo data in {cfg.data.demo_dir}")
     dist.barrier()
+
+
+def resume_folder(cfg: C.Config) -> Path | None:
+    """The checkpoint ``train.resume`` names: the newest complete one for ``auto``, none for ``never``."""
+    r = cfg.train.resume
+    if r == "auto":
+        return ckpt.latest(cfg.run_dir / "checkpoints")
+    if r in ("never", "", None):
+        return None
+    return Path(r)
+
+
+def check_inputs(cfg: C.Config) -> None:
+    """Fail (one line) before anything is written when the training shards or the checkpoint to resume from are
+    missing, or the checkpoint was written by another number of ranks."""
+    from .data.shards import expand_urls
+    expand_urls(cfg.data.train)  # FileNotFoundError naming what is missing
+    folder = resume_folder(cfg)
+    if folder is not None:
+        if not folder.is_dir():
+            raise ckpt.ResumeError(f"train.resume={folder}: no such checkpoint folder")
+        ckpt.check_world_size(folder, ckpt.read_trainer_state(folder))
 
 
 def _has_shards(urls: str) -> bool:

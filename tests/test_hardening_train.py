@@ -1,0 +1,93 @@
+"""A run that cannot start fails with one line (exit 2) before it writes anything: the files of an existing run
+folder are left as they were, and built demo data is never rebuilt over."""
+import io
+
+import pytest
+from PIL import Image
+
+from data_tools.tario import ShardTarWriter, sample_key
+from ett_ds.engine import dist
+from ett_ds.train import main
+from tests.tiny import SHRINK
+
+SENTINELS = {"config.yaml": "the existing run's config\n", "ds_config.json": "{\"the existing run\": true}\n"}
+
+
+def png(colour) -> bytes:
+    out = io.BytesIO()
+    Image.new("RGB", (32, 16), colour).save(out, format="PNG")
+    return out.getvalue()
+
+
+def shards(folder):
+    folder.mkdir(parents=True)
+    with ShardTarWriter(folder / "t-000000.tar") as w:
+        for i in range(8):
+            w.write(sample_key(0, i), {"png": png((i * 30, 0, 0)), "txt": b"a red picture"})
+    return folder
+
+
+def existing_run(out_dir, name="r"):
+    run = out_dir / name
+    run.mkdir(parents=True)
+    for f, text in SENTINELS.items():
+        (run / f).write_text(text)
+    return run
+
+
+def tokenizer_run(out_dir, *extra):
+    return ["--config", "tiny", f"out_dir={out_dir}", "name=r", "stage=tokenizer", *SHRINK, "data.num_workers=0",
+            "train.max_steps=1", *extra]
+
+
+def one_error_line(err):
+    lines = [x for x in err.splitlines() if x.strip() and not x.startswith("train:")]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err
+    return lines[0]
+
+
+@pytest.fixture(autouse=True)
+def _one_line_errors(monkeypatch):
+    dist.init_distributed()
+    monkeypatch.delenv("ETT_DEBUG", raising=False)
+
+
+def test_missing_training_data_leaves_the_run_folder_untouched(tmp_path, capsys):
+    run = existing_run(tmp_path)
+    missing = tmp_path / "no_such_shards"
+    assert main(tokenizer_run(tmp_path, f"data.train={missing}")) == 2
+    assert str(missing) in one_error_line(capsys.readouterr().err)
+    assert {f: (run / f).read_text() for f in SENTINELS} == SENTINELS
+    assert sorted(p.name for p in run.iterdir()) == sorted(SENTINELS)
+
+
+def test_missing_resume_folder_leaves_the_run_folder_untouched(tmp_path, capsys):
+    run = existing_run(tmp_path)
+    data = shards(tmp_path / "data")
+    missing = tmp_path / "r" / "checkpoints" / "step_00000007"
+    assert main(tokenizer_run(tmp_path, f"data.train={data}", f"train.resume={missing}")) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert "train.resume" in line and str(missing) in line
+    assert {f: (run / f).read_text() for f in SENTINELS} == SENTINELS
+    assert sorted(p.name for p in run.iterdir()) == sorted(SENTINELS)
+
+
+def test_a_failing_first_run_creates_no_run_folder(tmp_path, capsys):
+    assert main(tokenizer_run(tmp_path, f"data.train={tmp_path / 'missing'}")) == 2
+    one_error_line(capsys.readouterr().err)
+    assert not (tmp_path / "r").exists()
+
+
+def test_built_demo_data_is_never_rebuilt_when_data_train_matches_nothing(tmp_path, capsys):
+    """A typo in data.train next to a finished demo folder used to rebuild it (new spm.model, maybe other fonts)."""
+    demo = tmp_path / "demo"
+    shards(demo / "train")
+    (demo / "spm.model").write_bytes(b"the spm.model the existing checkpoints were trained with")
+    (demo / "demo_manifest.json").write_text("{\"config\": {}, \"summary\": {}}")
+    before = {p.relative_to(demo): p.read_bytes() for p in demo.rglob("*") if p.is_file()}
+    typo = demo / "trian"
+    assert main(tokenizer_run(tmp_path, f"data.demo_dir={demo}", f"data.train={typo}")) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert str(typo) in line and str(demo) in line and "never rebuilt" in line
+    assert {p.relative_to(demo): p.read_bytes() for p in demo.rglob("*") if p.is_file()} == before
+    assert not (tmp_path / "r").exists()
