@@ -4,7 +4,13 @@ Every sample with a caption (``json["caption"]``/``json["text"]`` or ``.txt``) g
 json, ``[{"from": "human", "value": "<image>\\nQUESTION"}, {"from": "gpt", "value": CAPTION}]`` plus
 ``"task": "sft"``; the image and the other json fields are copied unchanged. The question is drawn from the templates
 by a hash of (seed, shard name, sample key), so the output is byte-identical for identical input. One output shard
-per input shard, same name; samples without a caption are dropped and counted.
+per input shard, same name, plus ``sizes.json``.
+
+Nothing unchecked is copied: only whitelisted members (jpg, jpeg, png, webp, txt, json; anything else, e.g. a
+``.pth``, is never read and is counted as ``ignored_member``) reach the output, and a sample is dropped and counted
+by reason when its key cannot be a shard key (``bad_key``: contains '/'; ``duplicate_key``), when it has no image
+(``missing_image``) or an image that does not fully decode (``unreadable``, ``truncated``, ``too_large`` above
+``--max-pixels``), or when its caption or json is unusable (``no_caption``, ``bad_caption``, ``bad_json``).
 
     python -m data_tools.instruct --in data/demo/train --out data/demo_sft [--templates FILE] [--seed 0]
 """
@@ -19,7 +25,8 @@ from collections import Counter
 from pathlib import Path
 
 from .errors import UsageError
-from .tario import ShardTarWriter, json_bytes
+from .shard import SampleError, load_image, open_image, pixel_limit
+from .tario import IMAGE_EXTS, WHITELIST, ShardTarWriter, json_bytes
 
 DEFAULT_TEMPLATES = (
     "What is written in the image?",
@@ -30,8 +37,9 @@ DEFAULT_TEMPLATES = (
 )
 
 
-def read_samples(path: Path):
-    """(key, {ext: bytes}) in file order; members of one sample are adjacent (WebDataset's key rule)."""
+def read_samples(path: Path, stats: Counter | None = None):
+    """(key, {ext: bytes}) in file order; members of one sample are adjacent (WebDataset's key rule), a repeated
+    extension starts a new sample. Members outside the whitelist are skipped unread (counted in ``stats``)."""
     key, members = None, {}
     with tarfile.open(path, mode="r|") as tar:
         for info in tar:
@@ -39,22 +47,45 @@ def read_samples(path: Path):
                 continue
             head, _, base = info.name.rpartition("/")
             stem, _, ext = base.partition(".")
-            k = f"{head}/{stem}" if head else stem
-            if k != key and members:
+            k, ext = (f"{head}/{stem}" if head else stem), ext.lower()
+            if ext not in WHITELIST:
+                if stats is not None:
+                    stats["ignored_member"] += 1
+                continue
+            if members and (k != key or ext in members):
                 yield key, members
                 members = {}
             key = k
-            members[ext.lower()] = tar.extractfile(info).read()
+            members[ext] = tar.extractfile(info).read()
     if members:
         yield key, members
 
 
 def caption_of(members: dict) -> tuple[str | None, dict]:
-    meta = json.loads(members["json"]) if "json" in members else {}
+    """(caption or None, json dict); raises SampleError for json that is not an object or a non-UTF-8 caption."""
+    try:
+        meta = json.loads(members["json"]) if "json" in members else {}
+    except ValueError:
+        raise SampleError("bad_json") from None
+    if not isinstance(meta, dict):
+        raise SampleError("bad_json")
     text = meta.get("caption") or meta.get("text")
     if not text and "txt" in members:
-        text = members["txt"].decode("utf-8", errors="strict")
+        try:
+            text = members["txt"].decode("utf-8", errors="strict")
+        except UnicodeDecodeError:
+            raise SampleError("bad_caption") from None
     return (str(text).strip() or None) if text else None, meta
+
+
+def check_images(members: dict, max_pixels: int) -> None:
+    """Every image member decodes completely (header pixel count first); at least one exists."""
+    images = [e for e in IMAGE_EXTS if e in members]
+    if not images:
+        raise SampleError("missing_image")
+    with pixel_limit(max_pixels):
+        for ext in images:
+            load_image(open_image(members[ext], max_pixels))
 
 
 def pick(templates: list[str], seed: int, *parts: str) -> str:
@@ -62,37 +93,53 @@ def pick(templates: list[str], seed: int, *parts: str) -> str:
     return templates[int.from_bytes(h[:8], "big") % len(templates)]
 
 
-def convert_shard(src: Path, dst: Path, templates: list[str], seed: int) -> Counter:
+def convert_sample(key: str, members: dict, templates: list[str], seed: int, shard: str,
+                   max_pixels: int) -> dict:
+    """One caption sample -> its SFT members; raises SampleError with the reason it is dropped."""
+    if not key or "/" in key or "." in key:
+        raise SampleError("bad_key")
+    text, meta = caption_of(members)
+    if text is None:
+        raise SampleError("no_caption")
+    check_images(members, max_pixels)
+    question = pick(templates, seed, shard, key)
+    meta = {**meta, "caption": text, "task": "sft", "conversations": [
+        {"from": "human", "value": f"<image>\n{question}"}, {"from": "gpt", "value": text}]}
+    out = {k: v for k, v in members.items() if k not in ("json", "txt")}
+    out["json"] = json_bytes(meta)
+    return out
+
+
+def convert_shard(src: Path, dst: Path, templates: list[str], seed: int,
+                  max_pixels: int = 128_000_000) -> Counter:
     stats: Counter = Counter()
+    seen: set[str] = set()
     with ShardTarWriter(dst) as writer:
-        for key, members in read_samples(src):
+        for key, members in read_samples(src, stats):
             try:
-                text, meta = caption_of(members)
-            except (ValueError, UnicodeDecodeError):
-                stats["bad_caption"] += 1
+                if key in seen:
+                    raise SampleError("duplicate_key")
+                out = convert_sample(key, members, templates, seed, src.name, max_pixels)
+            except SampleError as e:
+                stats[e.reason] += 1
                 continue
-            if text is None or not isinstance(meta, dict):
-                stats["no_caption"] += 1
-                continue
-            question = pick(templates, seed, src.name, key)
-            meta = {**meta, "caption": text, "task": "sft", "conversations": [
-                {"from": "human", "value": f"<image>\n{question}"}, {"from": "gpt", "value": text}]}
-            out = {k: v for k, v in members.items() if k not in ("json", "txt")}
-            out["json"] = json_bytes(meta)
+            seen.add(key)
             writer.write(key, out)
             stats["ok"] += 1
     return stats
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="data_tools instruct", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    from .cli import _Parser  # argparse's errors become one-line UsageErrors
+    ap = _Parser(prog="data_tools instruct", description=__doc__,
+                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--in", dest="inp", required=True, help="a folder of .tar shards or one .tar")
     ap.add_argument("--out", required=True, help="output folder")
     ap.add_argument("--templates", help="a text file, one question per line (default: built-in OCR questions)")
     ap.add_argument("--seed", type=int, default=0)
-    args = ap.parse_args(argv)
+    ap.add_argument("--max-pixels", type=int, default=128_000_000, help="w*h above N -> too_large")
     try:
+        args = ap.parse_args(argv)
         src = Path(args.inp)
         shards = sorted(src.glob("*.tar")) if src.is_dir() else [src]
         if not shards or not all(s.is_file() for s in shards):
@@ -110,11 +157,15 @@ def main(argv: list[str] | None = None) -> int:
             raise UsageError("--out must differ from the input folder")
         out.mkdir(parents=True, exist_ok=True)
         total: Counter = Counter()
+        sizes = {}
         for shard in shards:
             try:
-                total += convert_shard(shard, out / shard.name, templates, args.seed)
-            except tarfile.TarError as e:
+                stats = convert_shard(shard, out / shard.name, templates, args.seed, args.max_pixels)
+            except (tarfile.TarError, EOFError, OSError) as e:
                 raise UsageError(f"{shard}: unreadable tar ({e})") from None
+            sizes[shard.name] = stats["ok"]
+            total += stats
+        (out / "sizes.json").write_text(json.dumps(sizes, indent=1, sort_keys=True))
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

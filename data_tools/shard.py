@@ -158,7 +158,7 @@ def _encode_image(raw: bytes, opts: EncodeOptions) -> tuple[str, bytes, tuple[in
     if target is not None and target == src_ext and not resize and not opts.flatten_alpha:
         # Pass-through: the original bytes go into the shard untouched.
         if opts.validate == "full":
-            _load(img)
+            load_image(img)
         elif not _intact_ending(raw, img.format):
             raise SampleError("truncated")
         return target, raw, (w, h)
@@ -168,7 +168,7 @@ def _encode_image(raw: bytes, opts: EncodeOptions) -> tuple[str, bytes, tuple[in
         scale = opts.max_side / max(w, h)
         size = (max(1, round(w * scale)), max(1, round(h * scale)))
         img.draft("RGB", size)  # JPEG: decode at a reduced scale directly
-    _load(img)
+    load_image(img)
     img = _to_storable(img)
     if resize:
         img = img.resize(size, Image.Resampling.LANCZOS, reducing_gap=3.0)
@@ -180,11 +180,12 @@ def _encode_image(raw: bytes, opts: EncodeOptions) -> tuple[str, bytes, tuple[in
     return target, out.getvalue(), img.size
 
 
-def _load(img: Image.Image) -> None:
+def load_image(img: Image.Image) -> None:
+    """Decode fully; a failure is a SampleError (truncated, too_large, unreadable), never an exception that escapes."""
     try:
         img.load()
     except OSError as e:
-        raise SampleError("truncated" if "truncated" in str(e) else "unreadable") from None
+        raise SampleError("truncated" if "truncated" in str(e).lower() else "unreadable") from None
     except (Image.DecompressionBombError,):
         raise SampleError("too_large") from None
     except Exception:  # noqa: BLE001 - any decoder failure is a bad sample, never a crash

@@ -15,6 +15,7 @@ from pathlib import Path
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 TEXT_EXTS = ("txt", "json")
+WHITELIST = frozenset(IMAGE_EXTS + TEXT_EXTS)  # the members the training loader reads; nothing else is copied
 
 
 def shard_name(prefix: str, index: int) -> str:
