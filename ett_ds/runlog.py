@@ -47,6 +47,30 @@ class RunLog:
         except ImportError:  # tensorboard not installed: metrics.jsonl still has everything
             self.tb = None
 
+    def truncate(self, step: int) -> int:
+        """Rank 0: drop the rows of ``metrics.jsonl`` logged after ``step`` (the step a run starts or resumes from)
+        and a half-written last line, so a killed run's rows past its checkpoint are not repeated by the resumed
+        run. Rewritten atomically; returns how many lines were dropped."""
+        if not self.enabled or not self.path.is_file():
+            return 0
+        kept, dropped = [], 0
+        for line in self.path.read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
+                row = json.loads(line)
+                keep = isinstance(row, dict) and int(row["step"]) <= step
+            except (ValueError, KeyError, TypeError):
+                keep = False
+            if keep:
+                kept.append(line + "\n")
+            elif line.strip():
+                dropped += 1
+        if dropped:
+            tmp = self.path.with_name(self.path.name + ".tmp")
+            tmp.write_text("".join(kept), encoding="utf-8")
+            tmp.replace(self.path)
+            self.info(f"{self.path.name}: dropped {dropped} row(s) logged after step {step} by an earlier attempt")
+        return dropped
+
     def info(self, msg: str) -> None:
         if self.enabled:
             (self.bar.write if self.bar is not None else print)(f"[ett_ds] {msg}")

@@ -271,6 +271,7 @@ class Trainer:
             C.save_config(cfg, self.run_dir / "config.yaml")
             (self.run_dir / "ds_config.json").write_text(json.dumps(self.ds_config, indent=1))
         self.log.start(total=cfg.train.max_steps, initial=self.step)
+        self.log.truncate(self.step)  # rows a killed attempt logged past the checkpoint would come twice
         it = iter(self.batches())
         last = None
         end = min(cfg.train.max_steps, cfg.train.stop_at or cfg.train.max_steps)

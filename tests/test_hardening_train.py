@@ -91,3 +91,23 @@ def test_built_demo_data_is_never_rebuilt_when_data_train_matches_nothing(tmp_pa
     assert str(typo) in line and str(demo) in line and "never rebuilt" in line
     assert {p.relative_to(demo): p.read_bytes() for p in demo.rglob("*") if p.is_file()} == before
     assert not (tmp_path / "r").exists()
+
+
+def test_a_resumed_run_keeps_no_rows_of_the_killed_attempt_past_its_checkpoint(tmp_path):
+    """Killed while saving step 4 (no `complete` marker) and mid-way through a line: the rerun resumes from step 2,
+    and metrics.jsonl holds every step once, the rerun's rows for steps 3 and 4."""
+    import json
+    data = shards(tmp_path / "data")
+    run_args = tokenizer_run(tmp_path, f"data.train={data}", "train.max_steps=4", "train.save_every=2",
+                             "train.log_every=1", "train.image_every=0", "loss.gan_start_step=100")
+    assert main(run_args) == 0
+    run = tmp_path / "r"
+    (run / "checkpoints" / "step_00000004" / "complete").unlink()
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write('{"step": 5, "loss": 0.')  # the killed writer's last, half-written line
+    first = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()[:4]]
+    assert main(run_args) == 0
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert rows[:2] == first[:2]
+    assert rows[2]["time"] > first[3]["time"]  # steps 3 and 4 are the rerun's
