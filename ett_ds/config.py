@@ -102,6 +102,8 @@ class DataConfig:
     "Held-out shards for evaluation and image logging (optional)."
     image_size: list[int] = field(default_factory=lambda: [512, 512])
     "Training resolution as [height, width]; both must be multiples of the tokenizer's downsampling."
+    resize_mode: str = "crop"
+    "How images of another aspect ratio are fitted to `image_size`, in training, `evaluate` and `infer` alike: `crop` (cover, then cut the centre; a random offset in training), `pad` (letterbox on mid grey (128, 128, 128)), or `stretch` (plain resize). One warning line per process when inputs' aspect ratio differs from `image_size`'s by more than 10%."
     max_text_tokens: int = 256
     "Caption tokens kept per sample (longer captions are truncated)."
     caption_prompts: list[str] = field(default_factory=lambda: ["Describe the image."])
@@ -260,6 +262,8 @@ class Config:
         need(self.stage == "tokenizer" or m.llm.path or m.llm.init_config,
              "model.llm: set `path` (a local HF model folder) or `init_config`")
         need(len(self.data.image_size) == 2, "data.image_size: expected [height, width]")
+        need(self.data.resize_mode in ("crop", "pad", "stretch"),
+             f"data.resize_mode: '{self.data.resize_mode}' must be crop, pad or stretch")
         f = 2 ** (len(t.ch_mult) - 1)
         for side in self.data.image_size:
             need(side % f == 0, f"data.image_size: {side} is not a multiple of the tokenizer downsampling {f}")

@@ -5,8 +5,8 @@ Tasks
 - ``recon``: the tokenizer's round trip. PSNR and SSIM (skimage) per image, codebook usage / perplexity over the
   whole evaluation set, and -- when RapidOCR is installed -- the OCR character error rate of the reconstruction
   against the sample's reference text, next to the OCR CER of the original image (the reader's own ceiling).
-- ``caption``: greedy caption of each image with the training prompt; exact match and CER against the reference;
-  per-sample outputs go to ``<out stem>_samples.jsonl``.
+- ``caption``: greedy caption of each image with the training prompt; exact match, CER and caption diversity
+  against the reference; per-sample outputs go to ``<out stem>_samples.jsonl``.
 - ``t2i``: an image generated from each of the first ``--t2i-samples`` captions, read back by the OCR reader (CER),
   and a grid ``<out stem>_t2i.png``. Skipped with a note when the checkpoint has no visual head.
 
@@ -15,6 +15,25 @@ several ranks (torchrun / deepspeed), every rank evaluates its own slice of the 
 on every rank, padding rows masked by ``batch["valid"]``); rank 0 gathers the records, prints a table and writes
 the files. The model is a plain module per rank (``ett_ds.loading``), not a ZeRO-3 engine.
 Errors (missing checkpoint or data, a task the checkpoint cannot do) print one line and exit 2.
+
+Images are fitted to the checkpoint's ``data.image_size`` by its ``data.resize_mode`` (crop | pad | stretch, as in
+training; ``--resize-mode`` overrides it); one warning line says when the images' aspect ratio differs from the
+training size's by more than 10 % (crop then cuts part of each image off).
+
+Metrics (texts are compared after case-folding and collapsing whitespace)
+- ``exact_match``: fraction of samples whose prediction equals the reference.
+- ``cer``: corpus character error rate = total edit distance (Levenshtein: insertions, deletions, substitutions)
+  over all samples / total reference characters; long references weigh more.
+- ``mean_cer``: the mean over samples of each sample's edit distance / its reference length.
+  Both CERs are 0 for perfect output and 1 for an empty one, and both exceed 1 when the model babbles: every
+  character written beyond the reference's length is one more edit, so a long wrong caption for a short
+  reference scores far above 1. ``mean_cer`` > ``cer`` means the short references are the badly read ones.
+- ``diversity``: distinct predictions / distinct references. Below 0.2 a warning line is printed (the captions
+  barely depend on the image: the model may be ignoring it); ``distinct_predictions`` / ``distinct_references``
+  are the two counts.
+- ``recon``: ``psnr`` (dB) and ``ssim`` per image, averaged; ``codebook_usage`` (fraction of codes used),
+  ``codebook_perplexity``; ``ocr_cer_recon`` / ``ocr_cer_original``: corpus CER of the OCR reading of the
+  reconstruction / of the input image itself (the reader's ceiling), ``ocr_em_*`` their exact match.
 """
 from __future__ import annotations
 
@@ -52,6 +71,8 @@ def parse_args(argv):
     ap.add_argument("--t2i-samples", type=int, default=8, help="captions turned into images for t2i")
     ap.add_argument("--cfg-scale", type=float, default=3.0)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--resize-mode", choices=("crop", "pad", "stretch"), default=None,
+                    help="how images are fitted to the training size (default: the checkpoint's data.resize_mode)")
     ap.add_argument("--quiet", action="store_true", help="no table on stdout")
     ap.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     return ap.parse_args(argv)
@@ -159,8 +180,32 @@ def summarize(recs: list[dict], hist: torch.Tensor, tasks: list[str], reader_on:
         hyps = [r["caption"] for r in recs]
         out["caption"] = {"exact_match": M.mean_exact_match(hyps, refs),
                           "cer": M.corpus_cer(hyps, refs, normalize=True),
-                          "mean_cer": _mean([M.char_error_rate(h, r, normalize=True) for h, r in zip(hyps, refs)])}
+                          "mean_cer": _mean([M.char_error_rate(h, r, normalize=True) for h, r in zip(hyps, refs)]),
+                          **caption_diversity(hyps, refs)}
     return out
+
+
+DIVERSITY_WARN = 0.2
+
+
+def caption_diversity(hyps: list[str], refs: list[str]) -> dict:
+    """``diversity`` = distinct predictions / distinct references (after case and whitespace normalisation;
+    None without references), with both counts. A model that ignores the image writes a few captions for every
+    input, and its diversity falls towards 1 / distinct references."""
+    from .eval.metrics import normalize_text
+    n_hyp, n_ref = len({normalize_text(h) for h in hyps}), len({normalize_text(r) for r in refs})
+    return {"diversity": n_hyp / n_ref if n_ref else None, "distinct_predictions": n_hyp,
+            "distinct_references": n_ref}
+
+
+def result_warnings(result: dict) -> list[str]:
+    """One-line warnings about a summary (low caption diversity)."""
+    cap = result.get("caption") or {}
+    d = cap.get("diversity")
+    if d is not None and d < DIVERSITY_WARN:
+        return [f"caption diversity {d:.3f} < {DIVERSITY_WARN}: {cap['distinct_predictions']} distinct predictions "
+                f"for {cap['distinct_references']} distinct references -- captions ignore the image?"]
+    return []
 
 
 def print_table(result: dict) -> None:
@@ -193,6 +238,8 @@ def run(args) -> dict | None:
     device = torch.device(args.device or (f"cuda:{local}" if torch.cuda.is_available() else "cpu"))
     loaded = _load(args.ckpt, tasks, device)
     model, text, cfg = loaded.model, loaded.text, loaded.cfg
+    if args.resize_mode is not None:
+        cfg.data.resize_mode = args.resize_mode
     data = args.data or cfg.data.eval
     if not data:
         raise EvalError("no --data given and the checkpoint's config has no data.eval")
@@ -241,8 +288,12 @@ def run(args) -> dict | None:
         all_recs = all_recs[: args.max_samples]
     total_hist = sum(g[1] for g in gathered)
     result = {"ckpt": str(loaded.source), "stage": cfg.stage, "visual_input": cfg.model.visual_input,
-              "data": str(data), "world_size": world, "tasks": tasks, "data_stats": dict(sorted(data_stats.items())),
+              "data": str(data), "world_size": world, "tasks": tasks, "resize_mode": cfg.data.resize_mode,
+              "image_size": list(cfg.data.image_size), "data_stats": dict(sorted(data_stats.items())),
               **summarize(all_recs, total_hist, tasks, reader is not None)}
+    result["warnings"] = result_warnings(result)
+    for w in result["warnings"]:
+        print(f"warning: {w}", file=sys.stderr, flush=True)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     if t2i is not None:

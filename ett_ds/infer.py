@@ -64,7 +64,8 @@ def parse_args(argv):
     return ap.parse_args(argv)
 
 
-def read_images(paths: list[str], size: tuple[int, int]) -> torch.Tensor:
+def read_images(paths: list[str], size: tuple[int, int], mode: str = "crop") -> torch.Tensor:
+    """Images fitted to ``size`` = (H, W) like the training data (``data.resize_mode`` ``mode``), [-1, 1]."""
     from PIL import Image, UnidentifiedImageError
 
     from .data.transforms import image_to_tensor
@@ -75,7 +76,7 @@ def read_images(paths: list[str], size: tuple[int, int]) -> torch.Tensor:
         try:
             with Image.open(p) as img:
                 img.load()
-                out.append(image_to_tensor(img, size=size, train=False))
+                out.append(image_to_tensor(img, size=size, train=False, mode=mode))
         except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
             raise CLIError(f"cannot read image {p}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") \
                 from None
@@ -128,7 +129,8 @@ def run(args) -> None:
         return
     from .loading import read_config
     cfg = read_config(*resolve(args.ckpt))
-    pixels = read_images(args.image if isinstance(args.image, list) else [args.image], tuple(cfg.data.image_size))
+    pixels = read_images(args.image if isinstance(args.image, list) else [args.image], tuple(cfg.data.image_size),
+                         cfg.data.resize_mode)
     if args.command == "reconstruct":
         paths = out_paths(args.out, len(pixels))
         loaded = load_model(args.ckpt, device, DTYPES[args.dtype])

@@ -47,7 +47,14 @@ def test_recon_and_caption_on_an_ett_checkpoint(demo, ckpts, tmp_path, capsys):
     assert len(lines) == NUM_HELDOUT
     assert all({"ref", "caption", "psnr", "ssim"} <= set(x) for x in lines)
     assert Path(r["grid"]).is_file()
-    assert "caption.exact_match" in capsys.readouterr().out
+    assert m["resize_mode"] == "crop" and m["image_size"] == [16, 32]
+    distinct = len({x["caption"].strip().casefold() for x in lines})
+    assert c["distinct_predictions"] == distinct and c["diversity"] == distinct / c["distinct_references"]
+    captured = capsys.readouterr()
+    assert "caption.exact_match" in captured.out and "caption.diversity" in captured.out
+    # the demo images have the training aspect ratio: no aspect warning; a diversity warning exactly when < 0.2
+    assert "aspect" not in captured.err
+    assert ("captions ignore the image?" in captured.err) == (c["diversity"] < 0.2) == bool(m["warnings"])
 
 
 def test_recon_only_on_a_tokenizer_checkpoint_with_ocr(demo, ckpts, tmp_path):
@@ -124,3 +131,55 @@ def test_replicate_tiny_runs_every_arm_and_writes_the_report(tmp_path):
     with pytest.raises(SystemExit, match="trained with other settings.*optim.lr=0.002"):
         replicate(["--size", "tiny", "--out", str(out), "--steps0", "2", "--steps1", "1", "--steps2", "1",
                    "--lr", "2e-3"])
+
+
+# --- caption diversity and the metrics' documentation ------------------------------------------------------------
+def test_caption_diversity_is_distinct_predictions_over_distinct_references():
+    from ett_ds.evaluate import caption_diversity, result_warnings
+    refs = [f"word {i}" for i in range(10)] * 2  # 10 distinct references
+    same = caption_diversity(["the same  Caption"] * 19 + ["The same caption"], refs)  # case/space-insensitive
+    assert same == {"diversity": 0.1, "distinct_predictions": 1, "distinct_references": 10}
+    w = result_warnings({"caption": same})
+    assert len(w) == 1 and "0.100 < 0.2" in w[0] and "captions ignore the image?" in w[0]
+    varied = caption_diversity([f"guess {i % 4}" for i in range(20)], refs)
+    assert varied["diversity"] == 0.4 and result_warnings({"caption": varied}) == []
+    assert result_warnings({"caption": caption_diversity(["a", "b"], ["a", "b", "c", "d", "e", "f", "g", "h",
+                                                                       "i", "j", "k"])}) != []  # 2/11 < 0.2
+    assert caption_diversity([], [])["diversity"] is None and result_warnings({"recon": {}}) == []
+
+
+def test_help_explains_the_caption_metrics(capsys):
+    from ett_ds.evaluate import parse_args
+    with pytest.raises(SystemExit):
+        parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "``cer``: corpus character error rate = total edit distance" in text
+    assert "``mean_cer``: the mean over samples" in text
+    assert "exceed 1 when the model babbles" in text and "distinct predictions / distinct references" in text
+    readme = " ".join((Path(__file__).resolve().parents[1] / "README.md").read_text().split())
+    assert "exceed 1 when the model babbles" in readme and "data.resize_mode" in readme
+
+
+def test_square_images_on_a_strip_checkpoint_warn_once_and_pad_keeps_them_whole(demo, ckpts, tmp_path, capsys):
+    """Images of another aspect ratio than the training size: one warning line; --resize-mode picks the fit."""
+    from ett_ds.data.transforms import reset_aspect_warning
+    from PIL import Image
+    shards = tmp_path / "square"
+    shards.mkdir()
+    with tarfile.open(shards / "sq-000000.tar", "w") as dst:
+        for i in range(6):
+            buf = io.BytesIO()
+            Image.new("RGB", (48, 48), (40 * i, 255 - 40 * i, 90)).save(buf, "PNG")
+            for ext, data in (("png", buf.getvalue()), ("txt", f"square {i}".encode())):
+                info = tarfile.TarInfo(f"s{i:03d}.{ext}")
+                info.size = len(data)
+                dst.addfile(info, io.BytesIO(data))
+    reset_aspect_warning()
+    capsys.readouterr()
+    out = tmp_path / "sq.json"
+    assert evaluate(["--ckpt", str(ckpts["tok"]), "--data", str(shards), "--tasks", "recon", "--ocr", "off",
+                     "--out", str(out), "--quiet", "--resize-mode", "pad", "--batch-size", "4"]) == 0
+    err = [x for x in capsys.readouterr().err.splitlines() if x.startswith("warning:")]
+    assert len(err) == 1 and "48x48" in err[0] and "32x16" in err[0] and "pad" in err[0], err
+    m = json.loads(out.read_text())
+    assert m["resize_mode"] == "pad" and m["num_samples"] == 6 and m["warnings"] == []

@@ -47,6 +47,7 @@ class Batcher:
     def __init__(self, cfg: Config, text: TextTokenizer | None, train: bool = True):
         self.cfg, self.text, self.train = cfg, text, train
         self.size = tuple(cfg.data.image_size)
+        self.resize_mode = cfg.data.resize_mode
         self.num_image_tokens = cfg.num_image_tokens
         self.default_task = {"sft": "sft", "t2i": "t2i"}.get(cfg.stage, "caption")
         # The global `random` module: the input pipeline seeds it per (seed, segment, rank, worker), and the
@@ -155,7 +156,8 @@ class Batcher:
                                  {"from": "gpt", "value": text.strip()}]
             if task != "sft" and not has_text:
                 raise SampleSkip("missing_caption")
-        pixels = image_to_uint8(sample["image"], size=self.size, train=self.train, rng=self.rng)
+        pixels = image_to_uint8(sample["image"], size=self.size, train=self.train, rng=self.rng,
+                                mode=self.resize_mode)
         ex = {"pixels": pixels, "text": str(text or ""), "gen": task == "t2i"}
         if self.text is not None:
             if task == "sft":

@@ -17,7 +17,7 @@ from typing import Iterator
 
 from PIL import Image, UnidentifiedImageError
 
-from .transforms import cover_size, to_rgb
+from .transforms import decode_size_for, to_rgb
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 WHITELIST = frozenset(IMAGE_EXTS + ("txt", "json"))
@@ -80,11 +80,14 @@ def iter_tar_samples(url: str, stats: Counter) -> Iterator[dict]:
         yield cur
 
 
-def decode_sample(raw: dict, max_pixels: int = 128_000_000, decode_size: tuple[int, int] | None = None) -> dict:
+def decode_sample(raw: dict, max_pixels: int = 128_000_000, decode_size: tuple[int, int] | None = None,
+                  resize_mode: str = "crop") -> dict:
     """Raw members -> ``{"__key__", "image": RGB PIL, "text": str | None, "json": dict | None}``; raises SampleSkip.
 
     The pixel cap is checked from the header (``Image.open`` reads only that) before ``load()``; ``decode_size``
-    = (H, W) lets JPEGs decode at a reduced DCT scale that still covers the final crop (``Image.draft``).
+    = (H, W) lets JPEGs decode at a reduced DCT scale that still covers what ``fit_image`` with ``resize_mode``
+    resamples (``Image.draft``): the cover size for ``crop``, the letterboxed size for ``pad``, (H, W) for
+    ``stretch``.
     """
     ext = next((e for e in IMAGE_EXTS if e in raw), None)
     if ext is None:
@@ -118,7 +121,7 @@ def decode_sample(raw: dict, max_pixels: int = 128_000_000, decode_size: tuple[i
         if w * h > max_pixels or w <= 0 or h <= 0:
             raise SampleSkip("too_large")
         if decode_size is not None and img.format == "JPEG":
-            img.draft("RGB", cover_size(w, h, decode_size))
+            img.draft("RGB", decode_size_for(w, h, decode_size, resize_mode))
         try:
             img.load()
         except OSError as e:
