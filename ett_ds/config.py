@@ -204,6 +204,12 @@ class TrainConfig:
     "Steps in a row whose loss or gradient norm is not finite (each skipped: no update) before the run stops with an error."
     image_every: int = 0
     "Steps between image grids (input vs reconstruction, samples); 0 disables."
+    eval_every: int = 0
+    "Steps between held-out validations on `data.eval` (loss terms, greedy captions with exact match and CER, PSNR, t2i samples; rows with an `eval` key in metrics.jsonl, TensorBoard `eval/...`, grids in images/); 0 disables."
+    eval_samples: int = 64
+    "Held-out samples (the first ones of `data.eval`, the same at every validation, split across ranks) whose loss terms and PSNR are computed."
+    eval_images: int = 8
+    "Of those, how many are captioned greedily and drawn in the validation grids (stage `t2i`: prompts sampled)."
 
 
 @dataclass
@@ -273,6 +279,9 @@ class Config:
         need(self.train.max_steps > 0 and self.train.micro_batch_size > 0, "train: max_steps and micro_batch_size must be > 0")
         need(0 <= self.optim.warmup_ratio < 1, "optim.warmup_ratio: must be in [0, 1)")
         need(self.train.max_bad_steps >= 1, "train.max_bad_steps: must be >= 1")
+        need(self.train.eval_every >= 0 and self.train.eval_samples >= 1 and self.train.eval_images >= 0,
+             "train: eval_every and eval_images must be >= 0, eval_samples >= 1")
+        need(not self.train.eval_every or bool(self.data.eval), "train.eval_every needs data.eval (held-out shards)")
         return self
 
     @property

@@ -2,7 +2,10 @@
 
 Every rank calls ``add``/``step`` (the logged values are averaged over ranks with one all-reduce per logged step;
 the codebook histogram is summed); only rank 0 writes. Loss terms stay on the device between logged steps, so the
-step itself has no host synchronisation.
+step itself has no host synchronisation. A term that a micro-batch may lack (``loss_cap`` of a batch with no caption
+positions, e.g. t2i samples) is averaged over the micro-batches that have it and logged as ``null`` when none had.
+
+Held-out validation (``ett_ds.validate``) adds rows ``{"step": N, "eval": {...}}`` through :meth:`RunLog.eval_row`.
 """
 from __future__ import annotations
 
@@ -25,6 +28,7 @@ class RunLog:
 
     def _reset(self):
         self.sums: dict[str, torch.Tensor] = {}
+        self.counts: dict[str, torch.Tensor | float] = {}  # micro-batches that had each term
         self.n = 0
         self.hist = None
         self.samples = 0
@@ -75,9 +79,18 @@ class RunLog:
         if self.enabled:
             (self.bar.write if self.bar is not None else print)(f"[ett_ds] {msg}")
 
-    def add(self, terms: dict, indices: torch.Tensor, codebook_size: int, samples: int, tokens=None) -> None:
+    def add(self, terms: dict, indices: torch.Tensor, codebook_size: int, samples: int, tokens=None,
+            present: dict | None = None) -> None:
+        """``present``: for terms a micro-batch may lack, a device bool (this micro-batch has it); such a term counts
+        only where present (no host synchronisation)."""
+        present = present or {}
         for k, v in terms.items():
+            c = 1.0
+            if k in present:
+                c = present[k].float()
+                v = torch.where(present[k], v, torch.zeros_like(v))  # an absent term may be 0/0
             self.sums[k] = self.sums[k] + v if k in self.sums else v.clone()
+            self.counts[k] = self.counts[k] + c if k in self.counts else c
         idx = indices.flatten()
         if self.hist is None:
             self.hist = torch.zeros(codebook_size, dtype=torch.long, device=idx.device)
@@ -100,18 +113,20 @@ class RunLog:
         if step % self.every and step != getattr(self.bar, "total", None):
             return None
         keys = sorted(self.sums)
-        vec = torch.stack([self.sums[k] / self.n for k in keys]
+        dev = self.hist.device
+        vec = torch.stack([self.sums[k].float().to(dev) for k in keys]
+                          + [torch.as_tensor(self.counts[k], dtype=torch.float32, device=dev) for k in keys]
                           + [torch.as_tensor(float(self.samples), device=self.hist.device),
                              (self.tokens.float() if self.tokens is not None
                               else torch.zeros((), device=self.hist.device))])
-        world = dist.world_size()
         dist.all_reduce_sum(vec)
         dist.all_reduce_sum(self.hist)
         data = _gather_counters(self.data)
         vals = vec.tolist()
         dt = time.perf_counter() - self.t0
         row = {"step": step}
-        row.update({k: vals[i] / world for i, k in enumerate(keys)})
+        nk = len(keys)  # each term: its sum over micro-batches and ranks / how many of them had it
+        row.update({k: vals[i] / vals[nk + i] if vals[nk + i] > 0 else None for i, k in enumerate(keys)})
         row.setdefault("loss_cap", None)
         row.setdefault("loss_vq", None)
         row["lr"] = lrs.get("llm", next(iter(lrs.values())) if lrs else None)
@@ -139,19 +154,47 @@ class RunLog:
                 self.bar.set_postfix(shown)
         return row
 
-    def images(self, step: int, rows: list[torch.Tensor], labels: list[str], name: str = "recon") -> Path | None:
+    def images(self, step: int, rows: list[torch.Tensor], labels: list[str], name: str = "recon",
+               captions: list | None = None, scale: int = 1) -> Path | None:
+        """A grid PNG ``images/{name}_step{step}.png`` (and TensorBoard image ``name``); ``captions``: per row,
+        None or a string under each image (``eval.metrics.save_grid``)."""
         if not self.enabled:
             return None
         from .eval.metrics import save_grid
-        out = self.run_dir / "images" / f"{name}_step{step:08d}.png"
+        out = self.run_dir / "images" / f"{name.replace('/', '_')}_step{step:08d}.png"
         out.parent.mkdir(parents=True, exist_ok=True)
-        save_grid([r.detach().float().cpu() for r in rows], out, labels=labels)
+        save_grid([r.detach().float().cpu() for r in rows], out, labels=labels, captions=captions, scale=scale)
         if self.tb is not None:
             import numpy as np
             from PIL import Image
             self.tb.add_image(name, np.asarray(Image.open(out).convert("RGB")), step, dataformats="HWC")
         self.info(f"wrote {out}")
         return out
+
+    def exclude_time(self, seconds: float) -> None:
+        """Leave ``seconds`` (a validation pass) out of the next logged row's throughput."""
+        self.t0 += seconds
+
+    def eval_row(self, step: int, metrics: dict, texts: dict[str, str] | None = None) -> dict:
+        """Rank 0 writes ``{"step": step, "eval": metrics}`` to metrics.jsonl, each number of ``metrics`` (nested
+        dicts flattened with ``/``) as the TensorBoard scalar ``eval/<key>``, and ``texts`` (markdown) as TensorBoard
+        text panels. Returns the row."""
+        row = {"step": step, "eval": metrics, "time": time.time()}
+        if not self.enabled:
+            return row
+        with open(self.path, "a") as fh:
+            fh.write(json.dumps(row) + "\n")
+        if self.tb is not None:
+            for k, v in _flat(metrics).items():
+                if isinstance(v, (int, float)) and not isinstance(v, bool):
+                    self.tb.add_scalar(f"eval/{k}", v, step)
+            for k, v in (texts or {}).items():
+                self.tb.add_text(k, v, step)
+            self.tb.flush()
+        shown = ", ".join(f"{k}={v:.4g}" for k, v in _flat(metrics).items()
+                          if isinstance(v, float) and k.split("/")[-1] in ("loss", "exact_match", "cer", "psnr"))
+        self.info(f"eval at step {step}: {shown}")
+        return row
 
     def close(self) -> None:
         if self.bar is not None:
@@ -170,3 +213,13 @@ def _gather_counters(c: Counter) -> Counter:
     for p in parts:
         total.update(p)
     return total
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}/"))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out

@@ -171,8 +171,9 @@ class Trainer:
                 self.gan.step(d["loss_d"] * gate, apply=False)
             self.engine.step()
             tokens = batch["attention_mask"].sum() if "attention_mask" in batch else None
+            present = {"loss_cap": out["num_caption_tokens"] > 0} if "num_caption_tokens" in out else None
             self.log.add(terms, out["indices"], self.cfg.model.tokenizer.codebook_size,
-                         samples=batch["pixels"].shape[0], tokens=tokens)
+                         samples=batch["pixels"].shape[0], tokens=tokens, present=present)
         applied = bool(self.engine.was_step_applied())  # a Python bool DeepSpeed set after its own norm check
         if self.gan is not None:
             self.gan.apply_step(skip=not applied)
@@ -248,7 +249,8 @@ class Trainer:
             from .generation import generate_images
             prompts = list(self.first_batch["text"][:4])
             samples = generate_images(self.model, self.text, prompts, seed=self.cfg.seed)
-            self.log.images(self.step, [self.first_batch["pixels"][:4], samples], ["data", "samples"], name="samples")
+            self.log.images(self.step, [self.first_batch["pixels"][:4], samples], ["data", "samples"], name="samples",
+                            captions=[None, prompts], scale=2)
         if not self.spec.reconstruct:
             return
         x = self.first_batch["pixels"][:8]
@@ -272,6 +274,8 @@ class Trainer:
             (self.run_dir / "ds_config.json").write_text(json.dumps(self.ds_config, indent=1))
         self.log.start(total=cfg.train.max_steps, initial=self.step)
         self.log.truncate(self.step)  # rows a killed attempt logged past the checkpoint would come twice
+        from .validate import Validator
+        validator = Validator(self)  # held-out validation every train.eval_every steps (read on first use)
         it = iter(self.batches())
         last = None
         end = min(cfg.train.max_steps, cfg.train.stop_at or cfg.train.max_steps)
@@ -293,6 +297,8 @@ class Trainer:
                     f"be good: {good or 'none'}; see {self.log.path}")
             if cfg.train.image_every and self.step % cfg.train.image_every == 0:
                 self.write_images()
+            if validator.due(self.step):
+                validator.run(self.step)
             if self.step % cfg.train.save_every == 0 or self.step == end or save_pending:
                 save_pending = not applied  # weights after a skipped step gave a non-finite loss: save later
                 if applied:
@@ -349,6 +355,8 @@ def check_inputs(cfg: C.Config) -> None:
     missing, or the checkpoint was written by another number of ranks."""
     from .data.shards import expand_urls
     expand_urls(cfg.data.train)  # FileNotFoundError naming what is missing
+    if cfg.train.eval_every and cfg.data.eval:
+        expand_urls(cfg.data.eval)
     folder = resume_folder(cfg)
     if folder is not None:
         if not folder.is_dir():

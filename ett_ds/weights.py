@@ -97,11 +97,15 @@ def load_into_model(model: torch.nn.Module, folder: Path) -> dict:
     for name, b in model.named_buffers():
         if name in sd:
             b.data.copy_(sd[name].to(b.dtype))
-    unexpected = sorted(set(sd) - set(own) - {n for n, _ in model.named_buffers()})
+    # tied weights (an LM head sharing the input embedding) appear once in named_parameters but under both names in
+    # the checkpoint: the alias is loaded through its twin, not unused
+    aliases = {n for n, _ in model.named_parameters(remove_duplicate=False)}
+    unexpected = sorted(set(sd) - set(own) - aliases - {n for n, _ in model.named_buffers()})
     report = {"from": str(folder), "loaded": len(loaded), "missing": missing, "unexpected": unexpected[:20]}
     if dist.is_rank0():
         print(f"[ett_ds] init_from {folder}: {len(loaded)} tensors loaded, {len(missing)} new "
-              f"({', '.join(sorted({m.split('.')[0] for m in missing})) or '-'}), {len(unexpected)} unused")
+              f"({', '.join(sorted({m.split('.')[0] for m in missing})) or '-'}), {len(unexpected)} unused"
+              + (f" ({', '.join(unexpected[:8])}{', ...' if len(unexpected) > 8 else ''})" if unexpected else ""))
     return report
 
 

@@ -182,14 +182,34 @@ def to_uint8_images(x: torch.Tensor) -> list[np.ndarray]:
     return list(u8.permute(0, 2, 3, 1).cpu().numpy())
 
 
+def _wrap(text: str, draw, font, width: int) -> list[str]:
+    """``text`` as lines no wider than ``width`` pixels (explicit newlines kept; long words cut by character)."""
+    lines = []
+    for para in str(text).split("\n"):
+        cur = ""
+        for ch in para:
+            if cur and draw.textlength(cur + ch, font=font) > width:
+                lines.append(cur)
+                cur = ch.lstrip()
+            else:
+                cur += ch
+        lines.append(cur)
+    return lines
+
+
 def save_grid(rows: Sequence[torch.Tensor], path: str | Path, labels: Sequence[str] | None = None,
-              pad: int = 2, scale: int = 1, background: int = 255) -> Path:
+              pad: int = 2, scale: int = 1, background: int = 255,
+              captions: Sequence[Sequence[str] | None] | None = None) -> Path:
     """Write a PNG with one row per batch in ``rows`` (each (N, C, H, W) in [-1, 1]) and optional row labels.
 
     Cells are ``max H x max W`` over all rows (smaller images sit top-left); rows may hold different N. ``scale``
     enlarges every image by an integer factor (nearest neighbour) so 32x128 strips stay legible. With no labels
     the PNG is exactly ``(pad + ncols*(W*scale+pad)) x (pad + nrows*(H*scale+pad))`` (width x height); labels add
     a left column as wide as the widest label (PIL's default font) plus ``2*pad``.
+
+    ``captions``: per row, ``None`` or one string per image, written under that image (PIL's default font, wrapped
+    to the cell width; ``\n`` starts a new line, e.g. ``"pred: ...\ntrue: ..."``). A row with captions is taller
+    by its longest caption's lines; rows without keep the sizes above.
     """
     from PIL import Image, ImageDraw, ImageFont
 
@@ -197,23 +217,33 @@ def save_grid(rows: Sequence[torch.Tensor], path: str | Path, labels: Sequence[s
         raise ValueError("save_grid: no rows")
     if labels is not None and len(labels) != len(rows):
         raise ValueError(f"save_grid: {len(labels)} labels for {len(rows)} rows")
+    if captions is not None and len(captions) != len(rows):
+        raise ValueError(f"save_grid: {len(captions)} caption lists for {len(rows)} rows")
     imgs = [to_uint8_images(r) for r in rows]
     cell_h = max(a.shape[0] for row in imgs for a in row) * scale
     cell_w = max(a.shape[1] for row in imgs for a in row) * scale
     ncols = max(len(row) for row in imgs)
 
     font = ImageFont.load_default()
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     label_w = 0
     if labels:
-        probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
         label_w = max(probe.textbbox((0, 0), str(t), font=font)[2] for t in labels) + 2 * pad
+    line_h = probe.textbbox((0, 0), "Ag|", font=font)[3] + 1
+    wrapped = []  # per row: None, or per image its caption lines
+    for r, row in enumerate(imgs):
+        caps = captions[r] if captions is not None else None
+        if caps is not None and len(caps) > len(row):
+            raise ValueError(f"save_grid: row {r} has {len(caps)} captions for {len(row)} images")
+        wrapped.append(None if caps is None else [_wrap(c, probe, font, cell_w) for c in caps])
+    band = [0 if w is None else max((len(x) for x in w), default=0) * line_h + pad for w in wrapped]
 
     width = label_w + pad + ncols * (cell_w + pad)
-    height = pad + len(imgs) * (cell_h + pad)
+    height = pad + sum(cell_h + b + pad for b in band)
     canvas = Image.new("RGB", (width, height), (background,) * 3)
     draw = ImageDraw.Draw(canvas)
+    top = pad
     for r, row in enumerate(imgs):
-        top = pad + r * (cell_h + pad)
         if labels:
             l, t, _, b = draw.textbbox((0, 0), str(labels[r]), font=font)
             draw.text((pad - l, top + (cell_h - (b - t)) // 2 - t), str(labels[r]), fill=(0, 0, 0), font=font)
@@ -221,7 +251,12 @@ def save_grid(rows: Sequence[torch.Tensor], path: str | Path, labels: Sequence[s
             im = Image.fromarray(arr)
             if scale != 1:
                 im = im.resize((im.width * scale, im.height * scale), Image.NEAREST)
-            canvas.paste(im, (label_w + pad + c * (cell_w + pad), top))
+            left = label_w + pad + c * (cell_w + pad)
+            canvas.paste(im, (left, top))
+            if wrapped[r] is not None and c < len(wrapped[r]):
+                for k, line in enumerate(wrapped[r][c]):
+                    draw.text((left, top + cell_h + pad // 2 + k * line_h), line, fill=(0, 0, 0), font=font)
+        top += cell_h + band[r] + pad
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     canvas.save(path)
