@@ -124,15 +124,20 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("instruct", help="caption shards -> instruction (SFT) shards from question templates",
                        add_help=False)
     p.add_argument("rest", nargs=argparse.REMAINDER, help="arguments of python -m data_tools.instruct")
-    p = sub.add_parser("demo", help="the built-in demo data set for the tiny recipe")
+    p = sub.add_parser("demo", help="the built-in demo data set for the tiny recipe",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--out", required=True)
-    p.add_argument("--num-train", type=_positive, default=2000)
-    p.add_argument("--num-heldout", type=_positive, default=200)
-    p.add_argument("--size", type=_size, default=(32, 128), help="HxW")
-    p.add_argument("--words", default="1-3", help="LO-HI words per caption")
-    p.add_argument("--max-chars", type=_positive, default=16)
-    p.add_argument("--vocab-size", type=_positive, default=512)
-    p.add_argument("--samples-per-shard", type=_positive, default=500)
+    p.add_argument("--task", choices=["numbers", "words"], default="numbers",
+                   help="numbers: 2-3 digit numbers, ink on paper, 32x64 (what the tiny recipe masters on a CPU); "
+                        "words: 1-3 words in random colours, 32x128 (harder)")
+    p.add_argument("--num-train", type=_positive, default=None, help="default: the task's")
+    p.add_argument("--num-heldout", type=_positive, default=None, help="default: the task's")
+    p.add_argument("--size", type=_size, default=None, help="HxW (default: the task's)")
+    p.add_argument("--words", default=None, help="words: LO-HI words per caption (default 1-3)")
+    p.add_argument("--digits", default=None, help="numbers: LO-HI digits per caption (default 2-3)")
+    p.add_argument("--max-chars", type=_positive, default=None, help="words: longest caption (default 16)")
+    p.add_argument("--vocab-size", type=_positive, default=None, help="sentencepiece vocabulary (default 512)")
+    p.add_argument("--samples-per-shard", type=_positive, default=None, help="default 500")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=_positive, default=1)
     p.add_argument("--force", action="store_true", help="rebuild even if the manifest matches")
@@ -247,10 +252,15 @@ def _cmd_spm(a) -> int:
 
 def _cmd_demo(a) -> int:
     from .demo import DemoOptions, build_demo
-    lo, hi = _words(a.words)
-    opts = DemoOptions(num_train=a.num_train, num_heldout=a.num_heldout, height=a.size[0], width=a.size[1],
-                       min_words=lo, max_words=hi, max_chars=a.max_chars, seed=a.seed,
-                       samples_per_shard=a.samples_per_shard, vocab_size=a.vocab_size)
+    given = {"num_train": a.num_train, "num_heldout": a.num_heldout, "max_chars": a.max_chars,
+             "vocab_size": a.vocab_size, "samples_per_shard": a.samples_per_shard, "seed": a.seed}
+    if a.size:
+        given.update(height=a.size[0], width=a.size[1])
+    if a.words:
+        given.update(zip(("min_words", "max_words"), _words(a.words)))
+    if a.digits:
+        given.update(zip(("min_digits", "max_digits"), _words(a.digits)))
+    opts = DemoOptions.for_task(a.task, **{k: v for k, v in given.items() if v is not None})
     summary = build_demo(a.out, opts, workers=a.workers, progress=not a.no_progress, force=a.force)
     state = "already built, skipped" if summary["skipped"] else f"built in {summary['seconds']} s"
     print(f"demo data in {summary['out']} ({state}): {summary['train_samples']} train samples in "

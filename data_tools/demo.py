@@ -1,5 +1,9 @@
 """``data_tools demo --out DIR``: the built-in data the tiny recipe trains on, in one call.
 
+Tasks: ``numbers`` (the default) renders 2-3 digit numbers in dark ink on light paper, 32x64: a task that the tiny
+recipe learns to read, reconstruct and draw within minutes on two CPU cores. ``words`` renders 1-3 words of WordNet
+glosses (or the shipped phrase list) in random colours, 32x128: far harder, for longer runs.
+
 Layout::
 
     DIR/train/demo-000000.tar ...    synth-text, training fonts, training half of the caption hash split
@@ -7,8 +11,11 @@ Layout::
     DIR/spm.model, DIR/spm.vocab     sentencepiece trained on the training captions
     DIR/README.txt, DIR/demo_manifest.json
 
+Held out twice over: by font family (below) and by string (the held-out bucket of a stable hash of the caption, so
+no held-out caption is ever rendered in train/).
+
 Fonts: DejaVu from /usr/share/fonts or matplotlib's mpl-data; Liberation (fonts-liberation2) becomes the held-out
-family when present, otherwise a fixed subset of the DejaVu files is held out. Text: WordNet glosses when
+family when present, otherwise a fixed subset of the DejaVu files is held out. Text (``words``): WordNet glosses when
 ``wordnet-base`` is installed, else the phrase list shipped in ``data_tools/assets/phrases.txt``. The manifest
 records every option and the fonts/corpus used; a second call with the same options finds it and does nothing.
 """
@@ -30,18 +37,35 @@ WORDNET = Path("/usr/share/wordnet")
 SKIP_FONTS = ("ExtraLight", "MathTeXGyre")
 
 
+TASKS = ("numbers", "words")
+
+
 @dataclass(frozen=True)
 class DemoOptions:
-    num_train: int = 2000
+    task: str = "numbers"
+    num_train: int = 4000
     num_heldout: int = 200
     height: int = 32
-    width: int = 128
-    min_words: int = 1
+    width: int = 64
+    min_words: int = 1            # words: words per caption
     max_words: int = 3
     max_chars: int = 16
+    min_digits: int = 2           # numbers: digits per caption
+    max_digits: int = 3
+    palette: str = "ink"          # see data_tools.synth_text.pick_colours
+    noise: float = 4.0
+    max_rotation: float = 2.0
     seed: int = 0
     samples_per_shard: int = 500
     vocab_size: int = 512
+
+    @classmethod
+    def for_task(cls, task: str, **overrides) -> "DemoOptions":
+        """The task's defaults (``words``: the harder 32x128 colour set), then ``overrides``."""
+        if task not in TASKS:
+            raise UsageError(f"unknown demo task {task!r}; choose one of {', '.join(TASKS)}")
+        base = {"words": dict(width=128, palette="any", noise=12.0, max_rotation=3.0)}.get(task, {})
+        return cls(task=task, **{**base, **overrides})
 
 
 def _font_dirs() -> list[Path]:
@@ -78,13 +102,26 @@ def find_corpus() -> list[str]:
     return wn or [str(ASSETS / "phrases.txt")]
 
 
+def numbers_corpus(path: Path, min_digits: int, max_digits: int) -> list[str]:
+    """Every number with min_digits..max_digits digits, one per line (the ``numbers`` task's text)."""
+    if not 1 <= min_digits <= max_digits <= 6:
+        raise UsageError(f"digits must satisfy 1 <= min <= max <= 6, got {min_digits}-{max_digits}")
+    lo = 0 if min_digits == 1 else 10 ** (min_digits - 1)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(f"{v}\n" for v in range(lo, 10 ** max_digits)))
+    return [str(path)]
+
+
 def build_demo(out: str | Path, opts: DemoOptions = DemoOptions(), *, workers: int = 1, progress: bool = True,
                force: bool = False) -> dict:
     out = Path(out)
+    if opts.task not in TASKS:
+        raise UsageError(f"unknown demo task {opts.task!r}; choose one of {', '.join(TASKS)}")
     train_fonts, heldout_fonts = find_fonts()
-    corpus = find_corpus()
+    corpus = (numbers_corpus(out / "numbers.txt", opts.min_digits, opts.max_digits) if opts.task == "numbers"
+              else find_corpus())
     manifest = {"options": asdict(opts), "train_fonts": [Path(f).name for f in train_fonts],
-                "heldout_fonts": [Path(f).name for f in heldout_fonts], "corpus": corpus, "version": 1}
+                "heldout_fonts": [Path(f).name for f in heldout_fonts], "corpus": corpus, "version": 2}
     manifest_path = out / "demo_manifest.json"
     if not force and manifest_path.exists() and (out / "spm.model").exists():
         old = json.loads(manifest_path.read_text())
@@ -97,20 +134,26 @@ def build_demo(out: str | Path, opts: DemoOptions = DemoOptions(), *, workers: i
         manifest_path.unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
 
+    numbers = opts.task == "numbers"
+
     def config(fonts, split, seed):
         return SynthConfig(fonts=tuple(fonts), corpus=tuple(corpus), height=opts.height, width=opts.width,
-                           min_chars=2, max_chars=opts.max_chars, words=(opts.min_words, opts.max_words),
-                           seed=seed, text_split=split)
+                           min_chars=opts.min_digits if numbers else 2,
+                           max_chars=opts.max_digits if numbers else opts.max_chars,
+                           words=None if numbers else (opts.min_words, opts.max_words), seed=seed, text_split=split,
+                           noise=opts.noise, max_rotation=opts.max_rotation, palette=opts.palette)
 
     common = dict(prefix="demo", samples_per_shard=opts.samples_per_shard, workers=workers, progress=progress)
     train = synth_text(config(train_fonts, "train", opts.seed), out / "train", num=opts.num_train, **common)
     heldout = synth_text(config(heldout_fonts, "heldout", opts.seed + 1), out / "heldout", num=opts.num_heldout,
                          **common)
-    spm = train_spm([str(out / "train")], str(out / "spm"), vocab_size=opts.vocab_size, seed=opts.seed)
+    spm = train_spm([str(out / "train")], str(out / "spm"), vocab_size=opts.vocab_size, seed=opts.seed,
+                    split_digits=numbers)
     summary = {"out": str(out), "train_samples": train["ok"], "train_shards": train["shards"],
                "heldout_samples": heldout["ok"], "heldout_shards": heldout["shards"],
                "spm_vocab_size": spm["vocab_size"], "train_fonts": len(train_fonts),
-               "heldout_fonts": len(heldout_fonts), "corpus": "wordnet" if "wordnet" in corpus[0] else "phrases",
+               "heldout_fonts": len(heldout_fonts),
+               "corpus": "numbers" if numbers else "wordnet" if "wordnet" in corpus[0] else "phrases",
                "seconds": round(time.time() - t0, 1)}
     (out / "README.txt").write_text(_readme(opts, manifest, summary))
     manifest_path.write_text(json.dumps({"config": manifest, "summary": summary}, indent=1, sort_keys=True))
@@ -121,8 +164,9 @@ def _readme(opts: DemoOptions, manifest: dict, summary: dict) -> str:
     n_train, n_held = summary["train_shards"], summary["heldout_shards"]
     return f"""ett_ds demo data (built by `python -m data_tools demo`)
 
-Task: read the text rendered in each {opts.height}x{opts.width} (HxW) image; the caption (txt member) is exactly the
-rendered string ({opts.min_words}-{opts.max_words} words, at most {opts.max_chars} characters).
+Task ({opts.task}): read the text rendered in each {opts.height}x{opts.width} (HxW) image; the caption (txt member) is
+exactly the rendered string ({f"{opts.min_digits}-{opts.max_digits} digit numbers" if opts.task == "numbers" else
+f"{opts.min_words}-{opts.max_words} words, at most {opts.max_chars} characters"}; palette {opts.palette}).
 
 train/    demo-{{000000..{n_train - 1:06d}}}.tar  {summary['train_samples']} samples, fonts: {', '.join(manifest['train_fonts'])}
 heldout/  demo-{{000000..{n_held - 1:06d}}}.tar  {summary['heldout_samples']} samples, fonts: {', '.join(manifest['heldout_fonts'])}

@@ -68,7 +68,10 @@ def iter_captions(inputs: Iterable[str]) -> Iterator[str]:
 
 
 def train_spm(inputs: list[str], out_prefix: str, *, vocab_size: int = 1000, model_type: str = "unigram",
-              character_coverage: float = 1.0, max_sentences: int = 2_000_000, seed: int = 0) -> dict:
+              character_coverage: float = 1.0, max_sentences: int = 2_000_000, seed: int = 0,
+              split_digits: bool = False) -> dict:
+    """``split_digits``: every digit is its own piece (numbers are read and written digit by digit, so a model
+    can produce numbers it never saw whole)."""
     import sentencepiece as spm
 
     sentences = []
@@ -89,7 +92,7 @@ def train_spm(inputs: list[str], out_prefix: str, *, vocab_size: int = 1000, mod
         character_coverage=character_coverage, byte_fallback=True, hard_vocab_limit=False,
         pad_id=0, unk_id=1, bos_id=2, eos_id=3, pad_piece="<pad>", unk_piece="<unk>", bos_piece="<s>",
         eos_piece="</s>", input_sentence_size=max_sentences, shuffle_input_sentence=True,
-        num_threads=1, minloglevel=2,
+        num_threads=1, minloglevel=2, split_digits=split_digits,
 
     )
     try:

@@ -45,6 +45,7 @@ class SynthConfig:
     noise: float = 12.0                    # max std of the gaussian background noise (0..255 scale)
     max_rotation: float = 3.0              # degrees
     min_font_px: int = 8
+    palette: str = "any"                   # any: random colours, luma contrast >= 90 | ink: dark ink on light paper
 
 
 def resolve_fonts(patterns: list[str]) -> list[str]:
@@ -141,6 +142,25 @@ def _luma(c) -> float:
     return 0.299 * c[0] + 0.587 * c[1] + 0.114 * c[2]
 
 
+PALETTES = ("any", "ink")
+
+
+def pick_colours(rng: random.Random, palette: str) -> tuple[tuple, tuple]:
+    """(background, foreground) RGB. ``any``: random colours whose luma differs by >= 90; ``ink``: a near-grey
+    light paper (200-255) and dark ink (0-70), the easy case for a small tokenizer."""
+    if palette == "ink":
+        paper, ink = rng.randrange(200, 256), rng.randrange(0, 71)
+        return (tuple(min(255, max(0, paper + rng.randrange(-12, 13))) for _ in range(3)),
+                tuple(min(255, max(0, ink + rng.randrange(-12, 13))) for _ in range(3)))
+    if palette != "any":
+        raise UsageError(f"unknown palette {palette!r}; choose one of {', '.join(PALETTES)}")
+    while True:
+        bg = tuple(rng.randrange(256) for _ in range(3))
+        fg = tuple(rng.randrange(256) for _ in range(3))
+        if abs(_luma(bg) - _luma(fg)) >= 90:
+            return bg, fg
+
+
 def sample_seed(seed: int, index: int) -> int:
     return int.from_bytes(hashlib.sha256(f"synth:{seed}:{index}".encode()).digest()[:8], "big")
 
@@ -169,11 +189,7 @@ def render_sample(cfg: SynthConfig, index: int) -> tuple[dict[str, bytes], dict]
     x = rng.randint(2, max(2, W - 2 - tw)) - bbox[0]
     y = rng.randint(1 + slack, max(1 + slack, H - 1 - slack - th)) - bbox[1]
 
-    while True:
-        bg = tuple(rng.randrange(256) for _ in range(3))
-        fg = tuple(rng.randrange(256) for _ in range(3))
-        if abs(_luma(bg) - _luma(fg)) >= 90:
-            break
+    bg, fg = pick_colours(rng, cfg.palette)
     mask = Image.new("L", (W, H), 0)
     ImageDraw.Draw(mask).text((x, y), text, fill=255, font=_font(font, size))
     if abs(angle) > 0.05:

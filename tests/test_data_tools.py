@@ -234,16 +234,45 @@ def test_train_spm_and_demo(tmp_path, capsys):
     assert (out / "README.txt").exists() and main(["verify", str(out / "train")]) == 0
     train_caps = {c for t in (out / "train").glob("*.tar") for c in _captions(t)}
     held_caps = {c for t in (out / "heldout").glob("*.tar") for c in _captions(t)}
-    assert not train_caps & held_caps and max(map(len, train_caps)) <= 16
+    assert not train_caps & held_caps  # held out by string
+    assert all(c.isdigit() and 2 <= len(c) <= 3 for c in train_caps | held_caps)  # the default task: numbers
+    manifest = json.loads((out / "demo_manifest.json").read_text())["config"]
+    assert not set(manifest["train_fonts"]) & set(manifest["heldout_fonts"])  # and by font
     import sentencepiece as spm
     sp = spm.SentencePieceProcessor(model_file=str(out / "spm.model"))
     assert (sp.pad_id(), sp.unk_id(), sp.bos_id(), sp.eos_id()) == (0, 1, 2, 3)
+    assert [p.strip("\u2581") for p in sp.encode("907", out_type=str) if p != "\u2581"] == ["9", "0", "7"]
     assert sp.decode(sp.encode("zebra crossing Ω")) == "zebra crossing Ω"  # byte fallback
     assert main(argv) == 0 and "skipped" in capsys.readouterr().out
     spm_args = ["train-spm", "--input", str(out / "train"), "--out", str(tmp_path / "sp"), "--vocab-size"]
     assert main(spm_args + ["100"]) == 2 and "below the minimum" in capsys.readouterr().err
     assert main(spm_args + ["5000"]) == 0  # far more than 300 captions support: shrinks instead of failing
-    assert 300 < json.loads(capsys.readouterr().out.strip())["vocab_size"] < 5000
+    assert 260 < json.loads(capsys.readouterr().out.strip())["vocab_size"] < 5000
+
+
+def test_demo_words_task_keeps_the_old_colour_set(tmp_path):
+    _fonts()
+    out = tmp_path / "words"
+    assert main(["demo", "--out", str(out), "--task", "words", "--num-train", "60", "--num-heldout", "10",
+                 "--samples-per-shard", "60", "--no-progress"]) == 0
+    opts = json.loads((out / "demo_manifest.json").read_text())["config"]["options"]
+    assert (opts["task"], opts["width"], opts["palette"]) == ("words", 128, "any")
+    caps = {c for t in (out / "train").glob("*.tar") for c in _captions(t)}
+    assert any(not c.isdigit() for c in caps) and max(map(len, caps)) <= 16
+
+
+def test_ink_palette_is_dark_on_light_and_any_keeps_contrast():
+    import random
+
+    from data_tools.synth_text import _luma, pick_colours
+    rng = random.Random(0)
+    for _ in range(200):
+        bg, fg = pick_colours(rng, "ink")
+        assert min(bg) >= 188 and max(fg) <= 82
+        bg, fg = pick_colours(rng, "any")
+        assert abs(_luma(bg) - _luma(fg)) >= 90
+    with pytest.raises(Exception, match="unknown palette"):
+        pick_colours(rng, "neon")
 
 
 @pytest.mark.skipif(not Path("/usr/share/datasets/fashion-mnist").exists(),
