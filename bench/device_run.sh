@@ -17,7 +17,8 @@
 #   M  memory plan: bench/memory_plan.py's estimate vs torch.cuda.max_memory_allocated of the A/B engine rows
 #   C  levers ett with one setting changed each (and the reference where the change applies to it too):
 #      nockpt (no activation checkpointing), nockpt16, zero2, bucket5e8, persist1e5 (DeepSpeed's default),
-#      foreach (AdamW without fused), rb4 (IBQ's 4 res blocks); a lever's ratio line uses the mb8 reference
+#      foreach (AdamW without fused), rb4 (IBQ's 4 res blocks), qchunk512 (quantizer chunks of 512 tokens instead of
+#      the automatic 128); a lever's ratio line uses the mb8 reference
 # Environment: ETT_BENCH_PRESET (h200-1.5b), ETT_BENCH_BUDGET_S (360), ETT_BENCH_STEPS / ETT_BENCH_WARMUP (preset's),
 # ETT_BENCH_LEVERS (1: run phase C), ETT_BENCH_SKIP_WHEELS (1: do not install .whl/*.whl), PYTHON (python3).
 set -uo pipefail
@@ -138,6 +139,8 @@ if [ "$LEVERS" = 1 ]; then
     bench persist1e5 50 --variants ett --ceiling-from "$RESULTS" engine.persistence_threshold=100000
     bench foreach 50 --variants ett --ceiling-from "$RESULTS" engine.fused_optimizer=false
     bench rb4 90 --variants reference,ett --ceiling-from "$RESULTS" model.tokenizer.num_res_blocks=4
+    # issue 12: the chunked quantizer's default chunk (128 tokens at K = 131,072) against 4x larger chunks
+    bench qchunk512 50 --variants ett --ceiling-from "$RESULTS" model.tokenizer.quantizer_chunk_tokens=512
 fi
 
 if [ "$DRY" = 1 ]; then

@@ -105,3 +105,26 @@ def test_quantizer_memory_bench_runs_every_variant_in_a_child_and_ends_with_the_
             assert r.get("s", r.get("ratio", 0)) > 0 and r.get("growth_gb", 0) >= 0 and r.get("peak_reset", True) in (True, False), r
     assert {"ibq_growth_gb@64", "ibq_time_ratio@64", "head_growth_gb@2048", "ibq_growth_gb@2048"} <= set(last["summary"])
     assert last["summary"]["ibq_time_ratio@64"] > 0 and "targets" in last
+
+
+def test_memory_plan_from_the_saved_measurements_sets_the_recipe_micro_batch():
+    """bench/memory_plan.py with the committed CPU measurements (no measuring here: meta-device model, DeepSpeed
+    config): every line parses, and the qwen2.5-1.5b-ibq recipe's micro-batch is the largest that fits on both 1 and
+    8 GPUs of 80 GB (issue 12)."""
+    from ett_ds.config import load_config
+    saved = REPO / "bench" / "memory_plan_qwen2.5-1.5b-ibq.json"
+    rc, out, err = run_group([sys.executable, str(REPO / "bench" / "memory_plan.py"), "--measured", str(saved),
+                              "--gpus", "1", "8", "--gpu-gb", "80", "141", "--json"], 180, cwd=REPO,
+                             env=subprocess_env(OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu"))
+    assert rc == 0, err[-2000:]
+    head, *plans = [json.loads(line) for line in out.strip().splitlines()]
+    assert head["recipe"] == "qwen2.5-1.5b-ibq" and head["image_tokens"] == 1024
+    assert 1.5e9 < head["params"]["parts"]["llm"] < 1.6e9 and head["params"]["parts"]["tokenizer"] > 9e7
+    assert [(p["gpus"], p["gpu_gb"]) for p in plans] == [(1, 80.0), (1, 141.0), (8, 80.0), (8, 141.0)]
+    for p in plans:
+        states = p["model_states"]
+        assert states["total_gb"] > 0 and states["deepspeed_estimator_gb"] > 0
+        totals = [r["step_total_gb"] for r in p["micro_batches"]]
+        assert totals == sorted(totals)
+    fits_80 = min(p["largest_fitting_micro_batch"] for p in plans if p["gpu_gb"] == 80.0)
+    assert load_config("qwen2.5-1.5b-ibq").train.micro_batch_size == head["recipe_micro_batch"] == fits_80

@@ -125,6 +125,13 @@ class IBQChunked(torch.autograd.Function):
         return grad_z, grad_e, None, None
 
 
+def _softmax_(logits: torch.Tensor) -> torch.Tensor:
+    """softmax over the last dim in fp32, in the logits' own buffer when they are fp32 (one chunk x K tensor)."""
+    x = logits.float()
+    x.sub_(x.amax(-1, keepdim=True)).exp_()
+    return x.div_(x.sum(-1, keepdim=True))
+
+
 class LinearCrossEntropy(torch.autograd.Function):
     """sum_i CE(hidden_i @ W^T, target_i) over targets != ignore_index, ``chunk`` rows at a time.
 
@@ -156,7 +163,7 @@ class LinearCrossEntropy(torch.autograd.Function):
         with torch.autocast(device_type=hidden.device.type, enabled=False):
             for s, e in _spans(hidden.shape[0], ctx.chunk):
                 t = targets[s:e]
-                g = torch.softmax((h[s:e] @ w.t()).float(), -1)  # d CE / d logits = softmax - one_hot
+                g = _softmax_(h[s:e] @ w.t())  # d CE / d logits = softmax - one_hot
                 valid = t != ctx.ignore_index
                 rows = torch.arange(len(t), device=t.device)
                 g[rows, t.clamp_min(0)] -= valid.to(g.dtype)
