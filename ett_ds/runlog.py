@@ -24,6 +24,7 @@ class RunLog:
         self.run_dir, self.every, self.enabled = Path(run_dir), max(1, every), enabled
         self.path = self.run_dir / "metrics.jsonl"
         self.bar = self.tb = None
+        self.total = None  # the last step: always logged, on every rank (the row is a collective)
         self._reset()
 
     def _reset(self):
@@ -37,6 +38,7 @@ class RunLog:
         self.t0 = time.perf_counter()
 
     def start(self, total: int, initial: int = 0) -> None:
+        self.total = total
         if not self.enabled:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -110,7 +112,7 @@ class RunLog:
         added to the row as they are (e.g. the count of skipped steps)."""
         if self.bar is not None:
             self.bar.update(1)
-        if step % self.every and step != getattr(self.bar, "total", None):
+        if step % self.every and step != self.total:
             return None
         keys = sorted(self.sums)
         dev = self.hist.device

@@ -119,3 +119,21 @@ def test_absent_loss_term_is_null_and_present_ones_average_over_their_batches(tm
     log.add({"loss": t(4.0), "loss_cap": t(3.0)}, idx, 8, samples=4, present={"loss_cap": t(True)})
     row = log.step(2, {"llm": 1.0})
     assert row["loss_cap"] == 3.0 and row["loss"] == 3.0
+
+
+def test_two_ranks_validate_together(demo, tmp_path):
+    """ZeRO-3 over 2 processes: every rank runs the held-out forwards and the greedy captions (no hang), the loss
+    samples are split evenly (7 held-out samples -> 3 per rank), rank 0 writes one row per pass."""
+    import sys
+    from pathlib import Path
+
+    from tests.tiny import run_group, subprocess_env
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
+           "ett_ds.train", *demo_train_args(demo, tmp_path, "name=two", "stage=ett", "train.max_steps=2",
+                                            "train.eval_every=2", "train.eval_samples=7", "train.eval_images=2")]
+    rc, out, err = run_group(cmd, 300, cwd=Path(__file__).resolve().parents[1], env=subprocess_env())
+    assert rc == 0, (out + err)[-3000:]
+    rows = [json.loads(line) for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
+    (ev,) = [r["eval"] for r in rows if "eval" in r]
+    assert ev["num_samples"] == 6 and finite(ev["loss_cap"]) and finite(ev["psnr"])
+    check_captions(ev, 2)
