@@ -7,7 +7,8 @@ Tasks
   against the sample's reference text, next to the OCR CER of the original image (the reader's own ceiling).
 - ``caption``: greedy caption of each image with the training prompt; exact match, CER and caption diversity
   against the reference; per-sample outputs go to ``<out stem>_samples.jsonl``.
-- ``t2i``: an image generated from each of the first ``--t2i-samples`` captions, read back by the OCR reader (CER),
+- ``t2i``: an image generated from each of the first ``--t2i-samples`` captions, read back by the OCR reader (CER,
+  and ``ocr_exact_match``: the share of images read back as exactly their prompt),
   and a grid ``<out stem>_t2i.png``. Skipped with a note when the checkpoint has no visual head.
 
 ``--ckpt`` is a training step folder, a run folder (newest complete step) or an export folder. Launched with
@@ -69,7 +70,10 @@ def parse_args(argv):
     ap.add_argument("--ocr", choices=("auto", "on", "off"), default="auto",
                     help="OCR scoring (auto: when rapidocr-onnxruntime is installed)")
     ap.add_argument("--t2i-samples", type=int, default=8, help="captions turned into images for t2i")
-    ap.add_argument("--cfg-scale", type=float, default=3.0)
+    ap.add_argument("--cfg-scale", type=float, default=3.0, help="t2i classifier-free guidance scale")
+    ap.add_argument("--t2i-temperature", type=float, default=1.0,
+                    help="t2i sampling temperature (0: greedy, the most likely code at every position)")
+    ap.add_argument("--t2i-top-k", type=int, default=0, help="t2i: sample among the k most likely codes (0: all)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--resize-mode", choices=("crop", "pad", "stretch"), default=None,
                     help="how images are fitted to the training size (default: the checkpoint's data.resize_mode)")
@@ -155,8 +159,8 @@ def t2i_images(model, text, prompts, args, device) -> torch.Tensor:
     from .generation import generate_images
     if not prompts:
         return torch.zeros(0, 3, *model.cfg.data.image_size)
-    return generate_images(model, text, prompts, cfg_scale=args.cfg_scale, temperature=1.0, top_k=0,
-                           seed=args.seed).cpu()
+    return generate_images(model, text, prompts, cfg_scale=args.cfg_scale, temperature=args.t2i_temperature,
+                           top_k=args.t2i_top_k, seed=args.seed).cpu()
 
 
 def summarize(recs: list[dict], hist: torch.Tensor, tasks: list[str], reader_on: bool) -> dict:
@@ -303,6 +307,7 @@ def run(args) -> dict | None:
         res = {"num": len(items), "grid": str(grid)}
         if reader is not None:
             res["ocr_cer"] = M.corpus_cer([x["ocr"] for x in items], [x["prompt"] for x in items], normalize=True)
+            res["ocr_exact_match"] = M.mean_exact_match([x["ocr"] for x in items], [x["prompt"] for x in items])
         result["t2i"] = res
         for x in items:
             x["task"] = "t2i"

@@ -9,7 +9,7 @@ from ett_ds.config import Config, ConfigError, field_docs, load_config, markdown
 
 def test_builtin_recipes_load_and_validate():
     tiny = load_config("tiny")
-    assert tiny.stage == "ett" and tiny.num_image_tokens == 64
+    assert tiny.stage == "ett" and tiny.num_image_tokens == 32  # 32x64 at 8x downsampling
     paper = load_config("qwen2.5-1.5b-ibq")
     assert paper.model.tokenizer.codebook_size == 131072 and paper.train.alpha == 0.25
     assert paper.train.global_batch_size == 1024 and paper.data.image_size == [512, 512]
