@@ -25,6 +25,7 @@
 #   ETT_LAUNCH_MODE       local | srun | pdsh (overridden by --mode)
 #   ETT_LAUNCH_DIR        where the hostfile and worker environment file go
 #   ETT_EXPORT_VARS       extra variable names (space or comma separated) the workers must receive in pdsh mode
+#   ETT_NO_VALIDATE=1     skip the recipe check (python -m ett_ds.engine.preflight) that runs before every launch
 #   MASTER_PORT           rendezvous port (default in SLURM: 20000 + job id % 20000, as ett_ds.engine.dist;
 #                         on one machine outside SLURM: a free port, never a fixed one)
 #   OMP_NUM_THREADS       default max(1, cores / processes per node); the deepspeed launcher leaves it unset
@@ -171,6 +172,17 @@ run_cmd() {
 
 trainer=(--module ett_ds.train --config "$recipe" "${overrides[@]}")
 
+# The recipe and overrides are loaded as the trainer will load them (an unknown key or bad value stops here, on this
+# node, in a second) and the plan is shown: world size, gradient accumulation, global batch. $1 = world size.
+preflight() {
+    [ "${ETT_NO_VALIDATE:-0}" != 1 ] || { note "recipe not checked (ETT_NO_VALIDATE=1)"; return 0; }
+    local py out
+    py="$(command -v python || command -v python3)" || die "no python on PATH to check the recipe (ETT_NO_VALIDATE=1 skips)"
+    out="$("$py" -m ett_ds.engine.preflight --world-size "$1" --config "$recipe" "${overrides[@]}" 2>&1)" ||
+        die "$(printf '%s' "$out" | tail -n 1 | sed 's/^error: //')"
+    if [ "$dry_run" = 1 ]; then echo "# $out"; else note "$out"; fi
+}
+
 # ---------------------------------------------------------------------------------------------- one machine
 if [ "$mode" = local ]; then
     port="$(master_port)"
@@ -196,6 +208,7 @@ if [ "$mode" = local ]; then
     set_omp_threads "$nprocs"
     [ -z "$port" ] || launcher+=(--master_port "$port")
     note "mode=local processes=$nprocs gpus=$n_gpus"
+    preflight "$nprocs"
     run_cmd "${launcher[@]}" "${trainer[@]}"
 fi
 
@@ -247,6 +260,7 @@ done
 set_var DS_ENV_FILE "$env_file"
 
 note "mode=$mode nodes=${#hosts[@]} slots/node=$slots world=$(( ${#hosts[@]} * slots )) master=$master_addr:$port"
+preflight "$(( ${#hosts[@]} * slots ))"
 if [ "$dry_run" = 1 ]; then
     echo "# hostfile $hostfile"
     printf '%s\n' "$hostfile_text"
