@@ -3,9 +3,13 @@
 Consolidates a ZeRO-3 training checkpoint (frozen parameters included; the tokenizer's EMA when the run kept one)
 into files other code can open:
 
-    DIR/llm/                    the LLM (HF save_pretrained, safetensors, tied embeddings re-tied) and, for an HF
-                                text tokenizer, the tokenizer with the image special tokens (AutoTokenizer opens it)
-    DIR/spm.model               the sentencepiece text tokenizer (when the run used one)
+    DIR/llm/                    the LLM (HF save_pretrained, safetensors, tied embeddings re-tied), its
+                                generation_config.json (bos/eos/pad, greedy, image tokens and padding rows
+                                suppressed) and the text tokenizer as transformers opens it (AutoTokenizer): for a
+                                sentencepiece run a fast tokenizer (tokenizer.json) built from the .model, checked
+                                to give the same ids; the image special tokens at training's ids; a chat template
+                                rendering training's data.chat_template
+    DIR/spm.model               the sentencepiece text tokenizer (when the run used one; ett_ds loads this)
     DIR/tokenizer.safetensors   the vision tokenizer in the IBQ key layout; its config in the metadata
     DIR/tokenizer_config.json   the same config in SEED-Voken's naming (ddconfig, n_embed, embed_dim)
     DIR/projector.safetensors   and visual_head / index_embed .safetensors when the model has them
@@ -29,6 +33,12 @@ import torch
 from .config import save_config
 from .loading import EXPORT_CONFIG, EXTRA_PARTS, load_model, no_zero_init, resolve
 from .models.ibq_checkpoint import CheckpointError
+from .models.text import chat_template_jinja
+from .weights import save_safetensors, umask_mode
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The module docstring as written, and every option's default."""
+
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -44,9 +54,8 @@ def ibq_config(tcfg) -> dict:
 
 
 def save_module(module: torch.nn.Module, path: Path, dtype: torch.dtype, metadata: dict | None = None) -> None:
-    from safetensors.torch import save_file
     sd = {k: (v.to(dtype) if v.is_floating_point() else v).contiguous() for k, v in module.state_dict().items()}
-    save_file(sd, str(path), metadata=metadata)
+    save_safetensors(sd, path, metadata)
 
 
 def export(ckpt: str | Path, out: str | Path, dtype: torch.dtype = torch.float32, verify: bool = True) -> Path:
@@ -71,9 +80,21 @@ def export(ckpt: str | Path, out: str | Path, dtype: torch.dtype = torch.float32
         llm = model.llm.to(dtype)
         llm.config.use_cache = True
         llm.tie_weights()  # the consolidated state dict carries both names of tied tables: make them one again
-        llm.save_pretrained(str(out / "llm"), safe_serialization=True)
         text = loaded.text
-        text.save(out / "llm" if text.kind == "hf" else out)
+        hf_tok = text.hf_tokenizer(chat_template_jinja(cfg.data.chat_template, cfg.num_image_tokens))
+        text.check_hf(hf_tok)
+        set_generation_config(llm, text)
+        llm.save_pretrained(str(out / "llm"), safe_serialization=True)
+        hf_tok.save_pretrained(str(out / "llm"))
+        if text.kind != "hf":
+            spec_path = out / "llm" / "tokenizer_config.json"
+            spec = json.loads(spec_path.read_text())
+            spec.update(tokenizer_class="PreTrainedTokenizerFast", ett_text_tokenizer="sentencepiece")
+            spec_path.write_text(json.dumps(spec, indent=2))
+        for f in (out / "llm").iterdir():
+            umask_mode(f)  # save_pretrained's safetensors are 0600 otherwise
+        if text.kind != "hf":
+            text.save(out)  # spm.model beside the folder: what ett_ds itself loads
         for part in EXTRA_PARTS:
             module = getattr(model, part)
             if module is not None:
@@ -84,9 +105,39 @@ def export(ckpt: str | Path, out: str | Path, dtype: torch.dtype = torch.float32
         lcfg.gradient_checkpointing = True  # a training default again, for runs that start from this config
         if verify:
             check_llm(out / "llm", llm)
+            text.check_hf(open_tokenizer(out / "llm"))
     cfg.train.init_from = None
     save_config(cfg, out / EXPORT_CONFIG)
     return out
+
+
+def set_generation_config(llm: torch.nn.Module, text) -> None:
+    """bos/eos/pad in the model config and a GenerationConfig that decodes like ``ett_ds.infer``: greedy, stops at
+    eos, never emits the image tokens or the padding rows of the embedding table (ids >= the tokenizer's size)."""
+    from transformers import GenerationConfig
+    rows = llm.get_input_embeddings().weight.shape[0]
+    suppress = [text.boi_id, text.eoi_id, text.image_id] + list(range(text.vocab_size, rows))
+    for key, value in (("bos_token_id", text.bos_id), ("eos_token_id", text.eos_id), ("pad_token_id", text.pad_id)):
+        setattr(llm.config, key, value)
+    llm.generation_config = GenerationConfig(bos_token_id=text.bos_id, eos_token_id=text.eos_id,
+                                             pad_token_id=text.pad_id, do_sample=False, max_new_tokens=32,
+                                             suppress_tokens=suppress)
+
+
+def open_tokenizer(folder: str | Path):
+    """The exported text tokenizer with transformers alone.
+
+    ``tokenizer.json`` is exact for both kinds. ``AutoTokenizer`` opens it as written for an HF-tokenizer run; for a
+    sentencepiece run on a Qwen2-architecture LLM, transformers 5 ``AutoTokenizer`` always builds its own
+    byte-level ``Qwen2Tokenizer`` for ``model_type: qwen2`` (whatever ``tokenizer_config.json`` says) and would
+    encode differently, so the file is opened with ``PreTrainedTokenizerFast`` (the class it was saved as).
+    """
+    import json as _json
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+    spec = _json.loads((Path(folder) / "tokenizer_config.json").read_text())
+    if spec.get("ett_text_tokenizer") == "sentencepiece":
+        return PreTrainedTokenizerFast.from_pretrained(str(folder))
+    return AutoTokenizer.from_pretrained(str(folder))
 
 
 def check_llm(folder: Path, llm: torch.nn.Module) -> None:
@@ -94,6 +145,10 @@ def check_llm(folder: Path, llm: torch.nn.Module) -> None:
     from transformers import AutoModelForCausalLM
     with no_zero_init():
         reopened = AutoModelForCausalLM.from_pretrained(str(folder), dtype=next(llm.parameters()).dtype)
+    from transformers import GenerationConfig
+    tok, gen = open_tokenizer(folder), GenerationConfig.from_pretrained(str(folder))
+    if gen.eos_token_id is None or tok.eos_token_id != gen.eos_token_id or not tok.chat_template:
+        raise CheckpointError(f"{folder}: the exported tokenizer / generation config lack eos or a chat template")
     ours, theirs = llm.state_dict(), reopened.state_dict()
     if set(ours) != set(theirs):
         raise CheckpointError(f"{folder}: reopened LLM has different tensors ({sorted(set(ours) ^ set(theirs))[:3]})")
@@ -104,10 +159,10 @@ def check_llm(folder: Path, llm: torch.nn.Module) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m ett_ds.export", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+                                 formatter_class=HelpFormatter)
     ap.add_argument("--ckpt", required=True, help="a training step folder (or a run folder: its newest step)")
     ap.add_argument("--out", required=True, help="a new (or empty) folder")
-    ap.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    ap.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="LLM, projector and heads")
     ap.add_argument("--no-verify", action="store_true", help="skip reopening the LLM with from_pretrained")
     args = ap.parse_args(sys.argv[1:] if argv is None else argv)
     out = Path(args.out)

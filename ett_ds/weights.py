@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 from dataclasses import asdict
 from pathlib import Path
 
@@ -118,12 +119,26 @@ def full_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
+def umask_mode(path: str | Path, mode: int = 0o666) -> None:
+    """Give a written file ``mode`` minus the process umask (what a plain ``open`` would have given): safetensors
+    writes 0600, which colleagues on a shared cluster cannot read."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, mode & ~mask)
+
+
+def save_safetensors(tensors: dict, path: str | Path, metadata: dict | None = None) -> None:
+    """``safetensors.torch.save_file`` with the file mode following the umask (0644 under umask 022)."""
+    from safetensors.torch import save_file
+    save_file(tensors, str(path), metadata=metadata)
+    umask_mode(path)
+
+
 def save_tokenizer(tokenizer: torch.nn.Module, path: Path, tcfg, dtype: torch.dtype = torch.float32) -> None:
     """Collective. Rank 0 writes the IBQ-layout safetensors with the tokenizer config in its metadata."""
-    from safetensors.torch import save_file
     sd = full_state_dict(tokenizer)
     if dist.is_rank0():
         sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}
-        save_file({k: v.contiguous() for k, v in sd.items()}, str(path),
-                  metadata={"format": "ibq", "ett_tokenizer_config": json.dumps(asdict(tcfg))})
+        save_safetensors({k: v.contiguous() for k, v in sd.items()}, path,
+                         metadata={"format": "ibq", "ett_tokenizer_config": json.dumps(asdict(tcfg))})
     dist.barrier()

@@ -9,6 +9,9 @@ from pathlib import Path
 
 IMAGE_START, IMAGE_END, IMAGE_TOKEN = "<|ett_image_start|>", "<|ett_image_end|>", "<|ett_image|>"
 SPECIALS = (IMAGE_START, IMAGE_END, IMAGE_TOKEN)
+# Strings the export checks the HF tokenizer on: digits, punctuation, spacing, newlines, non-ASCII (byte fallback).
+PROBES = ("Read the text.", "What is the first digit?", "How many digits?", "123 4567", "  two  spaces ",
+          "user: hi\n", "a\nb\n\n", "caf\u00e9 \u2603 \u4e2d", "", "Describe the image.\n")
 
 
 class TextTokenizer:
@@ -71,12 +74,104 @@ class TextTokenizer:
         else:
             self._hf.save_pretrained(str(folder))
 
+    def hf_tokenizer(self, chat_template: str | None = None):
+        """A ``transformers`` tokenizer that encodes and decodes exactly like this one, image specials included.
+
+        For sentencepiece, a fast tokenizer (``tokenizer.json``) built from the ``.model``'s own proto (pieces,
+        scores, normalizer, dummy prefix, byte fallback) with the three image tokens appended at the same ids;
+        ``tok(text)`` prepends bos when the model has one, ``add_special_tokens=False`` gives ``encode(text)``.
+        ``chat_template`` (a Jinja template, see :func:`chat_template_jinja`) replaces any template it had.
+        """
+        if self.kind == "hf":
+            tok = self._hf
+        else:
+            tok = _fast_from_sentencepiece(self)
+        if chat_template is not None:
+            tok.chat_template = chat_template
+        return tok
+
+    def check_hf(self, tok, probes=PROBES) -> None:
+        """Raise ValueError unless ``tok`` gives this tokenizer's ids (and texts back) on ``probes``."""
+        ids = [self.boi_id, self.eoi_id, self.image_id]
+        if tok.convert_tokens_to_ids(list(SPECIALS)) != ids:
+            raise ValueError(f"HF tokenizer: image specials at {tok.convert_tokens_to_ids(list(SPECIALS))}, "
+                             f"expected {ids}")
+        if tok.eos_token_id != self.eos_id or tok.bos_token_id != self.bos_id or tok.pad_token_id != self.pad_id:
+            raise ValueError("HF tokenizer: bos/eos/pad ids differ from the training tokenizer's")
+        for text in probes:
+            theirs = tok.encode(text, add_special_tokens=False)
+            if theirs != self.encode(text):
+                raise ValueError(f"HF tokenizer encodes {text!r} as {theirs}, training used {self.encode(text)}")
+            if tok.decode(theirs, skip_special_tokens=True) != self.decode(theirs):
+                raise ValueError(f"HF tokenizer decodes {text!r} differently")
+
     def __getstate__(self):
         return {"path": self.path, "trust_remote_code": self.trust_remote_code}
 
     def __setstate__(self, state):
         self.__dict__.update(state)
         self._load()
+
+
+def chat_template_jinja(template: str, num_image_tokens: int) -> str:
+    """Training's ``data.chat_template`` (a ``{role}``/``{content}`` format string) as a Jinja chat template.
+
+    It renders the text of the sft layout of :class:`ett_ds.data.batch.Batcher`: bos, then per message the
+    template with LLaVA roles mapped (human -> user, gpt -> assistant), eos right after each assistant content,
+    ``<image>`` in a message replaced by image start + N image tokens + image end; ``add_generation_prompt``
+    appends the opening of an assistant turn. (Training encodes each piece on its own, so the ids of a rendered
+    string can differ from training's at piece boundaries; the text is the same.)
+    """
+    if "{content}" not in template or "{role}" not in template:
+        raise ValueError("data.chat_template must contain {role} and {content}")
+    import json
+    pre, post = template.split("{content}", 1)
+
+    def render(part: str, role: str) -> str:
+        pieces = part.split("{role}")
+        out = []
+        for k, piece in enumerate(pieces):
+            if k:
+                out.append(f"{{{{ {role} }}}}")
+            if piece:
+                out.append(f"{{{{ {json.dumps(piece)} }}}}")
+        return "".join(out)
+
+    image = json.dumps(IMAGE_START + IMAGE_TOKEN * num_image_tokens + IMAGE_END)
+    roles = json.dumps({"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                        "system": "system"})
+    return ("{% set roles = " + roles + " %}{{ bos_token if bos_token else '' }}"
+            "{% for message in messages %}"
+            "{% set role = roles.get(message['role'], message['role']) %}"
+            + render(pre, "role")
+            + "{{ message['content'] | replace('<image>', " + image + ") }}"
+            "{% if role == 'assistant' %}{{ eos_token }}{% endif %}"
+            + render(post, "role")
+            + "{% endfor %}{% if add_generation_prompt %}" + render(pre, "'assistant'") + "{% endif %}")
+
+
+def _fast_from_sentencepiece(text: TextTokenizer):
+    from tokenizers.processors import TemplateProcessing
+    from transformers import PreTrainedTokenizerFast
+    from transformers.convert_slow_tokenizer import SpmConverter, import_protobuf
+    proto = import_protobuf().ModelProto()
+    proto.ParseFromString(Path(text.path).read_bytes())
+    backend = SpmConverter.build_tokenizer_from_spm_proto(proto, [(p.piece, p.score) for p in proto.pieces])
+    if backend is None:
+        raise ValueError(f"{text.path}: cannot convert this sentencepiece model to a fast tokenizer")
+    piece = text._sp.id_to_piece
+    if text.bos_id is not None:
+        bos = piece(text.bos_id)
+        backend.post_processor = TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A $B",
+                                                    special_tokens=[(bos, text.bos_id)])
+    named = {"eos_token": piece(text.eos_id), "pad_token": piece(text.pad_id)}
+    if text.bos_id is not None:
+        named["bos_token"] = piece(text.bos_id)
+    if text._sp.unk_id() >= 0:
+        named["unk_token"] = piece(text._sp.unk_id())
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, clean_up_tokenization_spaces=False, **named)
+    tok.add_special_tokens({"additional_special_tokens": list(SPECIALS)})
+    return tok
 
 
 def _accepts_replace(tok) -> bool:
