@@ -21,6 +21,7 @@ from .data.batch import batch_to_device
 from .engine import checkpoint as ckpt
 from .engine import deepspeed as eng
 from .engine import dist
+from .engine import preempt
 from .engine.ema import ShardEMA
 from .models import losses
 from .models.discriminator import GANLoss
@@ -97,6 +98,8 @@ class Trainer:
         if cfg.stage == "tokenizer" and cfg.train.ema_decay > 0:
             self.ema = ShardEMA(self.model.tokenizer.named_parameters(), cfg.train.ema_decay)
         self.step, self.segment, self.samples_seen = 0, 0, 0
+        self.saved_step = None  # the step of the last checkpoint this job wrote
+        self.preempted = None  # the signal (SIGUSR1 / SIGTERM) that ended this job early, see engine/preempt.py
         self.bad_in_row = self.bad_total = 0  # steps whose update was skipped (non-finite loss or gradient norm)
         self.unverified = None  # the newest checkpoint written or resumed, until a finite step follows it
         self.first_batch = None
@@ -234,6 +237,7 @@ class Trainer:
         folder = ckpt.save(self.engine, self.ckpt_root, self.step, state, extra,
                            yaml.safe_dump(C.to_dict(self.cfg), sort_keys=False), self.cfg.train.keep_last)
         self.unverified = folder
+        self.saved_step = self.step
         if self.ema is not None:
             from .weights import save_tokenizer
             with self.ema.swapped():
@@ -306,6 +310,13 @@ class Trainer:
                     it = iter(self.batches())
                 else:
                     self.log.info(f"step {self.step} was skipped (non-finite); its checkpoint waits for a finite step")
+            if self.step < end and preempt.agreed(self.device):  # a rank caught SIGUSR1/SIGTERM: all stop here
+                if self.saved_step != self.step:
+                    self.save()
+                self.preempted = preempt.received() or "signal (on another rank)"
+                self.log.info(f"{self.preempted}: stopped at step {self.step} with a complete checkpoint; exit "
+                              f"{preempt.REQUEUE_EXIT} (requeue)")
+                break
         self.log.close()
         return last or {}
 
@@ -409,8 +420,9 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps({"final": last}))
     if dist.world_size() > 1:
         dist.shutdown()
-    return 0
+    return preempt.REQUEUE_EXIT if trainer.preempted else 0
 
 
 if __name__ == "__main__":
+    preempt.install()  # SLURM's USR1 (time limit) / TERM (preemption): checkpoint at the next step, exit 75
     sys.exit(main())

@@ -160,6 +160,11 @@ show_cmd() {
     for word in "${set_vars[@]}" "$@"; do line+=" $(printf '%q' "$word")"; done
     echo "$line"
 }
+# DeepSpeed's launchers must outlive SLURM's SIGUSR1 (time limit) and SIGTERM (preemption), which reach every process
+# of a step: launch.py answers SIGTERM by terminating its workers and SIGUSR1 would end it. They run with both signals
+# blocked (ett_ds.engine.preempt, stdlib only); the training processes unblock and catch them, agree at the next step
+# boundary, write a checkpoint and exit 75, which the launchers pass up (launchers/slurm.sbatch requeues on 75).
+guard_py() { command -v python3 || command -v python || die "no python on PATH (needed to start the launcher)"; }
 run_cmd() {
     show_cmd "$@"
     [ "$dry_run" = 0 ] || exit 0
@@ -167,6 +172,9 @@ run_cmd() {
     for tool in "$1" deepspeed; do
         command -v "$tool" >/dev/null 2>&1 || die "'$tool' not found on PATH"
     done
+    if [ "$1" = deepspeed ]; then
+        exec "$(guard_py)" -m ett_ds.engine.preempt "$@"
+    fi
     exec "$@"
 }
 
@@ -282,6 +290,9 @@ fi
 srun_args=(srun --nodes="${#hosts[@]}" --ntasks="${#hosts[@]}" --ntasks-per-node=1 --kill-on-bad-exit=1)
 # Since Slurm 22.05 srun does not inherit --cpus-per-task from sbatch; without it each node gets one core.
 [ -z "${SLURM_CPUS_PER_TASK:-}" ] || srun_args+=(--cpus-per-task="$SLURM_CPUS_PER_TASK")
+# Each node's launcher starts through the signal guard (see run_cmd); srun itself keeps its own signal handling.
 # shellcheck disable=SC2016  # $SLURM_NODEID and $@ are expanded by the per-node shell, not here
-run_cmd "${srun_args[@]}" bash -c 'exec deepspeed --node_rank="$SLURM_NODEID" "$@"' deepspeed \
+run_cmd "${srun_args[@]}" bash -c \
+    'exec "$(command -v python3 || command -v python)" -m ett_ds.engine.preempt deepspeed --node_rank="$SLURM_NODEID" "$@"' \
+    deepspeed \
     --no_ssh "${ds_args[@]}" "${trainer[@]}"

@@ -213,7 +213,8 @@ def test_srun_dry_run_command(sandbox, ds_parse):
     launch = sandbox["dir"] / "logs" / "launch" / str(JOB_ID)
     hostfile, env_file = str(launch / "hostfile"), str(launch / ".deepspeed_env")
     assert cmd_env == {"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "4", "DS_ENV_FILE": env_file}  # 16 cpus/4 GPUs
-    script = 'exec deepspeed --node_rank="$SLURM_NODEID" "$@"'
+    script = ('exec "$(command -v python3 || command -v python)" -m ett_ds.engine.preempt deepspeed '
+              '--node_rank="$SLURM_NODEID" "$@"')  # the signal guard: test_cluster_preempt.py
     assert argv == ["srun", "--nodes=3", "--ntasks=3", "--ntasks-per-node=1", "--kill-on-bad-exit=1",
                     "--cpus-per-task=16", "bash", "-c", script, "deepspeed",
                     "--no_ssh", "--hostfile", hostfile, "--master_addr", "gpu01", "--master_port", PORT,
