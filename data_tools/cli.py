@@ -83,8 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_output(p, "data", 1000)
     _add_encode(p)
 
-    p = sub.add_parser("verify", help="re-read every shard of a directory and check it")
-    p.add_argument("dir")
+    p = sub.add_parser("verify", help="re-read every shard of a directory (or URLs) and check it")
+    p.add_argument("dir", help="a shard folder, or shard URLs: pipe:CMD, http(s)://.../x.tar, http(s)://.../dir/ "
+                               "(the shards its sizes.json lists); join several with ::")
     p.add_argument("--json", action="store_true", help="print the whole report as JSON")
 
     p = sub.add_parser("synth-text", help="render corpus text in fonts -> shards (caption = rendered text)")
@@ -190,10 +191,13 @@ def _cmd_shard(a) -> int:
 
 
 def _cmd_verify(a) -> int:
-    from .verify import verify_dir
-    if not Path(a.dir).is_dir():
+    from .verify import is_url, verify_dir, verify_urls
+    if is_url(a.dir):
+        report = verify_urls(a.dir)
+    elif not Path(a.dir).is_dir():
         raise UsageError(f"not a directory: {a.dir}")
-    report = verify_dir(a.dir)
+    else:
+        report = verify_dir(a.dir)
     if a.json:
         print(json.dumps(report, indent=1))
     else:

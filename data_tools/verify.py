@@ -49,7 +49,25 @@ def check_sample(key: str, members: dict[str, bytes]) -> list[str]:
     return problems
 
 
-def verify_shard(path: Path, seen_keys: dict[str, str]) -> tuple[int, list[str]]:
+def is_url(spec: str) -> bool:
+    return spec.startswith("pipe:") or ("://" in spec and not spec.startswith("file://"))
+
+
+def open_url(url: str):
+    """webdataset's opener: local paths, ``pipe:CMD``, http(s) (curl) and the other schemes gopen knows."""
+    from webdataset.gopen import gopen
+    return gopen(url[len("file://"):] if url.startswith("file://") else url, "rb")
+
+
+class _Name(str):
+    """A shard URL with the ``.name`` verify's messages use."""
+
+    @property
+    def name(self) -> str:
+        return self if self.startswith("pipe:") else self.rstrip("/").rpartition("/")[2]
+
+
+def verify_shard(path: Path | str, seen_keys: dict[str, str]) -> tuple[int, list[str]]:
     problems: list[str] = []
     count = 0
     finished: set[str] = set()
@@ -65,8 +83,11 @@ def verify_shard(path: Path, seen_keys: dict[str, str]) -> tuple[int, list[str]]
         seen_keys[cur_key] = path.name
         count += 1
 
+    if isinstance(path, str) and not isinstance(path, _Name):
+        path = _Name(path)
     try:
-        with tarfile.open(path, mode="r|") as tar:
+        stream = _Counting(open_url(str(path)))
+        with stream, tarfile.open(fileobj=stream, mode="r|") as tar:
             for info in tar:
                 if not info.isfile():
                     continue
@@ -80,10 +101,82 @@ def verify_shard(path: Path, seen_keys: dict[str, str]) -> tuple[int, list[str]]
                 if ext in cur:
                     problems.append(f"{path.name}: {key} has member .{ext} twice")
                 cur[ext] = tar.extractfile(info).read()
-    except (tarfile.TarError, OSError, EOFError) as e:
+            # tarfile takes a header cut in half for the end of the archive; a complete tar has two zero blocks
+            # after its last member, so a stream that ends before them was truncated
+            if stream.drain() < tar.offset + 2 * tarfile.BLOCKSIZE:
+                raise tarfile.ReadError("missing end-of-archive blocks (truncated)")
+    except (tarfile.TarError, OSError, EOFError, ValueError) as e:
         problems.append(f"{path.name}: unreadable tar ({type(e).__name__}: {e})")
+        cur_key = None  # the sample being read when the data ran out is incomplete
     flush()
     return count, problems
+
+
+class _Counting:
+    """Counts the bytes read from a stream (a pipe or a URL has no size to check the tar against)."""
+
+    def __init__(self, f):
+        self.f, self.n = f, 0
+
+    def read(self, size=-1):
+        data = self.f.read(size)
+        self.n += len(data)
+        return data
+
+    def drain(self) -> int:
+        while self.read(1 << 20):
+            pass
+        return self.n
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.f.close()
+
+
+def verify_urls(spec: str) -> dict:
+    """Shards given as URLs (``a::b`` joins, brace patterns): ``pipe:CMD``, ``http(s)://host/dir/x.tar``, or a
+    URL folder ending in ``/`` (its shards are those its ``sizes.json`` lists). Counts are checked against the
+    ``sizes.json`` beside URL shards when there is one (not for ``pipe:``, which has no folder)."""
+    from braceexpand import braceexpand
+    report = {"dir": spec, "shards": 0, "samples": 0, "problems": []}
+    shards: list[str] = []
+    sizes_cache: dict[str, dict | None] = {}
+
+    def sizes_at(folder: str) -> dict | None:
+        if folder not in sizes_cache:
+            try:
+                with open_url(folder + "sizes.json") as f:
+                    sizes_cache[folder] = json.loads(f.read())
+            except (OSError, ValueError):
+                sizes_cache[folder] = None
+        return sizes_cache[folder]
+
+    for part in spec.split("::"):
+        for url in braceexpand(part.strip()):
+            if url.endswith("/") and not url.startswith("pipe:"):
+                listed = sizes_at(url)
+                if listed is None:
+                    report["problems"].append(f"{url}: no sizes.json to list the shards of a URL folder")
+                    continue
+                shards.extend(url + name for name in sorted(listed))
+            else:
+                shards.append(url)
+    seen: dict[str, str] = {}
+    for url in shards:
+        n, problems = verify_shard(_Name(url), seen)
+        report["shards"] += 1
+        report["samples"] += n
+        report["problems"].extend(problems)
+        if not url.startswith("pipe:"):
+            folder, _, name = url.rpartition("/")
+            listed = sizes_at(folder + "/")
+            if listed is not None and listed.get(name) != n:
+                report["problems"].append(f"{name}: {n} samples, sizes.json says {listed.get(name)}")
+    if not shards and not report["problems"]:
+        report["problems"].append(f"no shards in {spec}")
+    return report
 
 
 def verify_dir(root: str | Path) -> dict:

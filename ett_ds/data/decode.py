@@ -7,9 +7,9 @@ exception that ends the stream.
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import json
-import os
 import tarfile
 import warnings
 from collections import Counter
@@ -42,21 +42,60 @@ def split_name(name: str) -> tuple[str, str]:
     return (f"{head}/{stem}" if head else stem), ext.lower()
 
 
+def is_url(url: str) -> bool:
+    """A shard that is not a local path: ``pipe:CMD`` or ``scheme://...`` (http, https, gs, s3 via pipe, ...)."""
+    url = str(url)
+    return url.startswith("pipe:") or ("://" in url and not url.startswith("file://"))
+
+
+def open_shard(url: str):
+    """A readable binary stream for a local path, ``file://``, ``pipe:CMD`` or a URL, through webdataset's own
+    opener (``webdataset.gopen``: ``pipe:`` runs the command, http(s) runs curl; a failing command or HTTP error
+    surfaces as OSError when the stream is read or closed)."""
+    from webdataset.gopen import gopen
+    url = str(url)
+    if url.startswith("file://"):
+        url = url[len("file://"):]
+    return gopen(url, "rb")
+
+
+class _Counting:
+    """A read-only stream that counts the bytes read through it (a stream has no size to check a tar against)."""
+
+    def __init__(self, f):
+        self.f, self.n = f, 0
+
+    def read(self, size=-1):
+        data = self.f.read(size)
+        self.n += len(data)
+        return data
+
+    def drain(self) -> int:
+        while self.read(1 << 20):
+            pass
+        return self.n
+
+    def close(self):
+        self.f.close()
+
+
 def iter_tar_samples(url: str, stats: Counter) -> Iterator[dict]:
-    """Raw samples ``{"__key__", "__url__", ext: bytes}`` of one shard.
+    """Raw samples ``{"__key__", "__url__", ext: bytes}`` of one shard (any :func:`open_shard` URL).
 
     A repeated extension starts a new sample (open_clip's nothrow grouping) instead of raising. A truncated or
     unreadable tar ends the shard (``truncated_tar`` / ``unreadable_shard``); the sample being assembled when the
-    data ran out is dropped, the ones before it are kept.
+    data ran out is dropped, the ones before it are kept. (webdataset's own ``tar_file_iterator`` is not used: it
+    reads every member's data and raises on the first bad one, where this skips non-whitelisted members unread and
+    counts every failure by reason.)
     """
     try:
-        f = open(url, "rb")
-    except OSError:
+        f = _Counting(open_shard(url))
+    except (OSError, ValueError):
         stats["unreadable_shard"] += 1
         return
     cur: dict | None = None
     try:
-        with f, tarfile.open(fileobj=f, mode="r|") as tar:
+        with contextlib.closing(f), tarfile.open(fileobj=f, mode="r|") as tar:
             for info in tar:
                 if not info.isfile():
                     continue
@@ -71,7 +110,7 @@ def iter_tar_samples(url: str, stats: Counter) -> Iterator[dict]:
                 cur[ext] = tar.extractfile(info).read()
             # tarfile treats a header cut in half as the end of the archive; a complete tar is followed by two
             # zero blocks, so a file that ends before them was truncated and its last sample may be incomplete.
-            if os.fstat(f.fileno()).st_size < tar.offset + 2 * tarfile.BLOCKSIZE:
+            if f.drain() < tar.offset + 2 * tarfile.BLOCKSIZE:
                 raise tarfile.ReadError("missing end-of-archive blocks")
     except (tarfile.TarError, EOFError, OSError, ValueError):
         stats["truncated_tar" if cur is not None else "unreadable_shard"] += 1
@@ -156,10 +195,12 @@ def check_error_rate(totals: Counter | dict, max_error_rate: float, min_samples:
 
 
 def count_samples(url: str) -> int:
-    """Samples with an image member in one shard, from the tar headers only (seeks over the data)."""
+    """Samples with an image member in one shard, from the tar headers only (seeks over the data of a local file;
+    a ``pipe:`` or remote shard is streamed once)."""
     keys: set[str] = set()
     try:
-        with tarfile.open(url, mode="r:") as tar:
+        with (tarfile.open(url, mode="r:") if not is_url(url) else
+              tarfile.open(fileobj=open_shard(url), mode="r|")) as tar:
             for info in tar:
                 key, ext = split_name(info.name)
                 if info.isfile() and ext in IMAGE_EXTS:

@@ -34,8 +34,8 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from .decode import (DataErrorRateExceeded, SampleSkip, check_error_rate, count_samples, decode_sample,
-                     iter_tar_samples)
+from .decode import (IMAGE_EXTS, DataErrorRateExceeded, SampleSkip, check_error_rate, count_samples,
+                     decode_sample, is_url, iter_tar_samples, open_shard)
 
 __all__ = ["train_batches", "eval_batches", "expand_urls", "DataErrorRateExceeded", "stream_seed"]
 
@@ -49,11 +49,16 @@ def _expand_one(spec: str, missing: list[str]) -> list[str]:
 
     out: list[str] = []
     for path in braceexpand(spec):
+        if is_url(path):  # pipe: and remote shards are taken as given; a missing one is counted when read
+            out.append(path)
+            continue
         p = Path(os.path.expanduser(path))
         if p.is_dir():
             tars = sorted(str(t) for t in p.glob("*.tar"))
             if not tars:
-                missing.append(f"{p}/*.tar")
+                images = [f for f in p.iterdir() if f.suffix.lower().lstrip(".") in IMAGE_EXTS][:1]
+                missing.append(f"{p}/*.tar" + (" (a folder of images: make shards with `python -m data_tools shard "
+                                                f"{p} --out SHARDS`)" if images else ""))
             out.extend(tars)
         elif glob.has_magic(str(p)):
             hits = sorted(glob.glob(str(p)))
@@ -68,7 +73,8 @@ def _expand_one(spec: str, missing: list[str]) -> list[str]:
 
 
 def expand_urls(urls) -> list[str]:
-    """Brace patterns, ``a::b`` joins, lists, directories (every ``*.tar`` inside) and globs -> shard paths.
+    """Brace patterns, ``a::b`` joins, lists, directories (every ``*.tar`` inside), globs, ``pipe:CMD`` and
+    ``http(s)://`` (any scheme webdataset's ``gopen`` opens) -> shard URLs.
 
     Raises a one-line FileNotFoundError naming what is missing (and how many paths are).
     """
@@ -274,18 +280,35 @@ def train_batches(urls, *, batch_size: int, make_example, collate, seed: int = 0
 
 @functools.lru_cache(maxsize=64)
 def _sizes_json(directory: str) -> dict:
-    path = Path(directory) / "sizes.json"
+    """``sizes.json`` in a folder or beside remote shards (``http://host/dir/`` + ``sizes.json``); {} if none."""
     try:
-        return json.loads(path.read_text())
+        if is_url(directory):
+            with open_shard(directory + "sizes.json") as f:
+                data = json.loads(f.read())
+        else:
+            data = json.loads((Path(directory) / "sizes.json").read_text())
+        return data if isinstance(data, dict) else {}
     except (OSError, ValueError):
         return {}
 
 
+def _beside(shard: str) -> tuple[str | None, str]:
+    """(the folder sizes.json would be in, the shard's name there); no folder for a ``pipe:`` command."""
+    if shard.startswith("pipe:"):
+        return None, shard
+    if is_url(shard):
+        head, _, name = shard.rpartition("/")
+        return head + "/", name
+    return str(Path(shard).parent), Path(shard).name
+
+
 def shard_counts(shards: list[str]) -> list[int]:
-    """Samples per shard: ``sizes.json`` when it lists the shard, else a header-only scan."""
+    """Samples per shard: ``sizes.json`` beside the shards when it lists the shard (local folder or the same URL
+    folder), else a header-only scan (a ``pipe:`` shard is always scanned: it has no folder)."""
     counts = []
     for s in shards:
-        n = _sizes_json(str(Path(s).parent)).get(Path(s).name)
+        folder, name = _beside(s)
+        n = _sizes_json(folder).get(name) if folder is not None else None
         counts.append(int(n) if n is not None else count_samples(s))
     return counts
 
