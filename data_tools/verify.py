@@ -179,6 +179,19 @@ def verify_urls(spec: str) -> dict:
     return report
 
 
+def img2dataset_sizes(shards: list[Path]) -> dict | None:
+    """img2dataset output has no sizes.json; each ``00000.tar`` has a ``00000_stats.json`` whose ``successes`` is
+    the number of samples written to it (failed rows are only in the parquet). None unless every shard has one."""
+    sizes = {}
+    for shard in shards:
+        stats = shard.with_name(shard.stem + "_stats.json")
+        try:
+            sizes[shard.name] = int(json.loads(stats.read_text())["successes"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+    return sizes
+
+
 def verify_dir(root: str | Path) -> dict:
     root = Path(root)
     shards = sorted(root.glob("*.tar"))
@@ -187,9 +200,11 @@ def verify_dir(root: str | Path) -> dict:
         report["problems"].append(f"no .tar shards in {root}")
         return report
     sizes_path = root / "sizes.json"
-    sizes = json.loads(sizes_path.read_text()) if sizes_path.exists() else None
+    sizes = json.loads(sizes_path.read_text()) if sizes_path.exists() else img2dataset_sizes(shards)
     if sizes is None:
         report["problems"].append("sizes.json missing")
+    elif not sizes_path.exists():
+        report["counts_from"] = "img2dataset _stats.json"
     seen: dict[str, str] = {}
     for shard in shards:
         n, problems = verify_shard(shard, seen)

@@ -302,13 +302,24 @@ def _beside(shard: str) -> tuple[str | None, str]:
     return str(Path(shard).parent), Path(shard).name
 
 
+def _img2dataset_successes(shard: str) -> int | None:
+    """img2dataset writes ``00000_stats.json`` beside ``00000.tar``; its ``successes`` is the shard's sample count."""
+    try:
+        n = json.loads(Path(shard).with_name(Path(shard).stem + "_stats.json").read_text())["successes"]
+        return int(n)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def shard_counts(shards: list[str]) -> list[int]:
     """Samples per shard: ``sizes.json`` beside the shards when it lists the shard (local folder or the same URL
-    folder), else a header-only scan (a ``pipe:`` shard is always scanned: it has no folder)."""
+    folder), else img2dataset's ``NNNNN_stats.json`` (``successes``), else a header-only scan (a ``pipe:`` shard is always scanned: it has no folder)."""
     counts = []
     for s in shards:
         folder, name = _beside(s)
         n = _sizes_json(folder).get(name) if folder is not None else None
+        if n is None and folder is not None and not is_url(s):
+            n = _img2dataset_successes(s)
         counts.append(int(n) if n is not None else count_samples(s))
     return counts
 
