@@ -41,3 +41,29 @@ def test_dry_run_prints_world_size_accumulation_and_global_batch(tmp_path):
     assert slurm.returncode == 0, slurm.stderr
     assert "# plan: stage=ett world_size=4 micro_batch=4 accumulation=2 global_batch=32" in slurm.stdout
     assert " srun --nodes=2 --ntasks=2 " in slurm.stdout
+
+
+def run_sbatch(tmp_path, train_rc):
+    """launchers/slurm.sbatch as SLURM runs it, with a stand-in train.sh that exits `train_rc` and a fake scontrol."""
+    repo = tmp_path / "repo"
+    (repo / "launchers").mkdir(parents=True)
+    (repo / "launchers" / "train.sh").write_text(f'echo "train.sh $*"; exit {train_rc}\n')
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "scontrol").write_text(f'#!/bin/sh\necho "$*" >> {tmp_path}/scontrol.log\n')
+    (bin_dir / "scontrol").chmod(0o755)
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "ETT_REPO": str(repo), "SLURM_JOB_ID": "4242",
+           "SLURM_JOB_NUM_NODES": "2", "SLURM_JOB_NODELIST": "n[1-2]"}
+    proc = subprocess.run(["bash", str(REPO / "launchers" / "slurm.sbatch"), "tiny", "a=1"], env=env,
+                          capture_output=True, text=True, timeout=30)
+    log = tmp_path / "scontrol.log"
+    return proc, (log.read_text() if log.is_file() else "")
+
+
+def test_sbatch_requeues_on_exit_75_only(tmp_path):
+    proc, calls = run_sbatch(tmp_path / "a", 75)
+    assert proc.returncode == 0 and calls == "requeue 4242\n", proc.stdout + proc.stderr
+    assert "train.sh tiny a=1" in proc.stdout
+    for rc in (0, 2):
+        proc, calls = run_sbatch(tmp_path / f"rc{rc}", rc)
+        assert proc.returncode == rc and calls == ""

@@ -19,7 +19,7 @@ import pytest
 from tests.tiny import build_demo, demo_train_args, run_group, subprocess_env
 
 REPO = Path(__file__).resolve().parents[1]
-STEPS = 8
+STEPS = 6
 
 
 @pytest.fixture(scope="module")
@@ -51,8 +51,8 @@ def reference(demo, tmp_path_factory):
     return out / "ref"
 
 
-def start_and_signal(cmd, env, cwd, metrics: Path, after_step: int, sig) -> tuple[int, str]:
-    """Start `cmd` in its own process group; once `metrics` logs `after_step`, send `sig` to the whole group."""
+def start_and_signal(cmd, env, cwd, metrics: Path, after_step: int, signals) -> tuple[int, str]:
+    """Start `cmd` in its own process group; once `metrics` logs `after_step`, send `signals` to the whole group."""
     proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
     deadline = time.monotonic() + 240
@@ -60,41 +60,38 @@ def start_and_signal(cmd, env, cwd, metrics: Path, after_step: int, sig) -> tupl
         while time.monotonic() < deadline and proc.poll() is None:
             if metrics.is_file() and any(json.loads(x).get("step", 0) >= after_step
                                          for x in metrics.read_text().splitlines() if x.endswith("}")):
-                os.killpg(proc.pid, sig)
+                for sig in signals:
+                    os.killpg(proc.pid, sig)
                 break
             time.sleep(0.05)
         out, _ = proc.communicate(timeout=max(1.0, deadline - time.monotonic()))
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         out, _ = proc.communicate()
-        pytest.fail(f"no exit after {sig!r}; output tail:\n{out[-3000:]}")
+        pytest.fail(f"no exit after {signals}; output tail:\n{out[-3000:]}")
     return proc.returncode, out
 
 
-def test_signal_to_the_process_group_checkpoints_exits_75_and_the_rerun_continues_bitwise(demo, reference, tmp_path):
+def test_signals_to_the_process_group_checkpoint_exit_75_and_the_rerun_continues_bitwise(demo, reference, tmp_path):
+    """SIGUSR1 (time limit) and SIGTERM (preemption) both reach every process, the deepspeed launchers included:
+    without the guard SIGUSR1 ends the launchers and SIGTERM makes launch.py terminate the workers."""
     cmd, env = train_sh(demo, tmp_path, "pre", 2)
     run = tmp_path / "pre"
-    rc, out = start_and_signal(cmd, env, tmp_path, run / "metrics.jsonl", 2, signal.SIGUSR1)
+    rc, out = start_and_signal(cmd, env, tmp_path, run / "metrics.jsonl", 2, [signal.SIGUSR1, signal.SIGTERM])
     assert rc == 75, out[-4000:]
-    assert "received SIGUSR1" in out and "exit 75 (requeue)" in out
+    assert "[ett_ds] received SIG" in out and "exit 75 (requeue)" in out
     done = [r["step"] for r in rows(run)]
     stop = done[-1]
     assert 2 <= stop < STEPS and done == list(range(1, stop + 1)), out[-3000:]
     ckpt = run / "checkpoints" / f"step_{stop:08d}"
     assert (ckpt / "complete").is_file()
     assert sorted(p.name for p in ckpt.glob("extra_rank*.pt")) == ["extra_rank0.pt", "extra_rank1.pt"]
-    leftovers = subprocess.run(["pgrep", "-f", str(run)], capture_output=True, text=True).stdout.split()
+    leftovers = subprocess.run(["pgrep", "-f", f"out_dir={tmp_path}"], capture_output=True, text=True).stdout.split()
     assert not leftovers, f"processes left behind: {leftovers}"
 
-    # SIGTERM (preemption) on the rerun, one step later at least; then the last rerun finishes
-    rc, out = start_and_signal(cmd, env, tmp_path, run / "metrics.jsonl", stop + 1, signal.SIGTERM)
-    second = rows(run)[-1]["step"]
-    if rc == 75:  # (the rerun may have finished before the signal landed; then it is just a complete run)
-        assert "received SIGTERM" in out and second < STEPS and (run / "checkpoints" / f"step_{second:08d}" /
-                                                                   "complete").is_file()
-        rc, so, se = run_group(cmd, 300, cwd=tmp_path, env=env)
-        out = so + se
-    assert rc == 0, out[-4000:]
+    rc, so, se = run_group(cmd, 300, cwd=tmp_path, env=env)  # the requeued job
+    assert rc == 0, (so + se)[-4000:]
+    assert f"resumed from {ckpt}" in so + se
     got, want = rows(run), rows(reference)
     assert [r["step"] for r in got] == list(range(1, STEPS + 1))
     for a, b in zip(want, got):
