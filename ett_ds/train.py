@@ -21,7 +21,7 @@ from .data.batch import batch_to_device
 from .engine import checkpoint as ckpt
 from .engine import deepspeed as eng
 from .engine import dist
-from .engine import preempt
+from .engine import preempt, reshard
 from .engine.ema import ShardEMA
 from .models import losses
 from .models.discriminator import GANLoss
@@ -71,6 +71,8 @@ class Trainer:
             else torch.device("cpu")
         torch.manual_seed(cfg.seed)
         eng.setup_backends(cfg)
+        # a checkpoint of another world size keeps its global batch: accumulation is recomputed (engine/reshard.py)
+        self.reshard_note = reshard.keep_global_batch(cfg, resume_folder(cfg), self.world)
         self.ds_config = eng.resolve_ds_config(cfg, self.world, llm_hidden_size(cfg))
         self.accum = self.ds_config["gradient_accumulation_steps"]
         eng.enable_zero_init(self.ds_config)
@@ -203,11 +205,13 @@ class Trainer:
         if self.gan is not None:
             self.gan.load_extra_state(extra["gan"])
         if self.ema is not None:
-            self.ema.load_state_dict(extra["ema"])
+            self.ema.load_state_dict(reshard.ema_state(extra, self.ema.params))
         ckpt.set_rng_state(extra["rng"])
         self.step, self.segment, self.samples_seen = state["step"], state["segment"], state["samples_seen"]
         self.unverified = folder
         self.log.info(f"resumed from {folder} at step {self.step}")
+        if self.reshard_note:
+            self.log.info(self.reshard_note)
 
     def weights_finite(self) -> bool:
         """Collective: every rank's shards (ZeRO partitions and fp32 masters), the discriminator and the EMA are

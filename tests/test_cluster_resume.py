@@ -8,6 +8,7 @@ bitwise comparison needs both runs to save at the step the signal picks).
 """
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -15,6 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.tiny import build_demo, demo_train_args, run_group, subprocess_env
 
@@ -27,11 +29,16 @@ def demo(tmp_path_factory):
     return build_demo(tmp_path_factory.mktemp("demo"), 64, 8, 16)
 
 
-def train_sh(demo, out, name, procs, *extra):
-    """`launchers/train.sh` command and environment for `procs` local CPU processes."""
-    args = demo_train_args(demo, out, f"name={name}", "stage=tokenizer", f"train.max_steps={STEPS}",
+def train_args(demo, out, name, *extra):
+    """`python -m ett_ds.train` arguments shared by every run of this module."""
+    return demo_train_args(demo, out, f"name={name}", "stage=tokenizer", f"train.max_steps={STEPS}",
                            "train.save_every=1", "train.keep_last=100", "train.log_every=1", "train.image_every=0",
                            "loss.gan_start_step=2", "train.ema_decay=0.9", "optim.warmup_ratio=0", *extra)
+
+
+def train_sh(demo, out, name, procs, *extra):
+    """`launchers/train.sh` command and environment for `procs` local CPU processes."""
+    args = train_args(demo, out, name, *extra)
     env = subprocess_env(ETT_NO_SETUP="1", ETT_NUM_PROCS=str(procs),
                          PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
     return ["bash", str(REPO / "launchers" / "train.sh"), "tiny", *args[2:]], env
@@ -97,3 +104,55 @@ def test_signals_to_the_process_group_checkpoint_exit_75_and_the_rerun_continues
     for a, b in zip(want, got):
         for key in ("loss", "l1", "quant", "entropy", "gan_g", "loss_d", "lr"):
             assert a.get(key) == b.get(key), (a["step"], key, a.get(key), b.get(key))
+
+
+LOSS_TOL = 0.15  # relative; other ranks draw other samples, so per-step losses differ by sampling noise (measured: see README)
+
+
+def test_world_size_2_to_1_and_back_to_2_keeps_global_batch_ema_and_schedule(demo, reference, tmp_path):
+    from safetensors.torch import load_file
+
+    from ett_ds import config as C
+    from ett_ds.engine import dist
+    from ett_ds.train import Trainer
+    from ett_ds.weights import save_tokenizer
+
+    run = tmp_path / "w"
+    src = reference / "checkpoints" / "step_00000002"
+    shutil.copytree(src, run / "checkpoints" / src.name)  # a world-size-2 checkpoint, resumed here on 1 rank
+
+    dist.init_distributed()
+    trainer = Trainer(C.load_config("tiny", train_args(demo, tmp_path, "w", "train.stop_at=4")[2:]))
+    assert trainer.accum == 2 and trainer.ds_config["train_batch_size"] == 8
+    assert "global batch 8 kept, gradient accumulation 1 -> 2" in trainer.reshard_note
+    trainer.resume()
+    assert trainer.step == 2
+    with trainer.ema.swapped():  # the EMA joined from both ranks' shards is exactly the one rank 0 saved at step 2
+        save_tokenizer(trainer.model.tokenizer, tmp_path / "ema_ws1.safetensors", trainer.cfg.model.tokenizer)
+    got, want = load_file(tmp_path / "ema_ws1.safetensors"), load_file(src / "tokenizer_ema.safetensors")
+    assert got.keys() == want.keys() and all(bool((got[k] == want[k]).all()) for k in want)
+    # the weights are the world-size-2 fp32 masters, read independently by DeepSpeed's zero_to_fp32
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    ref_sd = get_fp32_state_dict_from_zero_checkpoint(str(src.parent), tag=src.name)
+    params = dict(trainer.model.named_parameters())
+    assert params and set(params) <= set(ref_sd)
+    for name, p in params.items():
+        assert torch.equal(p.ds_tensor.reshape(-1)[:p.ds_numel], ref_sd[name].reshape(-1).float()), name
+    trainer.fit()  # steps 3 and 4 at world size 1 (resumes again: conversion and load are repeatable)
+    assert not list((run / "checkpoints").glob("*universal*"))
+
+    cmd, env = train_sh(demo, tmp_path, "w", 2)  # back to world size 2 from the world-size-1 step 4
+    rc, so, se = run_group(cmd, 300, cwd=tmp_path, env=env)
+    assert rc == 0, (so + se)[-4000:]
+    assert "global batch 8 kept, gradient accumulation 2 -> 1" in so + se
+    state = json.loads((run / "checkpoints" / f"step_{STEPS:08d}" / "trainer_state.json").read_text())
+    ref_state = json.loads((reference / "checkpoints" / f"step_{STEPS:08d}" / "trainer_state.json").read_text())
+    assert state["world_size"] == 2 and state["samples_seen"] == ref_state["samples_seen"] == STEPS * 8
+
+    got, want = rows(run), rows(reference)[2:]
+    assert [r["step"] for r in got] == list(range(3, STEPS + 1))
+    for a, b in zip(want, got):
+        assert a["lr"] == pytest.approx(b["lr"], rel=1e-9, abs=1e-12), a["step"]  # schedule and groups restored
+        rel = abs(a["loss"] - b["loss"]) / abs(a["loss"])
+        print(f"step {a['step']}: loss ws2 {a['loss']:.5f} resharded {b['loss']:.5f} rel diff {rel:.4f}")
+        assert rel < LOSS_TOL, (a["step"], a["loss"], b["loss"])

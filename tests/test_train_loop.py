@@ -55,7 +55,9 @@ def test_save_stop_resume_reproduces_the_uninterrupted_trajectory(demo, tmp_path
             assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), (a["step"], key)
 
 
-def test_resume_on_another_world_size_points_to_universal_checkpoints(demo, tmp_path, capsys):
+def test_a_checkpoint_whose_world_size_does_not_match_its_shards_is_refused(demo, tmp_path, capsys):
+    """Another world size is resumed through a universal checkpoint (tests/test_cluster_resume.py); a folder whose
+    trainer_state names another number of ranks than it holds shards of is refused in one line."""
     assert main(args(demo, tmp_path, "name=w", "stage=align", "train.max_steps=1")) == 0
     state = tmp_path / "w" / "checkpoints" / "step_00000001" / "trainer_state.json"
     s = json.loads(state.read_text())
@@ -63,7 +65,7 @@ def test_resume_on_another_world_size_points_to_universal_checkpoints(demo, tmp_
     capsys.readouterr()
     assert main(args(demo, tmp_path, "name=w", "stage=align", "train.max_steps=2")) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "ds_to_universal" in err[0] and "8 data-parallel ranks" in err[0]
+    assert len(err) == 1 and "names 8 data-parallel ranks but the folder holds ZeRO shards of 1" in err[0]
 
 
 def test_two_ranks_torchrun_decoder_stays_fp32_and_training_runs(demo, tmp_path):

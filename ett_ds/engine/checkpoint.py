@@ -3,6 +3,7 @@
 ``RUN/checkpoints/step_00000100/`` = DeepSpeed's sharded engine state (all ranks call save) + ``extra_rank{r}.pt``
 (discriminator, EMA shard, RNG states, per rank) + ``trainer_state.json`` and ``config.yaml`` (rank 0) + a
 ``complete`` marker written last. Only folders with the marker count; the newest ``keep_last`` are kept.
+A folder written by another number of ranks is loaded through DeepSpeed's universal checkpoint (:mod:`.reshard`).
 
 Nothing read from a checkpoint can run code: every ``.pt`` file (ours and DeepSpeed's, on resume too) is read with
 ``torch.load(weights_only=True)`` through :func:`safe_load`, which allows tensors, plain containers and numbers plus
@@ -143,7 +144,10 @@ def save(engine, ckpt_root: Path, step: int, trainer_state: dict, extra: dict, c
     torch.save({**extra, "rng": rng_state()}, folder / f"extra_rank{rank}.pt")
     dist.barrier()
     if dist.is_rank0():
-        state = {**trainer_state, "step": step, "world_size": dist.world_size()}
+        from .reshard import param_groups_state
+        state = {**trainer_state, "step": step, "world_size": dist.world_size(),
+                 "global_batch": engine.train_batch_size(), "micro_batch": engine.train_micro_batch_size_per_gpu(),
+                 "accumulation": engine.gradient_accumulation_steps(), "param_groups": param_groups_state(engine)}
         (folder / "trainer_state.json").write_text(json.dumps(state, indent=1))
         (folder / "config.yaml").write_text(config_yaml)
         (folder / MARKER).write_text("ok\n")
@@ -160,25 +164,33 @@ def read_trainer_state(folder: Path) -> dict:
     return json.loads(f.read_text())
 
 
-def check_world_size(folder: Path, state: dict) -> None:
-    ws = dist.world_size()
-    if state.get("world_size", ws) != ws:
-        raise ResumeError(
-            f"{folder} was written by {state['world_size']} data-parallel ranks, this job has {ws}. ZeRO shards "
-            "cannot be re-split directly: convert it with DeepSpeed's universal checkpoint tool "
-            f"(python -m deepspeed.checkpoint.ds_to_universal --input_folder {folder} --output_folder "
-            f"{folder}_universal) and load that with \"checkpoint\": {{\"load_universal\": true}}, or start a new "
-            f"run with train.init_from={folder}")
+def check_world_size(folder: Path, state: dict) -> bool:
+    """Whether ``folder`` was written by another number of data-parallel ranks than this job has (it is then
+    re-split on load). Raises ResumeError when the folder does not hold the shards its trainer_state names."""
+    from .reshard import shard_count
+    old = int(state.get("world_size", dist.world_size()))
+    found = shard_count(folder)
+    if found and found != old:
+        raise ResumeError(f"{folder}: trainer_state.json names {old} data-parallel ranks but the folder holds ZeRO "
+                          f"shards of {found}")
+    return old != dist.world_size()
 
 
 def load(engine, folder: Path, load_optimizer: bool = True) -> tuple[dict, dict]:
     """Collective. Restores the engine (and optimizer/scheduler); returns (trainer_state, this rank's extra)."""
     state = read_trainer_state(folder)
-    check_world_size(folder, state)
+    other_world = check_world_size(folder, state)
     make_loads_safe(engine)
-    path, _ = engine.load_checkpoint(str(folder.parent), tag=folder.name, load_optimizer_states=load_optimizer,
-                                     load_lr_scheduler_states=load_optimizer)
+    if other_world:
+        from . import reshard
+        path = reshard.load_universal(engine, folder, state, load_optimizer)
+    else:
+        path, _ = engine.load_checkpoint(str(folder.parent), tag=folder.name, load_optimizer_states=load_optimizer,
+                                         load_lr_scheduler_states=load_optimizer)
     if path is None:
         raise ResumeError(f"DeepSpeed could not load {folder}")
-    extra = safe_load(folder / f"extra_rank{dist.rank()}.pt")
+    if other_world:
+        extra = reshard.merged_extras(folder, int(state["world_size"]))
+    else:
+        extra = safe_load(folder / f"extra_rank{dist.rank()}.pt")
     return state, extra
