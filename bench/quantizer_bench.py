@@ -114,6 +114,14 @@ def _make_step(variant: str, n: int, a):
     return step, {"chunk_tokens": (a.chunk or auto_chunk_tokens(a.codebook, 3)) if variant == "head_chunked" else None}
 
 
+def _loadavg() -> float | None:
+    try:
+        with open("/proc/loadavg") as f:
+            return float(f.read().split()[0])
+    except OSError:
+        return None
+
+
 def run_pair(n: int, a) -> dict:
     """ibq_unchunked and ibq_chunked timed alternately in one process (fair under a changing machine load)."""
     steps = {v: _make_step(v, n, a)[0] for v in ("ibq_unchunked", "ibq_chunked")}
@@ -126,10 +134,13 @@ def run_pair(n: int, a) -> dict:
             step()
             times[v].append(time.perf_counter() - t0)
     med = {v: sorted(ts)[len(ts) // 2] for v, ts in times.items()}
+    low = {v: min(ts) for v, ts in times.items()}
     return {"variant": "ibq_time_pair", "tokens": n, "codebook": a.codebook, "dim": a.dim,
             "unchunked_s": round(med["ibq_unchunked"], 6), "chunked_s": round(med["ibq_chunked"], 6),
-            "ratio": round(med["ibq_chunked"] / med["ibq_unchunked"], 3), "repeats": a.pair_repeats,
-            "threads": torch.get_num_threads()}
+            "ratio": round(med["ibq_chunked"] / med["ibq_unchunked"], 3),
+            "ratio_of_fastest": round(low["ibq_chunked"] / low["ibq_unchunked"], 3),
+            "times_s": {v: [round(t, 3) for t in ts] for v, ts in times.items()},
+            "repeats": a.pair_repeats, "threads": torch.get_num_threads(), "loadavg": _loadavg()}
 
 
 def run_one(variant: str, n: int, a) -> dict:
