@@ -129,13 +129,13 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--out", required=True)
     p.add_argument("--task", choices=["numbers", "words"], default="numbers",
-                   help="numbers: 2-3 digit numbers, ink on paper, 32x64 (what the tiny recipe masters on a CPU); "
+                   help="numbers: 3-digit numbers, ink on paper, centred, 32x64 (what the tiny recipe masters on a CPU); "
                         "words: 1-3 words in random colours, 32x128 (harder)")
     p.add_argument("--num-train", type=_positive, default=None, help="default: the task's")
     p.add_argument("--num-heldout", type=_positive, default=None, help="default: the task's")
     p.add_argument("--size", type=_size, default=None, help="HxW (default: the task's)")
     p.add_argument("--words", default=None, help="words: LO-HI words per caption (default 1-3)")
-    p.add_argument("--digits", default=None, help="numbers: LO-HI digits per caption (default 2-3)")
+    p.add_argument("--digits", default=None, help="numbers: LO-HI digits per caption (default 3-3)")
     p.add_argument("--max-chars", type=_positive, default=None, help="words: longest caption (default 16)")
     p.add_argument("--vocab-size", type=_positive, default=None, help="sentencepiece vocabulary (default 512)")
     p.add_argument("--samples-per-shard", type=_positive, default=None, help="default 500")

@@ -46,6 +46,8 @@ class SynthConfig:
     max_rotation: float = 3.0              # degrees
     min_font_px: int = 8
     palette: str = "any"                   # any: random colours, luma contrast >= 90 | ink: dark ink on light paper
+    min_scale: float = 0.7                 # font size: largest that fits x uniform(min_scale, 1)
+    layout: str = "random"                 # random: anywhere inside the image | centre: centred
 
 
 def resolve_fonts(patterns: list[str]) -> list[str]:
@@ -183,11 +185,16 @@ def render_sample(cfg: SynthConfig, index: int) -> tuple[dict[str, bytes], dict]
             if not shorter or shorter == text:
                 raise UsageError(f"--size {H}x{W} is too small to render text at {cfg.min_font_px}px")
             text = shorter
-    size = max(cfg.min_font_px, round(size * rng.uniform(0.7, 1.0)))
+    size = max(cfg.min_font_px, round(size * rng.uniform(min(cfg.min_scale, 1.0), 1.0)))
     bbox = _font(font, size).getbbox(text)
     tw, th = bbox[2] - bbox[0], bbox[3] - bbox[1]
-    x = rng.randint(2, max(2, W - 2 - tw)) - bbox[0]
-    y = rng.randint(1 + slack, max(1 + slack, H - 1 - slack - th)) - bbox[1]
+    if cfg.layout == "centre":
+        x, y = (W - tw) // 2 - bbox[0], (H - th) // 2 - bbox[1]
+    elif cfg.layout == "random":
+        x = rng.randint(2, max(2, W - 2 - tw)) - bbox[0]
+        y = rng.randint(1 + slack, max(1 + slack, H - 1 - slack - th)) - bbox[1]
+    else:
+        raise UsageError(f"unknown layout {cfg.layout!r}; choose random or centre")
 
     bg, fg = pick_colours(rng, cfg.palette)
     mask = Image.new("L", (W, H), 0)

@@ -235,7 +235,7 @@ def test_train_spm_and_demo(tmp_path, capsys):
     train_caps = {c for t in (out / "train").glob("*.tar") for c in _captions(t)}
     held_caps = {c for t in (out / "heldout").glob("*.tar") for c in _captions(t)}
     assert not train_caps & held_caps  # held out by string
-    assert all(c.isdigit() and 2 <= len(c) <= 3 for c in train_caps | held_caps)  # the default task: numbers
+    assert all(c.isdigit() and len(c) == 3 for c in train_caps | held_caps)  # the default task: numbers
     manifest = json.loads((out / "demo_manifest.json").read_text())["config"]
     assert not set(manifest["train_fonts"]) & set(manifest["heldout_fonts"])  # and by font
     import sentencepiece as spm
