@@ -101,3 +101,9 @@ def test_resolved_ds_config_has_no_auto_and_buckets_follow_hidden_size(spm_model
     assert ds["zero_optimization"]["reduce_bucket_size"] == 80 * 1536 * 1536
     assert ds["zero_optimization"]["stage3_param_persistence_threshold"] == 650 * 1536
     assert "bf16" not in ds and ds["torch_autocast"]["lower_precision_safe_modules"]
+    import importlib
+    safe = ds["torch_autocast"]["lower_precision_safe_modules"]
+    classes = [getattr(importlib.import_module(n.rsplit(".", 1)[0]), n.rsplit(".", 1)[1]) for n in safe]
+    from ett_ds.models.ett import CodeHead
+    from ett_ds.models.vq import FP32Conv2d
+    assert CodeHead in classes and FP32Conv2d not in classes  # the K-way head gathers in bf16, the decoder never

@@ -20,7 +20,10 @@ import torch
 from ..config import Config, ConfigError
 
 DS_CONFIGS = Path(__file__).resolve().parents[2] / "ds_configs"
-LOW_PRECISION_SAFE = ["torch.nn.modules.linear.Linear", "torch.nn.modules.conv.Conv2d"]
+# Modules DeepSpeed's torch_autocast may all-gather in bf16 (it matches exact classes): the visual-code head is an
+# nn.Linear subclass computing its chunked loss inside its own call, so it is named too. FP32Conv2d (the decoder) is
+# deliberately absent.
+LOW_PRECISION_SAFE = ["torch.nn.modules.linear.Linear", "torch.nn.modules.conv.Conv2d", "ett_ds.models.ett.CodeHead"]
 
 # DeepSpeed 0.19 calls collectives that torch 2.13 deprecates, once per bucket: noise, not news.
 warnings.filterwarnings("ignore", message=r".*torch\.distributed\.\w+` is deprecated", category=FutureWarning)
