@@ -367,7 +367,7 @@ def resume_folder(cfg: C.Config) -> Path | None:
 
 def check_inputs(cfg: C.Config) -> None:
     """Fail (one line) before anything is written when the training shards or the checkpoint to resume from are
-    missing, or the checkpoint was written by another number of ranks."""
+    missing, or the checkpoint does not hold the shards of the world size it records."""
     from .data.shards import expand_urls
     expand_urls(cfg.data.train)  # FileNotFoundError naming what is missing
     if cfg.train.eval_every and cfg.data.eval:

@@ -106,7 +106,9 @@ def test_signals_to_the_process_group_checkpoint_exit_75_and_the_rerun_continues
             assert a.get(key) == b.get(key), (a["step"], key, a.get(key), b.get(key))
 
 
-LOSS_TOL = 0.15  # relative; other ranks draw other samples, so per-step losses differ by sampling noise (measured: see README)
+# Relative. Other ranks draw other samples, so per-step losses differ by sampling noise (seen up to 9 %, their mean
+# over the 4 steps up to 2.3 %; README "On a cluster").
+STEP_TOL, MEAN_TOL = 0.25, 0.10
 
 
 def test_world_size_2_to_1_and_back_to_2_keeps_global_batch_ema_and_schedule(demo, reference, tmp_path):
@@ -140,6 +142,9 @@ def test_world_size_2_to_1_and_back_to_2_keeps_global_batch_ema_and_schedule(dem
         assert torch.equal(p.ds_tensor.reshape(-1)[:p.ds_numel], ref_sd[name].reshape(-1).float()), name
     trainer.fit()  # steps 3 and 4 at world size 1 (resumes again: conversion and load are repeatable)
     assert not list((run / "checkpoints").glob("*universal*"))
+    again = Trainer(C.load_config("tiny", train_args(demo, tmp_path, "w")[2:]))  # requeued on 1 rank again
+    assert again.accum == 2 and "its global batch 8 kept, gradient accumulation 2" in again.reshard_note
+    del again
 
     cmd, env = train_sh(demo, tmp_path, "w", 2)  # back to world size 2 from the world-size-1 step 4
     rc, so, se = run_group(cmd, 300, cwd=tmp_path, env=env)
@@ -155,4 +160,7 @@ def test_world_size_2_to_1_and_back_to_2_keeps_global_batch_ema_and_schedule(dem
         assert a["lr"] == pytest.approx(b["lr"], rel=1e-9, abs=1e-12), a["step"]  # schedule and groups restored
         rel = abs(a["loss"] - b["loss"]) / abs(a["loss"])
         print(f"step {a['step']}: loss ws2 {a['loss']:.5f} resharded {b['loss']:.5f} rel diff {rel:.4f}")
-        assert rel < LOSS_TOL, (a["step"], a["loss"], b["loss"])
+        assert rel < STEP_TOL, (a["step"], a["loss"], b["loss"])
+    mean_a, mean_b = (sum(r["loss"] for r in rs) / len(rs) for rs in (want, got))
+    print(f"mean loss steps 3-{STEPS}: ws2 {mean_a:.5f} resharded {mean_b:.5f}")
+    assert abs(mean_a - mean_b) / mean_a < MEAN_TOL

@@ -48,30 +48,34 @@ def old_global_batch(state: dict) -> int | None:
 
 
 def keep_global_batch(cfg, folder: Path | None, world_size: int) -> str | None:
-    """When ``folder`` (the checkpoint this job resumes) was written by another number of ranks and the recipe sets
-    no ``train.global_batch_size``, set it to the checkpoint's global batch so gradient accumulation absorbs the
-    change. Returns the line to log (None when the world size is unchanged). Raises ReshardError when the global
-    batch cannot be kept."""
+    """A resume keeps the global batch of its checkpoint: when the recipe sets no ``train.global_batch_size`` and
+    the checkpoint's global batch differs from micro-batch x ranks (another world size now, or an earlier resume
+    that kept it), set it, so gradient accumulation absorbs the difference. Returns the line to log (None when
+    nothing changes). Raises ReshardError when the global batch cannot be reached."""
     import json
 
     if folder is None or not (folder / "trainer_state.json").is_file():
         return None
     state = json.loads((folder / "trainer_state.json").read_text())
     old_ws = int(state.get("world_size", world_size))
-    if old_ws == world_size:
-        return None
     old = old_global_batch(state)
     micro = cfg.train.micro_batch_size
-    if cfg.train.global_batch_size is None and old is not None:
+    kept = cfg.train.global_batch_size is None and old is not None and old != micro * world_size
+    if kept:
         cfg.train.global_batch_size = old
+    if old_ws == world_size and not kept:
+        return None
     gbs = cfg.train.global_batch_size or micro * world_size
     if gbs % (micro * world_size):
         raise ReshardError(
             f"{folder} was trained with a global batch of {gbs}, which {world_size} ranks x micro-batch {micro} "
             f"cannot reach by gradient accumulation: set train.micro_batch_size (or train.global_batch_size)")
-    old_accum = state.get("accumulation", "?")
+    accum = gbs // (micro * world_size)
+    if old_ws == world_size:
+        return (f"resuming {folder.name}: its global batch {gbs} kept, gradient accumulation {accum} "
+                f"(micro-batch {micro}, {world_size} ranks; set train.global_batch_size to change it)")
     return (f"resuming {folder.name} (written by {old_ws} data-parallel ranks) on {world_size}: global batch {gbs} "
-            f"kept, gradient accumulation {old_accum} -> {gbs // (micro * world_size)} (micro-batch {micro}); "
+            f"kept, gradient accumulation {state.get('accumulation', '?')} -> {accum} (micro-batch {micro}); "
             "weights and optimizer states re-split through DeepSpeed's universal checkpoint")
 
 
