@@ -13,7 +13,24 @@ from pathlib import Path
 from .errors import UsageError
 
 
+class DefaultsHelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Descriptions kept as written; an option's default is appended as ``(default: X)`` unless it is None or False
+    (required options, flags) or its help already says what the default is."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        d = action.default
+        if (action.option_strings and d is not None and d is not False and d is not argparse.SUPPRESS
+                and "default" not in text):
+            text = f"{text} (default: %(default)s)".lstrip()
+        return text
+
+
 class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", DefaultsHelpFormatter)
+        super().__init__(*args, **kwargs)
+
     def error(self, message):  # one line on stderr, exit 2 (argparse's default prints the whole usage)
         raise UsageError(f"{self.prog}: {message}")
 
@@ -53,19 +70,20 @@ def _bytes(text: str) -> int:
 def _add_output(p, prefix: str, per_shard: int):
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--prefix", default=prefix, help="shard name prefix: PREFIX-000000.tar")
-    p.add_argument("--samples-per-shard", type=_positive, default=per_shard)
+    p.add_argument("--samples-per-shard", type=_positive, default=per_shard, help="samples per shard")
     p.add_argument("--workers", type=_positive, default=1, help="processes (spawn pool), one shard per task")
     p.add_argument("--resume", action="store_true", help="skip shards whose _stats.json exists")
     p.add_argument("--overwrite", action="store_true", help="delete existing shards with this prefix first")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def _add_encode(p, fmt="keep", max_side=None):
     p.add_argument("--max-side", type=_positive, default=max_side, help="resize so the longest side is at most N")
     p.add_argument("--min-side", type=_positive, default=8, help="shorter side below N -> too_small")
     p.add_argument("--max-pixels", type=_positive, default=128_000_000, help="w*h above N -> too_large")
-    p.add_argument("--format", choices=["keep", "jpg", "png", "webp"], default=fmt)
-    p.add_argument("--quality", type=int, default=95)
+    p.add_argument("--format", choices=["keep", "jpg", "png", "webp"], default=fmt,
+                   help="image format in the shards (keep: the source's when it is jpg/png/webp, else png)")
+    p.add_argument("--quality", type=int, default=95, help="jpg/webp quality when re-encoding")
     p.add_argument("--validate", choices=["quick", "full"], default="quick",
                    help="pass-through images: quick = header + end marker, full = decode every image")
 
@@ -83,6 +101,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_output(p, "data", 1000)
     _add_encode(p)
 
+    p = sub.add_parser("llava", help="LLaVA-format conversations (JSON/JSONL) + images -> SFT shards",
+                       description=_doc("llava"))
+    p.add_argument("input", help="LLaVA JSON list (or JSONL) of {id, image, conversations}")
+    p.add_argument("--image-root", help="base of the rows' relative image paths (default: the JSON's folder)")
+    _add_output(p, "llava", 1000)
+    _add_encode(p)
+
     p = sub.add_parser("verify", help="re-read every shard of a directory (or URLs) and check it")
     p.add_argument("dir", help="a shard folder, or shard URLs: pipe:CMD, http(s)://.../x.tar, http(s)://.../dir/ "
                                "(the shards its sizes.json lists); join several with ::")
@@ -91,15 +116,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("synth-text", help="render corpus text in fonts -> shards (caption = rendered text)")
     p.add_argument("--fonts", nargs="+", required=True, help="font files or globs")
     p.add_argument("--corpus", nargs="+", required=True, help="text files (one line per sample; WordNet data.*)")
-    p.add_argument("--num", type=_positive, required=True)
-    p.add_argument("--size", type=_size, default=(32, 128), help="HxW, e.g. 32x128")
-    p.add_argument("--min-chars", type=_positive, default=1)
-    p.add_argument("--max-chars", type=_positive, default=32)
+    p.add_argument("--num", type=_positive, required=True, help="samples to render")
+    p.add_argument("--size", type=_size, default="32x128", help="HxW")
+    p.add_argument("--min-chars", type=_positive, default=1, help="shortest caption in characters")
+    p.add_argument("--max-chars", type=_positive, default=32, help="longest caption in characters")
     p.add_argument("--words", help="take a window of LO-HI consecutive words per line, e.g. 1-3")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument("--text-split", choices=["all", "train", "heldout"], default="all",
                    help="keep captions whose stable hash is in the 90%% train or 10%% held-out bucket")
-    p.add_argument("--heldout-percent", type=int, default=10)
+    p.add_argument("--heldout-percent", type=int, default=10, help="size of the held-out hash bucket")
     p.add_argument("--noise", type=float, default=12.0, help="max std of background noise")
     p.add_argument("--max-rotation", type=float, default=3.0, help="degrees")
     _add_output(p, "synth", 1000)
@@ -117,17 +142,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train-spm", help="sentencepiece model from caption text")
     p.add_argument("--input", nargs="+", required=True, help="shard dirs, .tar files or text files")
-    p.add_argument("--vocab-size", type=_positive, default=1000)
-    p.add_argument("--model-type", choices=["unigram", "bpe", "char", "word"], default="unigram")
+    p.add_argument("--vocab-size", type=_positive, default=1000, help="vocabulary size")
+    p.add_argument("--model-type", choices=["unigram", "bpe", "char", "word"], default="unigram",
+                   help="sentencepiece model type")
     p.add_argument("--out", required=True, help="output prefix: PREFIX.model, PREFIX.vocab")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="random seed")
 
     p = sub.add_parser("instruct", help="caption shards -> instruction (SFT) shards from question templates",
                        add_help=False)
     p.add_argument("rest", nargs=argparse.REMAINDER, help="arguments of python -m data_tools.instruct")
-    p = sub.add_parser("demo", help="the built-in demo data set for the tiny recipe",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--out", required=True)
+    p = sub.add_parser("demo", help="the built-in demo data set for the tiny recipe")
+    p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--task", choices=["numbers", "words"], default="numbers",
                    help="numbers: 3-digit numbers, ink on paper, centred, 32x64 (what the tiny recipe masters on a CPU); "
                         "words: 1-3 words in random colours, 32x128 (harder)")
@@ -139,11 +164,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-chars", type=_positive, default=None, help="words: longest caption (default 16)")
     p.add_argument("--vocab-size", type=_positive, default=None, help="sentencepiece vocabulary (default 512)")
     p.add_argument("--samples-per-shard", type=_positive, default=None, help="default 500")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--workers", type=_positive, default=1)
+    p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument("--workers", type=_positive, default=1, help="processes")
     p.add_argument("--force", action="store_true", help="rebuild even if the manifest matches")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
+
+
+def _doc(module: str) -> str:
+    import importlib
+    return importlib.import_module(f"data_tools.{module}").__doc__
 
 
 def _words(text: str | None) -> tuple[int, int] | None:
@@ -186,6 +216,15 @@ def _cmd_shard(a) -> int:
                         bytes_per_shard=a.bytes_per_shard, opts=_encode_options(a), workers=a.workers,
                         resume=a.resume, overwrite=a.overwrite, progress=not a.no_progress,
                         source_id=str(src.resolve()))
+    _print_summary(stats)
+    return 0
+
+
+def _cmd_llava(a) -> int:
+    from .llava import llava_to_shards
+    stats = llava_to_shards(a.input, a.out, image_root=a.image_root, prefix=a.prefix,
+                            samples_per_shard=a.samples_per_shard, opts=_encode_options(a), workers=a.workers,
+                            resume=a.resume, overwrite=a.overwrite, progress=not a.no_progress)
     _print_summary(stats)
     return 0
 
@@ -279,7 +318,7 @@ def _cmd_instruct(a) -> int:
     return instruct_main(a.rest)
 
 
-COMMANDS = {"instruct": _cmd_instruct, "shard": _cmd_shard, "verify": _cmd_verify, "synth-text": _cmd_synth, "import": _cmd_import,
+COMMANDS = {"instruct": _cmd_instruct, "shard": _cmd_shard, "llava": _cmd_llava, "verify": _cmd_verify, "synth-text": _cmd_synth, "import": _cmd_import,
             "train-spm": _cmd_spm, "demo": _cmd_demo}
 
 

@@ -16,7 +16,6 @@ by reason when its key cannot be a shard key (``bad_key``: contains '/'; ``dupli
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import sys
@@ -131,12 +130,11 @@ def convert_shard(src: Path, dst: Path, templates: list[str], seed: int,
 
 def main(argv: list[str] | None = None) -> int:
     from .cli import _Parser  # argparse's errors become one-line UsageErrors
-    ap = _Parser(prog="data_tools instruct", description=__doc__,
-                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = _Parser(prog="data_tools instruct", description=__doc__)  # defaults shown in --help
     ap.add_argument("--in", dest="inp", required=True, help="a folder of .tar shards or one .tar")
     ap.add_argument("--out", required=True, help="output folder")
     ap.add_argument("--templates", help="a text file, one question per line (default: built-in OCR questions)")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0, help="seed of the question choice")
     ap.add_argument("--max-pixels", type=int, default=128_000_000, help="w*h above N -> too_large")
     try:
         args = ap.parse_args(argv)

@@ -53,6 +53,7 @@ class Item:
     caption: str | bytes | None = None
     extra: dict = field(default_factory=dict)
     size_hint: int = 0
+    reject: str | None = None  # a reason found while reading the input: the sample fails with it, in its shard
 
 
 @dataclass(frozen=True)
@@ -192,28 +193,37 @@ def load_image(img: Image.Image) -> None:
         raise SampleError("unreadable") from None
 
 
+def read_source(item: Item) -> bytes:
+    """The item's encoded image bytes; raises SampleError (``reject``, missing_image, unreadable)."""
+    if item.reject:
+        raise SampleError(item.reject)
+    if item.data is not None:
+        return item.data
+    try:
+        return Path(item.image).read_bytes()
+    except FileNotFoundError:
+        raise SampleError("missing_image") from None
+    except OSError:
+        raise SampleError("unreadable") from None
+
+
 def process_item(item: Item, opts: EncodeOptions) -> dict[str, bytes]:
     """Item -> the members of one sample ({ext: bytes}); raises SampleError."""
+    if item.reject:
+        raise SampleError(item.reject)
     caption = decode_caption(item.caption)
-    if item.data is not None:
-        raw = item.data
-    else:
-        try:
-            raw = Path(item.image).read_bytes()
-        except FileNotFoundError:
-            raise SampleError("missing_image") from None
-        except OSError:
-            raise SampleError("unreadable") from None
+    raw = read_source(item)
     ext, data, (w, h) = encode_image(raw, opts)
     meta = dict(item.extra)
     meta.update({"caption": caption, "width": w, "height": h})
     return {ext: data, "txt": caption.encode("utf-8"), "json": json_bytes(meta)}
 
 
-def produce_items(items: list[Item], opts: EncodeOptions) -> Iterable[tuple[dict | None, str | None]]:
+def produce_items(items: list[Item], opts: EncodeOptions,
+                  process: Callable[[Item, EncodeOptions], dict] = process_item) -> Iterable[tuple[dict | None, str | None]]:
     for item in items:
         try:
-            yield process_item(item, opts), None
+            yield process(item, opts), None
         except SampleError as e:
             yield None, e.reason
         except Exception as e:  # noqa: BLE001 - one sample never ends the shard (and its neighbours) with it
@@ -417,14 +427,18 @@ def items_from_manifest(path: Path, image_col: str = "image", caption_col: str =
 
 def shard_items(items: list[Item], out: str | Path, *, prefix: str = "data", samples_per_shard: int | None = 1000,
                 bytes_per_shard: int | None = None, opts: EncodeOptions = EncodeOptions(), workers: int = 1,
-                resume: bool = False, overwrite: bool = False, progress: bool = True, source_id: str = "") -> dict:
-    """Plan and write shards for ``items``; the library entry point behind ``data_tools shard`` and ``import``."""
+                resume: bool = False, overwrite: bool = False, progress: bool = True, source_id: str = "",
+                process: Callable[[Item, EncodeOptions], dict] = process_item, kind: str = "shard") -> dict:
+    """Plan and write shards for ``items``; the library entry point behind ``data_tools shard``, ``import`` and
+    ``llava``. ``process`` turns one item into its members (a module-level function: workers are spawned)."""
     if not items:
         raise UsageError("no input samples found")
     shards = plan_shards(items, samples_per_shard, bytes_per_shard)
-    plan = {"kind": "shard", "source": source_id, "options": asdict(opts), "samples_per_shard": samples_per_shard,
+    described = (lambda it: f"{it.image}|{it.caption!r}|{len(it.data or b'')}") if kind == "shard" else \
+        (lambda it: f"{it.image}|{it.reject}|{json.dumps(it.extra, sort_keys=True)}")
+    plan = {"kind": kind, "source": source_id, "options": asdict(opts), "samples_per_shard": samples_per_shard,
             "bytes_per_shard": bytes_per_shard, "num_shards": len(shards), "num_items": len(items),
-            "fingerprint": fingerprint(f"{it.image}|{it.caption!r}|{len(it.data or b'')}" for it in items)}
-    producers = [functools.partial(produce_items, group, opts) for group in shards]
+            "fingerprint": fingerprint(described(it) for it in items)}
+    producers = [functools.partial(produce_items, group, opts, process) for group in shards]
     return run_shards(out, prefix, producers, plan=plan, workers=workers, resume=resume, overwrite=overwrite,
                       progress=progress, samples_total=len(items))
