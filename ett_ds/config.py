@@ -360,6 +360,16 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
 
 
 def _type_name(tp: Any) -> str:
+    """A type as written in the annotation: ``str``, ``list[int]``, ``float or None`` (never ``<class 'str'>``)."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in args)
+    if origin is not None and args:
+        return f"{_type_name(origin)}[{', '.join(_type_name(a) for a in args)}]"
+    if tp is type(None):
+        return "None"
+    if isinstance(tp, type):
+        return tp.__name__
     return str(tp).replace("typing.", "")
 
 

@@ -33,7 +33,8 @@ def build_llm(cfg: LLMConfig) -> nn.Module:
         hf_cfg._attn_implementation = cfg.attn_implementation
         model = AutoModelForCausalLM.from_config(hf_cfg, dtype=torch.float32)
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # transformers 5's name (gradient_checkpointing_enable is a deprecated alias); non-reentrant checkpointing
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
     return model
 
