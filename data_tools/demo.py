@@ -10,6 +10,7 @@ Layout::
     DIR/train/demo-000000.tar ...    synth-text, training fonts, training half of the caption hash split
     DIR/heldout/demo-000000.tar ...  held-out fonts when the machine has a second family, held-out captions
     DIR/spm.model, DIR/spm.vocab     sentencepiece trained on the training captions
+    DIR/heldout_vqa.jsonl            VQA questions on the held-out images (DIR/heldout_vqa/KEY.png), 10 answers each
     DIR/README.txt, DIR/demo_manifest.json
 
 Held out twice over: by font family (below) and by string (the held-out bucket of a stable hash of the caption, so
@@ -128,7 +129,8 @@ def build_demo(out: str | Path, opts: DemoOptions = DemoOptions(), *, workers: i
     if not force and manifest_path.exists() and (out / "spm.model").exists():
         old = json.loads(manifest_path.read_text())
         if old.get("config") == manifest:
-            return {**old["summary"], "skipped": True}
+            vqa = write_vqa_split(out, opts.task)  # folders built before the VQA split gain it here
+            return {**old["summary"], "heldout_vqa_questions": vqa, "skipped": True}
     t0 = time.time()
     if out.exists():
         for sub in ("train", "heldout"):
@@ -158,9 +160,41 @@ def build_demo(out: str | Path, opts: DemoOptions = DemoOptions(), *, workers: i
                "heldout_fonts": len(heldout_fonts),
                "corpus": "numbers" if numbers else "wordnet" if "wordnet" in corpus[0] else "phrases",
                "seconds": round(time.time() - t0, 1)}
+    summary["heldout_vqa_questions"] = write_vqa_split(out, opts.task, rebuild=True)
     (out / "README.txt").write_text(_readme(opts, manifest, summary))
     manifest_path.write_text(json.dumps({"config": manifest, "summary": summary}, indent=1, sort_keys=True))
     return {**summary, "skipped": False}
+
+
+VQA_QUESTIONS = {"numbers": (("What is the first digit?", lambda t: t[0]), ("What is the last digit?", lambda t: t[-1]),
+                             ("What number is shown?", lambda t: t)),
+                 "words": (("What is written in the image?", lambda t: t),)}
+
+
+def write_vqa_split(out: Path, task: str, rebuild: bool = False) -> int:
+    """``heldout_vqa.jsonl`` + ``heldout_vqa/KEY.png`` from the held-out shards: per image the task's questions, each
+    with 10 identical answers (``ett_ds.evaluate --tasks vqa``). Kept when present unless ``rebuild``; the JSONL is
+    written last, under a temporary name, so it only exists complete. Returns the number of questions."""
+    from .instruct import read_samples
+    jsonl, images = out / "heldout_vqa.jsonl", out / "heldout_vqa"
+    if jsonl.exists() and not rebuild:
+        return sum(1 for line in jsonl.read_text().splitlines() if line.strip())
+    shutil.rmtree(images, ignore_errors=True)
+    images.mkdir(parents=True)
+    rows = []
+    for shard in sorted((out / "heldout").glob("*.tar")):
+        for key, members in read_samples(shard):
+            text = members.get("txt", b"").decode("utf-8").strip()
+            if not text or "png" not in members:
+                continue
+            (images / f"{key}.png").write_bytes(members["png"])
+            for k, (question, answer) in enumerate(VQA_QUESTIONS[task]):
+                rows.append({"question_id": f"{key}_{k}", "image": f"heldout_vqa/{key}.png", "question": question,
+                             "answers": [answer(text)] * 10})
+    tmp = jsonl.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tmp.replace(jsonl)
+    return len(rows)
 
 
 def _readme(opts: DemoOptions, manifest: dict, summary: dict) -> str:
@@ -178,5 +212,7 @@ spm.model sentencepiece (byte fallback; pad=0 unk=1 bos=2 eos=3), vocabulary {su
 Text source: {', '.join(manifest['corpus'])}
 
 Each sample: KEY.png, KEY.txt (caption), KEY.json (text, font, font_px, angle, seed, index).
+heldout_vqa.jsonl: {summary.get('heldout_vqa_questions', 0)} questions about the held-out images (heldout_vqa/KEY.png), 10 identical answers
+          each: python -m ett_ds.evaluate --ckpt RUN --data heldout_vqa.jsonl --tasks vqa --out vqa.json
 sizes.json / stats.json in each split directory follow open_clip's conventions.
 """

@@ -10,6 +10,11 @@ Tasks
 - ``t2i``: an image generated from each of the first ``--t2i-samples`` captions, read back by the OCR reader (CER,
   and ``ocr_exact_match``: the share of images read back as exactly their prompt),
   and a grid ``<out stem>_t2i.png``. Skipped with a note when the checkpoint has no visual head.
+- ``vqa``: short-answer visual question answering on ``--data`` = a JSONL of ``{image (relative to the JSONL),
+  question, answers: [10 strings]}`` or shards whose json holds question/answers: greedy answers to
+  ``--vqa-prompt`` (an ``sft`` checkpoint is asked in a one-turn chat), scored with the standard VQA accuracy
+  (``ett_ds/eval/vqa.py``: min(#matching human answers / 3, 1) averaged over the 10 leave-one-out subsets, after the
+  standard answer normalisation); per-question records go to ``<out stem>_vqa.jsonl``. A JSONL serves only vqa.
 
 ``--ckpt`` is a training step folder, a run folder (newest complete step) or an export folder. Launched with
 several ranks (torchrun / deepspeed), every rank evaluates its own slice of the shards (the same number of batches
@@ -49,24 +54,26 @@ from pathlib import Path
 
 import torch
 
-TASKS = ("recon", "caption", "t2i")
+TASKS = ("recon", "caption", "t2i", "vqa")
 
 
 class EvalError(Exception):
     """A one-line user error (exit 2)."""
 
 
-def parse_args(argv):
+def build_parser() -> argparse.ArgumentParser:
+    from data_tools.cli import DefaultsHelpFormatter  # the docstring as written, every default shown
+    from .eval.vqa import DEFAULT_PROMPT
     ap = argparse.ArgumentParser(prog="python -m ett_ds.evaluate", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+                                 formatter_class=DefaultsHelpFormatter)
     ap.add_argument("--ckpt", required=True, help="step folder, run folder or export folder")
     ap.add_argument("--data", default=None, help="eval shards (default: the checkpoint config's data.eval)")
     ap.add_argument("--tasks", default="recon,caption", help=f"comma list of {', '.join(TASKS)}")
     ap.add_argument("--out", required=True, help="metrics JSON path")
-    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--batch-size", type=int, default=16, help="images per forward pass (per rank)")
     ap.add_argument("--max-samples", type=int, default=None, help="stop after about this many samples (all ranks)")
     ap.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda:LOCAL_RANK if available)")
-    ap.add_argument("--num-workers", type=int, default=0)
+    ap.add_argument("--num-workers", type=int, default=0, help="data loader workers per rank")
     ap.add_argument("--ocr", choices=("auto", "on", "off"), default="auto",
                     help="OCR scoring (auto: when rapidocr-onnxruntime is installed)")
     ap.add_argument("--t2i-samples", type=int, default=8, help="captions turned into images for t2i")
@@ -74,12 +81,18 @@ def parse_args(argv):
     ap.add_argument("--t2i-temperature", type=float, default=1.0,
                     help="t2i sampling temperature (0: greedy, the most likely code at every position)")
     ap.add_argument("--t2i-top-k", type=int, default=0, help="t2i: sample among the k most likely codes (0: all)")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0, help="t2i sampling seed")
+    ap.add_argument("--vqa-prompt", default=DEFAULT_PROMPT, help="vqa: the question's prompt, with {question}")
+    ap.add_argument("--vqa-max-new-tokens", type=int, default=10, help="vqa: longest answer in tokens")
     ap.add_argument("--resize-mode", choices=("crop", "pad", "stretch"), default=None,
                     help="how images are fitted to the training size (default: the checkpoint's data.resize_mode)")
     ap.add_argument("--quiet", action="store_true", help="no table on stdout")
     ap.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
-    return ap.parse_args(argv)
+    return ap
+
+
+def parse_args(argv):
+    return build_parser().parse_args(argv)
 
 
 # -- distributed ---------------------------------------------------------------------------------------------------
@@ -112,7 +125,7 @@ def _ocr_reader(mode: str):
 def _load(ckpt: str, tasks: list[str], device):
     from .loading import load_model
     from .models.ibq_checkpoint import CheckpointError
-    require = "llm" if "caption" in tasks else None
+    require = "llm" if ("caption" in tasks or "vqa" in tasks) else None
     try:
         return load_model(ckpt, device=device, require=require)
     except CheckpointError as e:
@@ -247,8 +260,17 @@ def run(args) -> dict | None:
     data = args.data or cfg.data.eval
     if not data:
         raise EvalError("no --data given and the checkpoint's config has no data.eval")
+    jsonl = str(data).endswith((".jsonl", ".ndjson"))
+    if jsonl and tasks != ["vqa"]:
+        raise EvalError(f"--data {data}: a JSONL serves only --tasks vqa (the other tasks read shards)")
+    if "vqa" in tasks and "{question}" not in args.vqa_prompt:
+        raise EvalError("--vqa-prompt must contain {question}")
     try:
-        expand_urls(data)
+        if jsonl:
+            if not Path(data).is_file():
+                raise FileNotFoundError(f"no such file: {data}")
+        else:
+            expand_urls(data)
     except FileNotFoundError as e:
         raise EvalError(str(e)) from None
     notes = {}
@@ -264,9 +286,10 @@ def run(args) -> dict | None:
     t0 = time.time()
     recs, hist, pics = [], torch.zeros(cfg.model.tokenizer.codebook_size, dtype=torch.long), {}
     stats = Counter()
-    for batch in eval_batches(data, batch_size=args.batch_size, make_example=batcher.make_example,
-                              collate=batcher.collate, rank=rank, world_size=world, num_workers=args.num_workers,
-                              max_batches=max_batches):
+    batches = [] if tasks == ["vqa"] else \
+        eval_batches(data, batch_size=args.batch_size, make_example=batcher.make_example, collate=batcher.collate,
+                     rank=rank, world_size=world, num_workers=args.num_workers, max_batches=max_batches)
+    for batch in batches:
         stats.update(batch.get("data_stats") or {})
         r, h, p = evaluate_batch(model, needs_text, batch, tasks, reader, device, cfg.data.max_text_tokens + 1)
         recs += r
@@ -279,7 +302,14 @@ def run(args) -> dict | None:
         imgs = t2i_images(model, text, [r["ref"] for r in mine], args, device)
         gen = [M.to_uint8_images(im)[0] for im in imgs]
         t2i = [{"prompt": r["ref"], "ocr": reader.read(g) if reader else None} for r, g in zip(mine, gen)], imgs
-    gathered = gather((recs, hist, t2i, pics, stats), world)
+    vqa = None
+    if "vqa" in tasks:
+        from .eval.vqa import run_vqa
+        per_rank = math.ceil(args.max_samples / world) if args.max_samples else None
+        vqa, vqa_stats = run_vqa(model, text, cfg, str(data), args.vqa_prompt, args.batch_size,
+                                 args.vqa_max_new_tokens, rank, world, per_rank)
+        stats.update(vqa_stats)
+    gathered = gather((recs, hist, t2i, pics, stats, vqa), world)
     data_stats = sum((g[4] for g in gathered), Counter())
     try:  # every rank holds the same totals after the gather, so every rank stops alike (no hung collective)
         check_error_rate(data_stats, cfg.data.max_error_rate, min_samples=1, where=str(data))
@@ -311,12 +341,20 @@ def run(args) -> dict | None:
         result["t2i"] = res
         for x in items:
             x["task"] = "t2i"
+    if vqa is not None:
+        from .eval.vqa import summarize_vqa
+        vqa_recs = [r for g in gathered for r in g[5]][: args.max_samples or None]
+        result["vqa"] = summarize_vqa(vqa_recs, args.vqa_prompt)
+        result["vqa"]["samples"] = str(out.with_name(out.stem + "_vqa.jsonl"))
+        with open(result["vqa"]["samples"], "w") as fh:
+            for i, r in enumerate(vqa_recs):
+                fh.write(json.dumps({"index": i, **r}) + "\n")
     result.update(notes)
     pics = gathered[0][3]
     if pics and "recon" in result:
         result["recon"]["grid"] = str(M.save_grid([pics["input"], pics["recon"]], out.with_name(out.stem + "_recon.png"),
                                                    labels=["input", "recon"], scale=2))
-    with open(out.with_name(out.stem + "_samples.jsonl"), "w") as fh:
+    with open(out.with_name(out.stem + "_samples.jsonl"), "w") if tasks != ["vqa"] else open(os.devnull, "w") as fh:
         for i, r in enumerate(all_recs):
             fh.write(json.dumps({"index": i, **r}) + "\n")
     if t2i is not None:
