@@ -141,10 +141,17 @@ def _texts(text: TextTokenizer, tokens: torch.Tensor) -> list[str]:
 def caption(model: ETTModel, text: TextTokenizer, pixels: torch.Tensor, prompt: str | None = None,
             max_new_tokens: int = 32, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
             generator: torch.Generator | None = None) -> list[str]:
-    """One caption per image of ``pixels`` (B, 3, H, W) in [-1, 1]; ``prompt`` defaults to the config's first."""
+    """One caption per image of ``pixels`` (B, 3, H, W) in [-1, 1]; ``prompt`` defaults to the config's first.
+
+    A stage ``sft`` checkpoint is asked in the layout it was trained on: the prompt as a one-turn conversation in
+    ``data.chat_template`` (sft trains caption data that way); every other stage gets the prompt after the image."""
     _need_llm(model)
-    batcher = Batcher(model.cfg, text, train=False)
-    ids = torch.tensor([batcher.caption_prompt(prompt)] * pixels.shape[0], device=_device(model))
+    if model.cfg.stage == "sft":
+        turn = first_user_turn(prompt if prompt is not None else model.cfg.data.caption_prompts[0])
+        one = chat_prompt(model, text, [turn])
+    else:
+        one = Batcher(model.cfg, text, train=False).caption_prompt(prompt)
+    ids = torch.tensor([one] * pixels.shape[0], device=_device(model))
     with _eval(model):
         return _texts(text, decode_tokens(model, text, ids, pixels.to(_device(model)), max_new_tokens, temperature,
                                           top_k, top_p, generator))

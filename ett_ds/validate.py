@@ -82,16 +82,10 @@ def _rows(batch: dict, idx: list[int]) -> dict:
 
 
 def greedy_captions(model, text, pixels: torch.Tensor, max_new_tokens: int) -> list[str]:
-    """Greedy captions with the stage's prompt: ``data.caption_prompts[0]`` after the image, or for ``sft`` the
-    same prompt as a one-turn conversation in ``data.chat_template`` (the layout sft trains caption data in)."""
+    """Greedy captions with the stage's prompt (``generation.caption``: after the image, or for ``sft`` as a
+    one-turn conversation in ``data.chat_template``)."""
     from . import generation as G
-    if model.cfg.stage != "sft":
-        return G.caption(model, text, pixels, max_new_tokens=max_new_tokens)
-    turn = G.first_user_turn(model.cfg.data.caption_prompts[0])
-    dev = G._device(model)
-    ids = torch.tensor([G.chat_prompt(model, text, [turn])] * pixels.shape[0], device=dev)
-    with G._eval(model):
-        return G._texts(text, G.decode_tokens(model, text, ids, pixels.to(dev), max_new_tokens))
+    return G.caption(model, text, pixels, max_new_tokens=max_new_tokens)
 
 
 class Validator:

@@ -5,7 +5,8 @@ measured on held-out images (used by launchers/smoke_test.sh).
         --eval-tok tok.json --eval-ett ett.json --eval-sft sft.json --eval-t2i t2i.json [--json verdicts.json]
 
 The eval files are ``python -m ett_ds.evaluate`` outputs. Verdicts (thresholds: see ``THRESHOLDS``):
-- reads: caption exact match of the final understanding checkpoint (sft) on held-out images, next to chance (the
+- reads: caption exact match of the final understanding checkpoint (sft; stage 2's ETT checkpoint on the line
+  below it) on held-out images, next to chance (the
   best constant answer: the share of the most frequent held-out caption) and the distinct-caption ratio (distinct
   predictions / distinct references); "captions ignore the image" when that ratio is low;
 - reconstructs: OCR character error rate on reconstructions by the tokenizer after stage 0 and after ETT, next to
@@ -123,11 +124,14 @@ def main(argv: list[str]) -> int:
     a = ap.parse_args(argv)
     print("\n" + "\n".join(loss_table(Path(a.runs_dir), a.stages)))
     verdicts = {"reads": read_verdict(load(a.eval_sft), [s for s in samples_of(a.eval_sft) if "caption" in s]),
+                "reads_ett": read_verdict(load(a.eval_ett), [s for s in samples_of(a.eval_ett) if "caption" in s]),
                 "reconstructs": reconstruct_verdict(load(a.eval_tok), load(a.eval_ett)),
                 "draws": draw_verdict(load(a.eval_t2i))}
     print("\nVerdicts on held-out images (fonts and strings never seen in training):")
-    for v in verdicts.values():
-        print("  " + v["line"])
+    verdicts["reads_ett"]["line"] = verdicts["reads_ett"]["line"].replace("reads:       ", "  (stage 2) ", 1)
+    for key in ("reads", "reads_ett", "reconstructs", "draws"):
+        if key != "reads_ett" or "no caption" not in verdicts[key]["line"]:
+            print("  " + verdicts[key]["line"])
     if a.json:
         Path(a.json).write_text(json.dumps(verdicts, indent=1))
     return 0

@@ -2,7 +2,7 @@
 # The main job on the built-in default: the whole ETT pipeline on the tiny recipe, on one GPU if present, else CPU,
 # ending with three verdicts measured on held-out images: does the model read, reconstruct and draw?
 #
-#   bash launchers/smoke_test.sh            # CPU: trains and evaluates in about 13 minutes on 2 cores (setup aside)
+#   bash launchers/smoke_test.sh            # CPU: trains and evaluates in about 12 minutes on 2 cores (setup aside)
 #
 # Sets up .venv (unless an environment is active), builds the demo data with data_tools (2-3 digit numbers rendered
 # in real fonts; held out by font family and by string), then runs every stage, each starting from the previous
@@ -10,8 +10,9 @@
 #   stage 0 tokenizer pretraining -> stage 1 alignment -> stage 2 ETT -> stage 3 SFT and text-to-image
 # then evaluation on the held-out split (reconstruction after stage 0 and after ETT, captions, generated images read
 # back by an OCR reader), export, one caption and one generated image, and a summary with the verdicts.
-# On a GPU every stage trains SMOKE_GPU_SCALE (default 4) times longer; the verdicts are the same.
-# Knobs: SMOKE_SCALE (multiplies every step count, default 1; GPU default 4), SMOKE_OUT (default runs/smoke).
+# On a GPU every stage trains 4x longer on 64x128 images (128 visual tokens); the verdicts are the same.
+# Knobs: SMOKE_SCALE (multiplies every step count; default 1, GPU 4), SMOKE_SIZE (demo image HxW; default 32x64,
+# GPU 64x128), SMOKE_OUT (default runs/smoke).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source launchers/setup_env.sh
@@ -25,14 +26,18 @@ fi
 OUT=${SMOKE_OUT:-runs/smoke}
 GPU=$(python -c "import torch; print(int(torch.cuda.is_available()))")
 SCALE=${SMOKE_SCALE:-$([ "$GPU" = 1 ] && echo 4 || echo 1)}
-DEMO=data/demo
+SIZE=${SMOKE_SIZE:-$([ "$GPU" = 1 ] && echo 64x128 || echo 32x64)}   # HxW of the demo images
+H=${SIZE%x*} W=${SIZE#*x}
+DEMO=$([ "$SIZE" = 32x64 ] && echo data/demo || echo "data/demo_$SIZE")
 steps() { python -c "print(max(2, int($1 * float('$SCALE'))))"; }
 latest() { python -c "from ett_ds.engine.checkpoint import latest; from pathlib import Path; p = latest(Path('$1') / 'checkpoints'); assert p, 'no checkpoint in $1'; print(p)"; }
 stage() {  # stage NAME STAGE STEPS [overrides...]
     local name=$1 st=$2 n=$3; shift 3
     echo "== [$name] stage=$st steps=$n"
     bash launchers/train.sh tiny "name=$name" "stage=$st" "out_dir=$OUT" "train.max_steps=$n" \
-        "train.save_every=$n" "train.image_every=$n" "train.resume=never" "$@"
+        "train.save_every=$n" "train.image_every=$n" "train.eval_every=$n" "train.resume=never" \
+        "data.train=$DEMO/train" "data.eval=$DEMO/heldout" "model.llm.text_tokenizer=$DEMO/spm.model" \
+        "data.image_size=[$H,$W]" "$@"
 }
 evaluate() {  # evaluate CKPT TASKS OUT [args...]
     local ck=$1 tasks=$2 out=$3; shift 3
@@ -41,20 +46,20 @@ evaluate() {  # evaluate CKPT TASKS OUT [args...]
 t0=$(date +%s)
 
 echo "== demo data"
-python -m data_tools demo --out "$DEMO"
+python -m data_tools demo --out "$DEMO" --size "$SIZE"
 
 stage tok tokenizer "$(steps 800)" "train.ema_decay=0.99"
 stage align align "$(steps 40)" "train.init_from=$(latest "$OUT/tok")"
 stage ett ett "$(steps 400)" "train.init_from=$(latest "$OUT/align")"
-stage sft sft "$(steps 100)" "train.init_from=$(latest "$OUT/ett")" "optim.lr=5e-4" "optim.projector_lr=5e-4"
-stage t2i t2i "$(steps 300)" "train.init_from=$(latest "$OUT/ett")"
+stage sft sft "$(steps 200)" "train.init_from=$(latest "$OUT/ett")"
+stage t2i t2i "$(steps 800)" "train.init_from=$(latest "$OUT/ett")"
 t_train=$(date +%s)
 
 echo "== evaluation on the held-out split (fonts and strings never seen in training)"
 evaluate "$(latest "$OUT/tok")" recon "$OUT/eval_tok.json"
 evaluate "$(latest "$OUT/ett")" recon,caption "$OUT/eval_ett.json"
 evaluate "$(latest "$OUT/sft")" caption "$OUT/eval_sft.json"
-evaluate "$(latest "$OUT/t2i")" t2i "$OUT/eval_t2i.json" --t2i-samples 32 --t2i-temperature 0
+evaluate "$(latest "$OUT/t2i")" t2i "$OUT/eval_t2i.json" --t2i-samples 40 --t2i-temperature 0
 echo "== export"
 python -m ett_ds.export --ckpt "$(latest "$OUT/t2i")" --out "$OUT/export_t2i"
 echo "== inference"

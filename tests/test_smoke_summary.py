@@ -67,4 +67,4 @@ def test_the_script_prints_a_table_and_three_verdicts(tmp_path):
                          capture_output=True, text=True, check=True).stdout
     assert "| ett | 3 | 3.000 | 2.000 | loss_cap: 2.500 -> 1.500 |" in out
     assert "reads:        PASS" in out and "reconstructs: no OCR" in out and "draws:        no OCR" in out
-    assert set(json.loads((tmp_path / "v.json").read_text())) == {"reads", "reconstructs", "draws"}
+    assert set(json.loads((tmp_path / "v.json").read_text())) == {"reads", "reads_ett", "reconstructs", "draws"}
