@@ -120,6 +120,7 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--eval-ett")
     ap.add_argument("--eval-sft")
     ap.add_argument("--eval-t2i")
+    ap.add_argument("--eval-vqa", help="evaluate --tasks vqa output: printed for information (no verdict)")
     ap.add_argument("--json", help="also write the verdicts here")
     a = ap.parse_args(argv)
     print("\n" + "\n".join(loss_table(Path(a.runs_dir), a.stages)))
@@ -132,6 +133,10 @@ def main(argv: list[str]) -> int:
     for key in ("reads", "reads_ett", "reconstructs", "draws"):
         if key != "reads_ett" or "no caption" not in verdicts[key]["line"]:
             print("  " + verdicts[key]["line"])
+    vqa = load(a.eval_vqa).get("vqa")
+    if vqa:
+        print(f"  (info)       VQA accuracy {vqa['accuracy']:.1%} on {vqa['num_questions']} held-out questions about the "
+              "digits; the sft stage trains on captions only, so this is zero-shot")
     if a.json:
         Path(a.json).write_text(json.dumps(verdicts, indent=1))
     return 0

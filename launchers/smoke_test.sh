@@ -60,6 +60,8 @@ evaluate "$(latest "$OUT/tok")" recon "$OUT/eval_tok.json"
 evaluate "$(latest "$OUT/ett")" recon,caption "$OUT/eval_ett.json"
 evaluate "$(latest "$OUT/sft")" caption "$OUT/eval_sft.json"
 evaluate "$(latest "$OUT/t2i")" t2i "$OUT/eval_t2i.json" --t2i-samples 40 --t2i-temperature 0
+python -m ett_ds.evaluate --ckpt "$(latest "$OUT/sft")" --data "$DEMO/heldout_vqa.jsonl" --tasks vqa \
+    --out "$OUT/eval_vqa.json" --quiet
 echo "== export"
 python -m ett_ds.export --ckpt "$(latest "$OUT/t2i")" --out "$OUT/export_t2i"
 echo "== inference"
@@ -84,7 +86,7 @@ python -m ett_ds.infer reconstruct --ckpt "$OUT/export_t2i" --image "$img" --out
 
 python launchers/smoke_summary.py "$OUT" --stages tok align ett sft t2i --eval-tok "$OUT/eval_tok.json" \
     --eval-ett "$OUT/eval_ett.json" --eval-sft "$OUT/eval_sft.json" --eval-t2i "$OUT/eval_t2i.json" \
-    --json "$OUT/verdicts.json"
+    --eval-vqa "$OUT/eval_vqa.json" --json "$OUT/verdicts.json"
 echo
 echo "pictures: $OUT/eval_*_recon.png, $OUT/eval_t2i_t2i.png, $OUT/*/images/*.png, $OUT/generated.png, $OUT/reconstructed.png (input: $img)"
 echo "smoke test finished in $(( $(date +%s) - t0 )) s (training $(( t_train - t0 )) s)"

@@ -62,9 +62,13 @@ def test_the_script_prints_a_table_and_three_verdicts(tmp_path):
     sft.write_text(json.dumps({"caption": {"exact_match": 0.5}}))
     (tmp_path / "sft_samples.jsonl").write_text("".join(json.dumps(s) + "\n" for s in _samples(
         [("101", "101"), ("202", "203")])))
+    vqa = tmp_path / "vqa.json"
+    vqa.write_text(json.dumps({"vqa": {"accuracy": 0.25, "num_questions": 12}}))
     out = subprocess.run([sys.executable, str(REPO / "launchers" / "smoke_summary.py"), str(tmp_path / "runs"),
-                          "--stages", "ett", "--eval-sft", str(sft), "--json", str(tmp_path / "v.json")],
+                          "--stages", "ett", "--eval-sft", str(sft), "--eval-vqa", str(vqa),
+                          "--json", str(tmp_path / "v.json")],
                          capture_output=True, text=True, check=True).stdout
     assert "| ett | 3 | 3.000 | 2.000 | loss_cap: 2.500 -> 1.500 |" in out
     assert "reads:        PASS" in out and "reconstructs: no OCR" in out and "draws:        no OCR" in out
+    assert "VQA accuracy 25.0% on 12" in out
     assert set(json.loads((tmp_path / "v.json").read_text())) == {"reads", "reads_ett", "reconstructs", "draws"}
