@@ -14,6 +14,8 @@ from pathlib import Path
 
 from PIL import Image
 
+from ett_ds.data.decode import CountingReader, open_shard
+
 from .tario import IMAGE_EXTS
 
 
@@ -55,8 +57,7 @@ def is_url(spec: str) -> bool:
 
 def open_url(url: str):
     """webdataset's opener: local paths, ``pipe:CMD``, http(s) (curl) and the other schemes gopen knows."""
-    from webdataset.gopen import gopen
-    return gopen(url[len("file://"):] if url.startswith("file://") else url, "rb")
+    return open_shard(url)
 
 
 class _Name(str):
@@ -86,7 +87,7 @@ def verify_shard(path: Path | str, seen_keys: dict[str, str]) -> tuple[int, list
     if isinstance(path, str) and not isinstance(path, _Name):
         path = _Name(path)
     try:
-        stream = _Counting(open_url(str(path)))
+        stream = CountingReader(open_url(str(path)))
         with stream, tarfile.open(fileobj=stream, mode="r|") as tar:
             for info in tar:
                 if not info.isfile():
@@ -110,29 +111,6 @@ def verify_shard(path: Path | str, seen_keys: dict[str, str]) -> tuple[int, list
         cur_key = None  # the sample being read when the data ran out is incomplete
     flush()
     return count, problems
-
-
-class _Counting:
-    """Counts the bytes read from a stream (a pipe or a URL has no size to check the tar against)."""
-
-    def __init__(self, f):
-        self.f, self.n = f, 0
-
-    def read(self, size=-1):
-        data = self.f.read(size)
-        self.n += len(data)
-        return data
-
-    def drain(self) -> int:
-        while self.read(1 << 20):
-            pass
-        return self.n
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.f.close()
 
 
 def verify_urls(spec: str) -> dict:

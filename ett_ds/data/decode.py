@@ -59,7 +59,7 @@ def open_shard(url: str):
     return gopen(url, "rb")
 
 
-class _Counting:
+class CountingReader:
     """A read-only stream that counts the bytes read through it (a stream has no size to check a tar against)."""
 
     def __init__(self, f):
@@ -78,6 +78,12 @@ class _Counting:
     def close(self):
         self.f.close()
 
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
 
 def iter_tar_samples(url: str, stats: Counter) -> Iterator[dict]:
     """Raw samples ``{"__key__", "__url__", ext: bytes}`` of one shard (any :func:`open_shard` URL).
@@ -89,7 +95,7 @@ def iter_tar_samples(url: str, stats: Counter) -> Iterator[dict]:
     counts every failure by reason.)
     """
     try:
-        f = _Counting(open_shard(url))
+        f = CountingReader(open_shard(url))
     except (OSError, ValueError):
         stats["unreadable_shard"] += 1
         return
