@@ -81,9 +81,12 @@ def test_diverging_run_keeps_its_last_good_checkpoint_and_stops_after_max_bad_st
     """Steps 1-3 finite (saved every step, keep_last=1), then every batch gives NaN: no checkpoint is written after
     the first bad step, step 2's checkpoint (followed by the finite step 3) survives, and the run stops with a
     one-line error after 3 bad steps in a row."""
+    import tarfile
+    shard = tmp_path / "unused-000000.tar"  # fit() checks that data.train exists; the batches below replace it
+    tarfile.open(shard, "w").close()
     tr = Trainer(tiny_config(spm_model, tmp_path, "stage=ett", "engine.precision=fp32", "train.save_every=1",
                              "train.keep_last=1", "train.max_bad_steps=3", "train.max_steps=20",
-                             "train.log_every=5"))
+                             "train.log_every=5", f"data.train={shard}"))
     good = caption_batch(tr, CAPTIONS)
     tr.batches = lambda: itertools.chain(iter([good] * (3 - tr.step)) if tr.step < 3 else iter([]),
                                          itertools.repeat(poisoned(good)))
