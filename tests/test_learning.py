@@ -16,8 +16,8 @@ MIN_EXACT_MATCH = 0.15
 
 
 def test_tiny_model_learns_to_read_unseen_numbers(tmp_path):
-    # one thread, as the whole suite: with two, a second job on the machine made OpenMP's waiting threads crawl
-    # (150 stage-0 steps in 10 minutes instead of 40 s)
+    # one thread, as the whole suite: with two threads and a training running beside the suite, stage 0 ran 150
+    # steps in 10 minutes (about 40 s alone) -- most likely OpenMP threads waiting on an oversubscribed CPU
     from data_tools.cli import main as data_tools
     _learn(tmp_path, data_tools)
 
