@@ -355,7 +355,7 @@ def run_reference(args, setup, device, ceiling) -> dict:
     batch = setup.batch(cfg, device)
     inputs = {k: batch[k] for k in ("pixels", "input_ids", "attention_mask", "labels", "gen_mask")}
     bf16 = _precision(cfg) == "autocast_bf16"
-    lw, alpha = cfg.loss, cfg.train.alpha
+    lw, alpha = cfg.loss, cfg.loss.alpha
     state = {"step": 0}
 
     def step():

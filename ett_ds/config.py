@@ -122,6 +122,8 @@ class DataConfig:
 
 @dataclass
 class LossConfig:
+    alpha: float = 0.25
+    "Weight of L_vq in `ett` (L = L_cap + alpha L_vq); stage `tokenizer` trains on L_vq alone."
     l1_weight: float = 1.0
     "Pixel L1 reconstruction weight."
     perceptual_weight: float = 1.0
@@ -182,8 +184,6 @@ class TrainConfig:
     "Samples per rank per forward."
     global_batch_size: int | None = None
     "Samples per optimizer step; gradient accumulation = global / (micro x ranks). Default: no accumulation."
-    alpha: float = 0.25
-    "Weight of L_vq in `ett` (L = L_cap + alpha L_vq)."
     ema_decay: float = 0.999
     "EMA decay of the tokenizer weights in stage `tokenizer` (0 disables)."
     prompt_dropout: float = 0.1
@@ -373,6 +373,10 @@ def _type_name(tp: Any) -> str:
     return str(tp).replace("typing.", "")
 
 
+# keys that moved between sections: an old config names the new home instead of failing with a list of fields
+MOVED_KEYS = {"train.alpha": "loss.alpha"}
+
+
 def _build(cls, data: dict, prefix: str = ""):
     hints = _hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
@@ -380,6 +384,8 @@ def _build(cls, data: dict, prefix: str = ""):
     for k, v in data.items():
         key = f"{prefix}.{k}" if prefix else k
         if k not in names:
+            if key in MOVED_KEYS:
+                raise ConfigError(f"config key '{key}' is now '{MOVED_KEYS[key]}'")
             raise ConfigError(f"unknown config key '{key}' (valid: {', '.join(names)})")
         kwargs[k] = _coerce(v, hints[k], key)
     return cls(**kwargs)

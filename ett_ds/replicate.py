@@ -6,7 +6,7 @@
 2. stage 0: one tokenizer trained for reconstruction only (``stage=tokenizer``), shared by every arm;
 3. arms, each stage 1 (``align``) then the same number of stage-2 steps:
    index (``visual_input=index``, tokenizer frozen), frozen (codebook embeddings, tokenizer frozen), ETT at
-   alpha = 0.25 / 0.5 / 1.0 (``stage=ett``) and understanding-only (``stage=ett train.alpha=0``); the embed arms
+   alpha = 0.25 / 0.5 / 1.0 (``stage=ett``) and understanding-only (``stage=ett loss.alpha=0``); the embed arms
    share one stage-1 run (it is identical for them), the index arm has its own;
 4. every arm and the stage-0 tokenizer are evaluated on the held-out split (``ett_ds.evaluate``);
 5. ``DIR/results.md`` (table shaped like Tab. 4/5), ``DIR/results.json``, ``DIR/bars.png`` and
@@ -288,7 +288,7 @@ def run(args) -> dict:
         extra = [f"stage={stage}", f"model.visual_input={vi}", f"train.init_from={align[vi]}", *lr,
                  f"optim.tokenizer_lr={args.lr if args.tokenizer_lr is None else args.tokenizer_lr}"]
         if alpha is not None:
-            extra.append(f"train.alpha={alpha}")
+            extra.append(f"loss.alpha={alpha}")
         ckpts[name] = train_stage(args, name, o["steps2"], common, extra, runs, timings)
     heldout = root / "heldout"
     results = {"stage0": evaluate(stage0, "recon", evals / "stage0.json", heldout, o, timings, "eval_stage0")}

@@ -139,7 +139,7 @@ class Trainer:
                     + lw.quant_weight * terms["quant"] + lw.entropy_weight * terms["entropy"]
                     + self.gan.weight(self.step) * terms["gan_g"])
             terms["loss_vq"] = l_vq
-            alpha = 1.0 if cfg.stage == "tokenizer" else cfg.train.alpha
+            alpha = 1.0 if cfg.stage == "tokenizer" else cfg.loss.alpha
             total = total + alpha * l_vq
         terms["loss"] = total
         return total, {k: v.detach().float() for k, v in terms.items()}

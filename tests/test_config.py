@@ -11,7 +11,7 @@ def test_builtin_recipes_load_and_validate():
     tiny = load_config("tiny")
     assert tiny.stage == "ett" and tiny.num_image_tokens == 32  # 32x64 at 8x downsampling
     paper = load_config("qwen2.5-1.5b-ibq")
-    assert paper.model.tokenizer.codebook_size == 131072 and paper.train.alpha == 0.25
+    assert paper.model.tokenizer.codebook_size == 131072 and paper.loss.alpha == 0.25
     assert paper.train.global_batch_size == 1024 and paper.data.image_size == [512, 512]
 
 
@@ -28,6 +28,7 @@ def test_overrides_are_typed():
     ("engine.tf32=maybe", "engine.tf32: expected true/false"),
     ("data.image_size=[30,64]", "not a multiple of the tokenizer downsampling"),
     ("nosuchsection.x=1", "unknown config key 'nosuchsection'"),
+    ("train.alpha=0.1", "config key 'train.alpha' is now 'loss.alpha'"),
     ("noequals", "must look like key.sub=value"),
 ])
 def test_bad_config_is_one_line_naming_the_key(override, message):
@@ -59,7 +60,7 @@ def test_every_field_is_documented_and_reference_lists_it():
                     walk(sub)
     walk(Config)
     md = markdown_reference()
-    assert "| `train.alpha` |" in md and "| `model.tokenizer.codebook_size` |" in md
+    assert "| `loss.alpha` |" in md and "| `model.tokenizer.codebook_size` |" in md
 
 
 def test_readme_config_reference_is_generated_from_the_code():
