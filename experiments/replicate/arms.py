@@ -1,0 +1,82 @@
+"""Named arm records: what each arm of the ablation trains, and its run names per seed."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One row of the paper's Tab. 4/5: how the LLM sees the image and whether (and how fast) the tokenizer moves.
+
+    ``alpha`` and ``tok_lr_ratio`` (stage-2 tokenizer lr / LLM lr) are set only for ETT arms (``stage="ett"``);
+    understanding-only is ETT with ``alpha=0``. ``llm_init`` is ``random`` or ``text`` (the text-pretrained LLM).
+    """
+    name: str
+    visual_input: str = "embed"          # embed | index
+    stage: str = "frozen"                # frozen | ett
+    alpha: float | None = None
+    tok_lr_ratio: float | None = None
+    llm_init: str = "random"             # random | text
+
+    @property
+    def tuned(self) -> bool:
+        return self.stage == "ett"
+
+    @property
+    def align(self) -> str:
+        """Stage-1 run shared by every arm with the same visual input and LLM initialisation."""
+        return f"align_{self.visual_input}" + ("_text" if self.llm_init == "text" else "")
+
+    def run(self, seed: int) -> str:
+        return f"{self.name}_s{seed}"
+
+    def align_run(self, seed: int) -> str:
+        return f"{self.align}_s{seed}"
+
+    @property
+    def label(self) -> str:
+        if not self.tuned:
+            base = f"{self.visual_input}, tokenizer frozen"
+        elif self.alpha == 0:
+            base = f"understanding-only (α 0, tok lr {_r(self.tok_lr_ratio)}× LLM)"
+        else:
+            base = f"ETT α {self.alpha:g}, tok lr {_r(self.tok_lr_ratio)}× LLM"
+        return base + (", text-pretrained LLM" if self.llm_init == "text" else "")
+
+
+def _r(x: float | None) -> str:
+    return "-" if x is None else f"{x:g}"
+
+
+def frozen(llm_init: str = "random") -> Arm:
+    return Arm(("text_" if llm_init == "text" else "") + "frozen", llm_init=llm_init)
+
+
+def index() -> Arm:
+    return Arm("index", visual_input="index")
+
+
+def ett(alpha: float, ratio: float, llm_init: str = "random") -> Arm:
+    pre = "text_" if llm_init == "text" else ""
+    name = f"{pre}und_only_r{ratio:g}" if alpha == 0 else f"{pre}ett_a{alpha:g}_r{ratio:g}"
+    return Arm(name, stage="ett", alpha=float(alpha), tok_lr_ratio=float(ratio), llm_init=llm_init)
+
+
+def grid(alphas: list[float], ratios: list[float]) -> list[Arm]:
+    """The (alpha, tokenizer-lr ratio) surface, ratios outermost."""
+    return [ett(a, r) for r in ratios for a in alphas]
+
+
+def final_arms(chosen: tuple[float, float], paper_alpha: float, und_ratio: float, *, with_index: bool,
+               text: bool) -> list[Arm]:
+    """The reported arms: frozen, understanding-only, ETT at the chosen setting and at the paper's alpha (same
+    ratio); with ``text``, frozen and the chosen ETT again on the text-pretrained LLM."""
+    alpha, ratio = chosen
+    out = [frozen(), ett(0.0, und_ratio), ett(alpha, ratio)]
+    if paper_alpha != alpha:
+        out.append(ett(paper_alpha, ratio))
+    if with_index:
+        out.insert(0, index())
+    if text:
+        out += [frozen("text"), ett(alpha, ratio, "text")]
+    return out

@@ -1,0 +1,146 @@
+"""Tables with intervals, goal checks, the EM-vs-ΔPSNR picture and the stage-0 curve."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from . import arms as A
+from .stages import metrics_rows, train_curve
+from .stats import arm_stats, fmt, paired_difference, per_image
+
+DYNAMICS = ("code_drift", "grad_ratio")
+
+
+def dynamics(run_dir: Path) -> dict:
+    """Median, mean and last-100-step mean of the per-step tokenizer diagnostics, where the trainer logged them."""
+    out = {}
+    for key in DYNAMICS:
+        vals = [float(r[key]) for r in metrics_rows(run_dir) if "eval" not in r and isinstance(r.get(key), (int, float))]
+        if vals:
+            out[key] = {"median": float(np.median(vals)), "mean": float(np.mean(vals)),
+                        "first": vals[0], "last": vals[-1], "n": len(vals)}
+    return out
+
+
+def final_table(arms: list[A.Arm], samples: dict[str, list[Path]], s0_samples: Path, runs: Path,
+                seeds: list[int]) -> dict:
+    """Per arm: bootstrap stats over its seeds and images, caption loss at the end, tokenizer dynamics; paired
+    differences against frozen; goal checks."""
+    s0 = per_image(s0_samples, None)["psnr"]
+    per = {a.name: [per_image(p, list(s0)) for p in samples[a.name]] for a in arms}
+    table = {"stage0_psnr": float(s0.mean()), "arms": {}}
+    for a in arms:
+        n = len(per[a.name])
+        caps = [train_curve(runs / a.run(s), "loss_cap") for s in seeds[:n]]
+        table["arms"][a.name] = {
+            "label": a.label, "visual_input": a.visual_input, "tuned": a.tuned, "alpha": a.alpha,
+            "tok_lr_ratio": a.tok_lr_ratio, "llm_init": a.llm_init, "stats": arm_stats(per[a.name]),
+            "psnr": float(np.mean([d["psnr"].mean() for d in per[a.name]])),
+            "em_per_seed": [float(d["em"].mean()) for d in per[a.name]],
+            "final_loss_cap": [c[max(c)] for c in caps if c],
+            "dynamics": [dynamics(runs / a.run(s)) for s in seeds[:n]] if a.tuned else []}
+    for a in arms:
+        ref = "text_frozen" if a.llm_init == "text" else "frozen"
+        if a.name != ref and ref in per:
+            table["arms"][a.name]["em_minus_frozen"] = paired_difference(per[a.name], per[ref], "em")
+    if "text_frozen" in per and "frozen" in per:
+        table["text_frozen_minus_frozen_em"] = paired_difference(per["text_frozen"], per["frozen"], "em")
+    return table
+
+
+def goal_checks(table: dict, chosen: str, paper: str, und: str) -> dict:
+    arms = table["arms"]
+    out = {}
+    for key, name in (("chosen", chosen), ("paper_alpha", paper)):
+        if name not in arms or "em_minus_frozen" not in arms[name]:
+            continue
+        d, st = arms[name]["em_minus_frozen"], arms[name]["stats"]
+        und_gain = arms[und]["em_minus_frozen"]["mean"] if und in arms and "em_minus_frozen" in arms[und] else None
+        out[key] = {"arm": name, "em_minus_frozen_points": round(100 * d["mean"], 1),
+                    "interval_points": [round(100 * d["lo"], 1), round(100 * d["hi"], 1)],
+                    "ge_10_points": d["mean"] >= 0.10, "interval_excludes_0": d["lo"] > 0,
+                    "und_only_gain_points": None if und_gain is None else round(100 * und_gain, 1),
+                    "ge_half_und_gain": None if und_gain is None else d["mean"] >= 0.5 * und_gain,
+                    "dpsnr_db": round(st["dpsnr"]["mean"], 3), "dpsnr_ge_-0.3": st["dpsnr"]["mean"] >= -0.3}
+        out[key]["met"] = bool(out[key]["ge_10_points"] and out[key]["interval_excludes_0"]
+                               and out[key]["ge_half_und_gain"] and out[key]["dpsnr_ge_-0.3"])
+    return out
+
+
+def _g(v) -> str:
+    return "-" if v is None else f"{v:g}"
+
+
+def _rows(table: dict) -> list[str]:
+    lines = ["| arm | LLM | α | tok lr / LLM lr | EM % [95 %] | CER [95 %] | ΔPSNR dB [95 %] | EM − frozen, points "
+             "[95 %] | seeds × images | code drift (median) | grad ratio cap/vq (median) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for name, r in table["arms"].items():
+        st = r["stats"]
+        dyn = [d for d in r["dynamics"] if d]
+        drift = np.median([d["code_drift"]["median"] for d in dyn if "code_drift" in d]) if dyn else None
+        ratio = np.median([d["grad_ratio"]["median"] for d in dyn if "grad_ratio" in d]) if dyn else None
+        lines.append(
+            f"| {name} | {r['llm_init']} | {_g(r['alpha'])} | {_g(r['tok_lr_ratio'])} | "
+            f"{fmt(st.get('em'), 100)} | {fmt(st.get('cer'), 1, 3)} | {fmt(st.get('dpsnr'), 1, 2, True)} | "
+            f"{fmt(r.get('em_minus_frozen'), 100, 1, True)} | {st['em']['seeds']} × {st['em']['images']} | "
+            f"{'-' if drift is None or np.isnan(drift) else f'{drift:.2e}'} | "
+            f"{'-' if ratio is None or np.isnan(ratio) else f'{ratio:.3g}'} |")
+    return lines
+
+
+def markdown(summary: dict) -> str:
+    lines = [f"# ETT ablation with seeds, size `{summary['size']}`", "", f"Command: `{summary['command']}`  ",
+             f"Wall time: {summary.get('wall_s', 0):.0f} s; seeds {summary['seeds']}", "",
+             f"Fonts: train {len(summary['fonts']['train'])} ({summary['fonts']['train'][0]} ...), validation "
+             f"{', '.join(summary['fonts']['val'])}, held-out {', '.join(summary['fonts']['heldout'])}; "
+             "validation and held-out captions come from the held-out string bucket, split again in two.", ""]
+    s0 = summary.get("stage0")
+    if s0:
+        pts = ", ".join(f"{k}: {v:.2f}" for k, v in sorted(s0["curve"].items()))
+        lines += [f"Stage 0: stopped at step {s0['stopped_at']}; validation PSNR gain over the last {s0['window']} "
+                  f"steps {s0['last_gain_db'] if s0['last_gain_db'] is None else round(s0['last_gain_db'], 3)} dB "
+                  f"(converged below {s0['tol_db']} dB: {'yes' if s0['converged'] else 'no'}). Curve (step: dB): "
+                  f"{pts}.", ""]
+    if summary.get("grid"):
+        g = summary["grid"]
+        lines += ["## Grid at the first seed, validation split", "", *_rows(g), "",
+                  f"Selection: {g['selection']['rule']}; chosen **{g['selection']['chosen']}**"
+                  + (" (no cell was eligible: best EM overall)" if g["selection"]["fallback_no_cell_eligible"]
+                     else "") + ".", ""]
+    if summary.get("final"):
+        f = summary["final"]
+        lines += ["## Reported arms, held-out split", "", f"Stage-0 held-out PSNR {f['stage0_psnr']:.2f} dB.", "",
+                  *_rows(f), ""]
+        for key, g in summary.get("goal", {}).items():
+            lines.append(f"- Goal ({key}, {g['arm']}): EM − frozen {g['em_minus_frozen_points']} points "
+                         f"{g['interval_points']} (≥ 10: {g['ge_10_points']}; interval excludes 0: "
+                         f"{g['interval_excludes_0']}; ≥ half of understanding-only's {g['und_only_gain_points']}: "
+                         f"{g['ge_half_und_gain']}); ΔPSNR {g['dpsnr_db']} dB (≥ −0.3: {g['dpsnr_ge_-0.3']}) → "
+                         f"**{'met' if g['met'] else 'not met'}**")
+        if "text_frozen_minus_frozen_em" in f:
+            lines.append(f"- Text-pretrained − random LLM, frozen: {fmt(f['text_frozen_minus_frozen_em'], 100, 1, True)}"
+                         " points EM")
+    t = summary.get("timings_s", {})
+    lines += ["", "Seconds per step of the pipeline run by this invocation: "
+              + ", ".join(f"{k} {v}" for k, v in t.items())]
+    return "\n".join(lines) + "\n"
+
+
+def write(out: Path, summary: dict) -> None:
+    from .plot import em_vs_dpsnr, stage0_curve
+    f = summary.get("final")
+    if f and summary.get("chosen"):
+        c = summary["chosen"]
+        chosen = A.ett(c["alpha"], c["ratio"]).name
+        paper = A.ett(summary["paper_alpha"], c["ratio"]).name
+        summary["goal"] = goal_checks(f, chosen, paper, A.ett(0.0, c["ratio"]).name)
+    (out / "results.json").write_text(json.dumps(summary, indent=1, default=str))
+    (out / "results.md").write_text(markdown(summary))
+    if summary.get("stage0"):
+        stage0_curve(out / "stage0_curve.png", summary["stage0"])
+    tables = [t for t in (summary.get("grid"), f) if t]
+    if tables:
+        em_vs_dpsnr(out / "em_vs_dpsnr.png", tables)
