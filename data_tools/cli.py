@@ -230,7 +230,9 @@ def _cmd_llava(a) -> int:
 
 
 def _cmd_verify(a) -> int:
-    from .verify import is_url, verify_dir, verify_urls
+    from ett_ds.data.decode import is_url
+
+    from .verify import verify_dir, verify_urls
     if is_url(a.dir):
         report = verify_urls(a.dir)
     elif not Path(a.dir).is_dir():

@@ -1,6 +1,6 @@
 """``data_tools instruct``: caption shards -> instruction (SFT) shards, from question templates.
 
-Every sample with a caption (``json["caption"]``/``json["text"]`` or ``.txt``) gets a LLaVA-style conversation in its
+Every sample with a caption (``.txt``, else ``json["caption"]``/``json["text"]``: the loader's rule) gets a LLaVA-style conversation in its
 json, ``[{"from": "human", "value": "<image>\\nQUESTION"}, {"from": "gpt", "value": CAPTION}]`` plus
 ``"task": "sft"``; the image and the other json fields are copied unchanged. The question is drawn from the templates
 by a hash of (seed, shard name, sample key), so the output is byte-identical for identical input. One output shard
@@ -10,7 +10,8 @@ Nothing unchecked is copied: only whitelisted members (jpg, jpeg, png, webp, txt
 ``.pth``, is never read and is counted as ``ignored_member``) reach the output, and a sample is dropped and counted
 by reason when its key cannot be a shard key (``bad_key``: contains '/'; ``duplicate_key``), when it has no image
 (``missing_image``) or an image that does not fully decode (``unreadable``, ``truncated``, ``too_large`` above
-``--max-pixels``), or when its caption or json is unusable (``no_caption``, ``bad_caption``, ``bad_json``).
+``--max-pixels``), or when its caption or json is unusable (``missing_caption``, ``empty_caption``,
+``non_utf8_caption``, ``bad_json``: the reasons the training loader counts).
 
     python -m data_tools.instruct --in data/demo/train --out data/demo_sft [--templates FILE] [--seed 0]
 """
@@ -23,9 +24,11 @@ import tarfile
 from collections import Counter
 from pathlib import Path
 
+from ett_ds.data.format import (CAPTION_EXT, JSON_EXT, WHITELIST, SampleError, clean_caption, image_exts, key_problem,
+                                load_image, open_image, pixel_limit, read_json, sample_caption, split_name)
+
 from .errors import UsageError
-from .shard import SampleError, load_image, open_image, pixel_limit
-from .tario import IMAGE_EXTS, WHITELIST, ShardTarWriter, json_bytes
+from .tario import ShardTarWriter, json_bytes
 
 DEFAULT_TEMPLATES = (
     "What is written in the image?",
@@ -44,9 +47,7 @@ def read_samples(path: Path, stats: Counter | None = None):
         for info in tar:
             if not info.isfile():
                 continue
-            head, _, base = info.name.rpartition("/")
-            stem, _, ext = base.partition(".")
-            k, ext = (f"{head}/{stem}" if head else stem), ext.lower()
+            k, ext = split_name(info.name)
             if ext not in WHITELIST:
                 if stats is not None:
                     stats["ignored_member"] += 1
@@ -61,25 +62,16 @@ def read_samples(path: Path, stats: Counter | None = None):
 
 
 def caption_of(members: dict) -> tuple[str | None, dict]:
-    """(caption or None, json dict); raises SampleError for json that is not an object or a non-UTF-8 caption."""
-    try:
-        meta = json.loads(members["json"]) if "json" in members else {}
-    except ValueError:
-        raise SampleError("bad_json") from None
-    if not isinstance(meta, dict):
-        raise SampleError("bad_json")
-    text = meta.get("caption") or meta.get("text")
-    if not text and "txt" in members:
-        try:
-            text = members["txt"].decode("utf-8", errors="strict")
-        except UnicodeDecodeError:
-            raise SampleError("bad_caption") from None
-    return (str(text).strip() or None) if text else None, meta
+    """(caption or None, json dict) as the training loader reads them (``ett_ds.data.format``); raises SampleError
+    for json that is not an object, a caption field that is not a string, or an empty or non-UTF-8 txt."""
+    meta = read_json(members[JSON_EXT]) if JSON_EXT in members else {}
+    text = sample_caption(clean_caption(members[CAPTION_EXT]) if CAPTION_EXT in members else None, meta)
+    return (text.strip() or None) if text else None, meta
 
 
 def check_images(members: dict, max_pixels: int) -> None:
     """Every image member decodes completely (header pixel count first); at least one exists."""
-    images = [e for e in IMAGE_EXTS if e in members]
+    images = image_exts(members)
     if not images:
         raise SampleError("missing_image")
     with pixel_limit(max_pixels):
@@ -95,17 +87,17 @@ def pick(templates: list[str], seed: int, *parts: str) -> str:
 def convert_sample(key: str, members: dict, templates: list[str], seed: int, shard: str,
                    max_pixels: int) -> dict:
     """One caption sample -> its SFT members; raises SampleError with the reason it is dropped."""
-    if not key or "/" in key or "." in key:
+    if key_problem(key):
         raise SampleError("bad_key")
     text, meta = caption_of(members)
     if text is None:
-        raise SampleError("no_caption")
+        raise SampleError("missing_caption")
     check_images(members, max_pixels)
     question = pick(templates, seed, shard, key)
     meta = {**meta, "caption": text, "task": "sft", "conversations": [
         {"from": "human", "value": f"<image>\n{question}"}, {"from": "gpt", "value": text}]}
-    out = {k: v for k, v in members.items() if k not in ("json", "txt")}
-    out["json"] = json_bytes(meta)
+    out = {k: v for k, v in members.items() if k not in (JSON_EXT, CAPTION_EXT)}
+    out[JSON_EXT] = json_bytes(meta)
     return out
 
 

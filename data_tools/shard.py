@@ -12,7 +12,6 @@ approximate when re-encoding.
 """
 from __future__ import annotations
 
-import contextlib
 import csv
 import functools
 import hashlib
@@ -20,7 +19,6 @@ import io
 import json
 import multiprocessing
 import os
-import warnings
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -28,20 +26,16 @@ from typing import Callable, Iterable
 
 from PIL import Image
 
+from ett_ds.data.format import (IMAGE_EXTS, SampleError, clean_caption, load_image, normalize_image, open_image,
+                                pixel_limit)
+
 from .errors import UsageError
 from .tario import ShardTarWriter, json_bytes, sample_key, shard_name
 
-SOURCE_IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
+# input files: the shard image formats, and those that are re-encoded to png (gif, bmp, tiff)
+SOURCE_IMAGE_EXTS = {f".{e}" for e in IMAGE_EXTS} | {".gif", ".bmp", ".tif", ".tiff"}
 PIL_TO_EXT = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
 EXT_TO_PIL = {"jpg": "JPEG", "png": "PNG", "webp": "WEBP"}
-
-
-class SampleError(Exception):
-    """A sample that is skipped; ``reason`` is the stats bucket."""
-
-    def __init__(self, reason: str):
-        super().__init__(reason)
-        self.reason = reason
 
 
 @dataclass
@@ -74,15 +68,7 @@ class EncodeOptions:
 def decode_caption(caption: str | bytes | None) -> str:
     if caption is None:
         raise SampleError("missing_caption")
-    if isinstance(caption, bytes):
-        try:
-            caption = caption.decode("utf-8")
-        except UnicodeDecodeError:
-            raise SampleError("non_utf8_caption") from None
-    caption = caption.strip()
-    if not caption:
-        raise SampleError("empty_caption")
-    return caption
+    return clean_caption(caption)
 
 
 def _intact_ending(raw: bytes, fmt: str) -> bool:
@@ -94,52 +80,6 @@ def _intact_ending(raw: bytes, fmt: str) -> bool:
     if fmt == "WEBP":
         return len(raw) >= 12 and int.from_bytes(raw[4:8], "little") + 8 <= len(raw)
     return True
-
-
-def _to_storable(img: Image.Image) -> Image.Image:
-    """L and RGB stay; anything with alpha is composited on white; everything else becomes RGB."""
-    if img.mode in ("L", "RGB"):
-        return img
-    if img.mode == "P" and "transparency" in img.info:
-        img = img.convert("RGBA")
-    if img.mode in ("RGBA", "LA", "PA", "RGBa"):
-        img = img.convert("RGBA")
-        base = Image.new("RGB", img.size, (255, 255, 255))
-        base.paste(img, mask=img.getchannel("A"))
-        return base
-    if img.mode == "I;16" or img.mode == "I":
-        return img.point(lambda v: v / 256).convert("L")
-    return img.convert("RGB")
-
-
-@contextlib.contextmanager
-def pixel_limit(max_pixels: int):
-    """Pillow's decompression-bomb limit raised to at least ``max_pixels`` (and its warning silenced) for the
-    duration: ``--max-pixels`` is the one limit, so an image Pillow refuses as a bomb (more than twice its limit)
-    is always also above ``max_pixels``, i.e. ``too_large``."""
-    before = Image.MAX_IMAGE_PIXELS
-    Image.MAX_IMAGE_PIXELS = max(max_pixels, before or 0)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            yield
-    finally:
-        Image.MAX_IMAGE_PIXELS = before
-
-
-def open_image(raw: bytes, max_pixels: int) -> Image.Image:
-    """Open (header only) and check the pixel count before anything decodes; raises SampleError."""
-    with pixel_limit(max_pixels):
-        try:
-            img = Image.open(io.BytesIO(raw))
-        except Image.DecompressionBombError:
-            raise SampleError("too_large") from None
-        except Exception:  # noqa: BLE001 - UnidentifiedImageError, OSError, a plugin's parser: one bad sample
-            raise SampleError("unreadable") from None
-    w, h = img.size
-    if w * h > max_pixels or w <= 0 or h <= 0:
-        raise SampleError("too_large")
-    return img
 
 
 def encode_image(raw: bytes, opts: EncodeOptions) -> tuple[str, bytes, tuple[int, int]]:
@@ -170,7 +110,7 @@ def _encode_image(raw: bytes, opts: EncodeOptions) -> tuple[str, bytes, tuple[in
         size = (max(1, round(w * scale)), max(1, round(h * scale)))
         img.draft("RGB", size)  # JPEG: decode at a reduced scale directly
     load_image(img)
-    img = _to_storable(img)
+    img = normalize_image(img, keep_gray=True)  # L and RGB are stored as they are
     if resize:
         img = img.resize(size, Image.Resampling.LANCZOS, reducing_gap=3.0)
     out = io.BytesIO()
@@ -179,18 +119,6 @@ def _encode_image(raw: bytes, opts: EncodeOptions) -> tuple[str, bytes, tuple[in
         kwargs = {"compress_level": 6}
     img.save(out, format=EXT_TO_PIL[target], **kwargs)
     return target, out.getvalue(), img.size
-
-
-def load_image(img: Image.Image) -> None:
-    """Decode fully; a failure is a SampleError (truncated, too_large, unreadable), never an exception that escapes."""
-    try:
-        img.load()
-    except OSError as e:
-        raise SampleError("truncated" if "truncated" in str(e).lower() else "unreadable") from None
-    except (Image.DecompressionBombError,):
-        raise SampleError("too_large") from None
-    except Exception:  # noqa: BLE001 - any decoder failure is a bad sample, never a crash
-        raise SampleError("unreadable") from None
 
 
 def read_source(item: Item) -> bytes:

@@ -1,9 +1,9 @@
 """``data_tools train-spm``: a sentencepiece model from caption text, for the tiny LLM without a pretrained vocab.
 
-Inputs may be shard directories / tar files (the ``txt`` members, else the ``caption`` field of ``json``) or plain
-text files (one sentence per line). Ids are fixed (pad=0, unk=1, bos=2, eos=3) so the model code can rely on them;
-``byte_fallback`` makes every string encodable; ``hard_vocab_limit=False`` lets a small corpus produce a smaller
-vocabulary instead of failing.
+Inputs may be shard directories / tar files (the ``txt`` members, else the ``caption`` or ``text`` field of ``json``:
+the loader's rule) or plain text files (one sentence per line). Ids are fixed (pad=0, unk=1, bos=2, eos=3) so the
+model code can rely on them; ``byte_fallback`` makes every string encodable; ``hard_vocab_limit=False`` lets a small
+corpus produce a smaller vocabulary instead of failing.
 """
 from __future__ import annotations
 
@@ -12,12 +12,13 @@ import tarfile
 from pathlib import Path
 from typing import Iterable, Iterator
 
+from ett_ds.data.format import CAPTION_EXT, TEXT_EXTS, json_caption, split_name
+
 from .errors import UsageError
-from .verify import split_name
 
 
 def captions_from_tar(path: Path) -> Iterator[str]:
-    """One caption per sample: the ``txt`` member, else ``json['caption']``. A broken tar ends early, silently."""
+    """One caption per sample: the ``txt`` member, else the json's caption field. A broken tar ends early, silently."""
     key, txt, meta_caption = None, None, None
 
     def emit():
@@ -28,21 +29,21 @@ def captions_from_tar(path: Path) -> Iterator[str]:
         with tarfile.open(path, mode="r|") as tar:
             for info in tar:
                 k, ext = split_name(info.name)
-                if ext not in ("txt", "json"):
+                if ext not in TEXT_EXTS:
                     continue
                 if k != key:
                     if (text := emit()) is not None:
                         yield text
                     key, txt, meta_caption = k, None, None
                 data = tar.extractfile(info).read()
-                if ext == "txt":
+                if ext == CAPTION_EXT:
                     txt = data.decode("utf-8", "replace")
                 else:
                     try:
                         meta = json.loads(data)
                     except ValueError:
                         continue
-                    meta_caption = meta.get("caption") if isinstance(meta, dict) else None
+                    meta_caption = json_caption(meta) if isinstance(meta, dict) else None
     except (tarfile.TarError, OSError):
         pass
     if (text := emit()) is not None:

@@ -13,9 +13,7 @@ import os
 import tarfile
 from pathlib import Path
 
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
-TEXT_EXTS = ("txt", "json")
-WHITELIST = frozenset(IMAGE_EXTS + TEXT_EXTS)  # the members the training loader reads; nothing else is copied
+from ett_ds.data.format import key_problem
 
 
 def shard_name(prefix: str, index: int) -> str:
@@ -45,8 +43,9 @@ class ShardTarWriter:
         self._keys: set[str] = set()
 
     def write(self, key: str, members: dict[str, bytes]) -> None:
-        if "." in key or "/" in key:
-            raise ValueError(f"sample key must not contain '.' or '/': {key!r}")
+        problem = key_problem(key)
+        if problem:
+            raise ValueError(problem)
         if key in self._keys:
             raise ValueError(f"duplicate sample key {key!r} in {self.path.name}")
         self._keys.add(key)

@@ -2,7 +2,8 @@
 
 Checks per shard: the tar reads to the end; members of a sample are adjacent (a key never comes back after another
 key started); keys are unique within and across shards; every sample has exactly one image that fully decodes
-and a UTF-8, non-empty caption when it has one; the count matches ``sizes.json``. Returns a report dict whose
+and a UTF-8, non-empty caption when it has one, and its json (if any) is a JSON object (the rules of
+``ett_ds.data.format``, which the loader applies); the count matches ``sizes.json``. Returns a report dict whose
 ``problems`` list is empty when everything is fine.
 """
 from __future__ import annotations
@@ -15,20 +16,15 @@ from pathlib import Path
 from PIL import Image
 
 from ett_ds.data.decode import CountingReader, open_shard
+from ett_ds.data.format import CAPTION_EXT, JSON_EXT, SampleError, clean_caption, image_exts, read_json, split_name
 
-from .tario import IMAGE_EXTS
-
-
-def split_name(name: str) -> tuple[str, str]:
-    """WebDataset's rule: the key is everything up to the first '.' of the basename."""
-    head, _, base = name.rpartition("/")
-    stem, _, ext = base.partition(".")
-    return (f"{head}/{stem}" if head else stem), ext.lower()
+# what a reason of ett_ds.data.format means in verify's report
+PROBLEMS = {"empty_caption": "empty caption", "non_utf8_caption": "not UTF-8", "bad_json": "not a JSON object"}
 
 
 def check_sample(key: str, members: dict[str, bytes]) -> list[str]:
     problems = []
-    images = [e for e in members if e in IMAGE_EXTS]
+    images = image_exts(members)
     if len(images) != 1:
         problems.append(f"{key}: expected one image member, found {sorted(members)}")
     for ext in images:
@@ -37,22 +33,13 @@ def check_sample(key: str, members: dict[str, bytes]) -> list[str]:
                 img.load()
         except Exception as e:  # noqa: BLE001
             problems.append(f"{key}.{ext}: does not decode ({type(e).__name__}: {e})")
-    if "txt" in members:
-        try:
-            if not members["txt"].decode("utf-8").strip():
-                problems.append(f"{key}.txt: empty caption")
-        except UnicodeDecodeError:
-            problems.append(f"{key}.txt: not UTF-8")
-    if "json" in members:
-        try:
-            json.loads(members["json"])
-        except ValueError:
-            problems.append(f"{key}.json: not valid JSON")
+    for ext, check in ((CAPTION_EXT, clean_caption), (JSON_EXT, read_json)):
+        if ext in members:
+            try:
+                check(members[ext])
+            except SampleError as e:
+                problems.append(f"{key}.{ext}: {PROBLEMS[e.reason]}")
     return problems
-
-
-def is_url(spec: str) -> bool:
-    return spec.startswith("pipe:") or ("://" in spec and not spec.startswith("file://"))
 
 
 def open_url(url: str):

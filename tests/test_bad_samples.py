@@ -12,7 +12,8 @@ from PIL import Image
 
 from data_tools.tario import ShardTarWriter, sample_key
 from ett_ds.data.batch import Batcher
-from ett_ds.data.decode import SampleSkip, decode_sample
+from ett_ds.data.decode import decode_sample
+from ett_ds.data.format import SampleError
 from ett_ds.data.shards import DataErrorRateExceeded, eval_batches, train_batches
 from tests.tiny import tiny_config, train_spm
 
@@ -108,11 +109,11 @@ def test_half_the_captions_missing_trips_the_error_rate_for_caption_stages(spm_m
 
 def test_truncated_file_read_counts_as_truncated():
     """Pillow words truncation "image file is truncated" or "Truncated File Read" (the latter was `unreadable`)."""
-    from ett_ds.data.decode import load_failure_reason
+    from ett_ds.data.format import load_failure_reason
     assert load_failure_reason(OSError("Truncated File Read")) == "truncated"
     assert load_failure_reason(OSError("image file is truncated (5 bytes not processed)")) == "truncated"
     assert load_failure_reason(OSError("decoder error -2")) == "unreadable"
     data = png(3)  # and a real cut PNG through decode_sample
-    with pytest.raises(SampleSkip) as e:
+    with pytest.raises(SampleError) as e:
         decode_sample({"__key__": "k", "png": data[: len(data) * 3 // 4], "txt": b"x"})
     assert e.value.reason == "truncated"

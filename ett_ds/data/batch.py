@@ -21,7 +21,7 @@ import torch
 from ..config import Config
 from ..models.losses import IGNORE
 from ..models.text import TextTokenizer
-from .decode import SampleSkip
+from .format import SampleError, sample_caption
 from .transforms import image_to_uint8, to_unit_range
 
 IMAGE_MARK = "<image>"
@@ -131,31 +131,27 @@ class Batcher:
 
     # -- the two callables the input pipeline runs in its workers -------------------------------------------------
     def make_example(self, sample: dict) -> dict:
-        """One decoded sample -> an example. A sample that cannot serve this stage raises ``SampleSkip(reason)``
+        """One decoded sample -> an example. A sample that cannot serve this stage raises ``SampleError(reason)``
         (counted by the input pipeline; all but ``rejected`` count towards ``data.max_error_rate``): a stage with
         an LLM needs a caption (``missing_caption``) or well-formed ``conversations`` (``bad_conversations``);
         a json field of the wrong type is ``bad_json``. The tokenizer stage needs no text."""
         meta = sample.get("json") or {}
-        text = sample.get("text")
-        if text is None:
-            text = meta.get("caption") or meta.get("text")
-        if text is not None and not isinstance(text, str):
-            raise SampleSkip("bad_json")
+        text = sample_caption(sample.get("text"), meta)
         task = meta.get("task") or ("sft" if "conversations" in meta else self.default_task)
         if task not in ("caption", "sft", "t2i"):
-            raise SampleSkip("bad_json")
+            raise SampleError("bad_json")
         conversations = meta.get("conversations")
         if conversations is not None and not _well_formed(conversations):
-            raise SampleSkip("bad_conversations")
+            raise SampleError("bad_conversations")
         has_text = bool(text and text.strip())
         if self.text is not None:
             if task == "sft" and not conversations:  # caption data becomes a one-turn instruction sample
                 if not has_text:
-                    raise SampleSkip("missing_caption")
+                    raise SampleError("missing_caption")
                 conversations = [{"from": "human", "value": f"{IMAGE_MARK}\n{self._prompt()}"},
                                  {"from": "gpt", "value": text.strip()}]
             if task != "sft" and not has_text:
-                raise SampleSkip("missing_caption")
+                raise SampleError("missing_caption")
         pixels = image_to_uint8(sample["image"], size=self.size, train=self.train, rng=self.rng,
                                 mode=self.resize_mode)
         ex = {"pixels": pixels, "text": str(text or ""), "gen": task == "t2i"}
@@ -164,7 +160,7 @@ class Batcher:
                 try:
                     ids, labels = self.chat_sequence(conversations)
                 except ValueError:  # unknown role, two images
-                    raise SampleSkip("bad_conversations") from None
+                    raise SampleError("bad_conversations") from None
             elif task == "t2i":
                 ids, labels = self.t2i_sequence(str(text))
             else:

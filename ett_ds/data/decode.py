@@ -8,38 +8,20 @@ exception that ends the stream.
 from __future__ import annotations
 
 import contextlib
-import io
-import json
 import tarfile
-import warnings
 from collections import Counter
 from typing import Iterator
 
-from PIL import Image, UnidentifiedImageError
+from .format import (CAPTION_EXT, IMAGE_EXTS, JSON_EXT, WHITELIST, SampleError, clean_caption, image_exts,
+                     load_image, open_image, pixel_limit, read_json, split_name, to_rgb)
+from .transforms import decode_size_for
 
-from .transforms import decode_size_for, to_rgb
-
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
-WHITELIST = frozenset(IMAGE_EXTS + ("txt", "json"))
 # Counter buckets that are not data errors: delivered samples, harmless extra members, make_example's own filter.
 NON_ERRORS = frozenset({"ok", "ignored_member", "rejected"})
 
 
 class DataErrorRateExceeded(RuntimeError):
     """Too many bad samples: the shards are probably broken, and training on the rest would be silently biased."""
-
-
-class SampleSkip(Exception):
-    def __init__(self, reason: str):
-        super().__init__(reason)
-        self.reason = reason
-
-
-def split_name(name: str) -> tuple[str, str]:
-    """WebDataset's key rule: key = path up to the first '.' of the basename, ext = the rest (lower case)."""
-    head, _, base = name.rpartition("/")
-    stem, _, ext = base.partition(".")
-    return (f"{head}/{stem}" if head else stem), ext.lower()
 
 
 def is_url(url: str) -> bool:
@@ -127,59 +109,30 @@ def iter_tar_samples(url: str, stats: Counter) -> Iterator[dict]:
 
 def decode_sample(raw: dict, max_pixels: int = 128_000_000, decode_size: tuple[int, int] | None = None,
                   resize_mode: str = "crop") -> dict:
-    """Raw members -> ``{"__key__", "image": RGB PIL, "text": str | None, "json": dict | None}``; raises SampleSkip.
+    """Raw members -> ``{"__key__", "image": RGB PIL, "text": str | None, "json": dict | None}``; raises SampleError.
 
-    The pixel cap is checked from the header (``Image.open`` reads only that) before ``load()``; ``decode_size``
+    The pixel cap is checked from the header (``Image.open`` reads only that) before ``load()``
+    (:func:`.format.open_image`, the writer's rule); ``decode_size``
     = (H, W) lets JPEGs decode at a reduced DCT scale that still covers what ``fit_image`` with ``resize_mode``
     resamples (``Image.draft``): the cover size for ``crop``, the letterboxed size for ``pad``, (H, W) for
     ``stretch``.
     """
-    ext = next((e for e in IMAGE_EXTS if e in raw), None)
-    if ext is None:
-        raise SampleSkip("missing_image")
-    text = None
-    if "txt" in raw:
-        try:
-            text = raw["txt"].decode("utf-8")
-        except UnicodeDecodeError:
-            raise SampleSkip("non_utf8_caption") from None
-        if not text.strip():
-            raise SampleSkip("empty_caption")
-        text = text.strip()
-    meta = None
-    if "json" in raw:
-        try:
-            meta = json.loads(raw["json"])
-        except ValueError:
-            raise SampleSkip("bad_json") from None
-        if not isinstance(meta, dict):
-            raise SampleSkip("bad_json")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        try:
-            img = Image.open(io.BytesIO(raw[ext]))
-        except Image.DecompressionBombError:
-            raise SampleSkip("too_large") from None
-        except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
-            raise SampleSkip("unreadable") from None
-        w, h = img.size
-        if w * h > max_pixels or w <= 0 or h <= 0:
-            raise SampleSkip("too_large")
+    images = image_exts(raw)
+    if not images:
+        raise SampleError("missing_image")
+    ext = images[0]
+    text = clean_caption(raw[CAPTION_EXT]) if CAPTION_EXT in raw else None
+    meta = read_json(raw[JSON_EXT]) if JSON_EXT in raw else None
+    with pixel_limit(max_pixels):
+        img = open_image(raw[ext], max_pixels)
         if decode_size is not None and img.format == "JPEG":
-            img.draft("RGB", decode_size_for(w, h, decode_size, resize_mode))
-        try:
-            img.load()
-        except OSError as e:
-            raise SampleSkip(load_failure_reason(e)) from None
-        except Exception:  # noqa: BLE001 - any decoder failure is one bad sample
-            raise SampleSkip("unreadable") from None
-    return {"__key__": raw["__key__"], "image": to_rgb(img), "text": text, "json": meta}
-
-
-def load_failure_reason(e: OSError) -> str:
-    """``truncated`` for Pillow's truncation errors, whatever their case ("image file is truncated", "Truncated
-    File Read"); ``unreadable`` otherwise."""
-    return "truncated" if "truncated" in str(e).lower() else "unreadable"
+            img.draft("RGB", decode_size_for(*img.size, decode_size, resize_mode))
+        load_image(img)
+    try:
+        image = to_rgb(img)
+    except Exception:  # noqa: BLE001 - a mode Pillow cannot convert is one bad sample
+        raise SampleError("unreadable") from None
+    return {"__key__": raw["__key__"], "image": image, "text": text, "json": meta}
 
 
 def error_count(totals: Counter | dict) -> int:

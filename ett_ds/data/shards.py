@@ -34,8 +34,9 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from .decode import (IMAGE_EXTS, DataErrorRateExceeded, SampleSkip, check_error_rate, count_samples,
-                     decode_sample, is_url, iter_tar_samples, open_shard)
+from .decode import (DataErrorRateExceeded, check_error_rate, count_samples, decode_sample, is_url,
+                     iter_tar_samples, open_shard)
+from .format import IMAGE_EXTS, SampleError
 
 __all__ = ["train_batches", "eval_batches", "expand_urls", "DataErrorRateExceeded", "stream_seed"]
 
@@ -156,14 +157,14 @@ def _examples(raw_samples: Iterator[dict], make_example: Callable, stats: Counte
     for raw in raw_samples:
         try:
             sample = decode_sample(raw, max_pixels=max_pixels, decode_size=decode_size)
-        except SampleSkip as e:
+        except SampleError as e:
             stats[e.reason] += 1
             on_count()
             continue
         sample["__rng__"] = rng
         try:
             example = make_example(sample)
-        except SampleSkip as e:  # the Batcher's own reasons (missing_caption, bad_conversations, ...)
+        except SampleError as e:  # the Batcher's own reasons (missing_caption, bad_conversations, ...)
             stats[e.reason] += 1
             on_count()
             continue

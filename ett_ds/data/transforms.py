@@ -23,21 +23,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-
-def to_rgb(img: Image.Image) -> Image.Image:
-    """RGB; transparency is composited on white (stamps / clip-art are cut-outs on transparent backgrounds)."""
-    if img.mode == "RGB":
-        return img
-    if img.mode == "P" and "transparency" in img.info:
-        img = img.convert("RGBA")
-    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
-        img = img.convert("RGBA")
-        base = Image.new("RGB", img.size, (255, 255, 255))
-        base.paste(img, mask=img.getchannel("A"))
-        return base
-    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-        img = img.point(lambda v: v / 256).convert("L")
-    return img.convert("RGB")
+from .format import to_rgb
 
 
 def cover_size(w: int, h: int, size: tuple[int, int]) -> tuple[int, int]:

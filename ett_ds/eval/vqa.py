@@ -87,14 +87,15 @@ def _answers(meta: dict) -> list[str] | None:
 
 
 def _record(meta: dict, key: str, image_ref: str, raw: dict, stats: Counter, decode: dict) -> dict | None:
-    from ..data.decode import SampleSkip, decode_sample
+    from ..data.decode import decode_sample
+    from ..data.format import SampleError
     question, answers = meta.get("question"), _answers(meta)
     if not isinstance(question, str) or not question.strip() or answers is None:
         stats["no_question"] += 1
         return None
     try:
         sample = decode_sample({"__key__": key, **raw}, **decode)
-    except SampleSkip as e:
+    except SampleError as e:
         stats[e.reason] += 1
         return None
     stats["ok"] += 1
