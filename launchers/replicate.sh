@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
-# The paper's Tab. 4/5 ablation, small, in one command (see `python -m ett_ds.replicate --help`):
+# The paper's Tab. 4/5 ablation with seeds and intervals, in one command (see `python -m experiments.replicate --help`):
 #
-#   launchers/replicate.sh --size tiny|small|gpu --out DIR [--fonts-train ... --fonts-heldout ... --corpus ...]
-#                          [--steps0 N --steps1 N --steps2 N] [--launcher inprocess|python|launchers/train.sh]
+#   launchers/replicate.sh --size tiny|small|gpu --out DIR [--seeds N] [--grid-alphas A,.. --grid-ratios R,..]
+#                          [--text-pretrain] [--launcher inprocess|python|launchers/train.sh]
 #
-# Sets up the environment (launchers/setup_env.sh; ETT_NO_SETUP=1 skips it), then runs ett_ds.replicate. Stages run
-# in one process by default; `--launcher launchers/train.sh` starts each stage with the deepspeed launcher instead
-# (every GPU of the machine, or a SLURM allocation). A rerun with the same --out reuses finished stages.
+# Sets up the environment (launchers/setup_env.sh; ETT_NO_SETUP=1 skips it), then runs experiments.replicate from the
+# repository root. Stages run in one process by default; `--launcher launchers/train.sh` starts each stage with the
+# deepspeed launcher instead (every GPU of the machine, or a SLURM allocation). A rerun with the same --out reuses
+# finished stages.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 if [ -z "${ETT_NO_SETUP:-}" ]; then
@@ -17,4 +18,4 @@ if ! python -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 
     export DS_ACCELERATOR="${DS_ACCELERATOR:-cpu}"
 fi
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(nproc)}"
-exec python -m ett_ds.replicate "$@"
+exec python -m experiments.replicate "$@"

@@ -112,27 +112,6 @@ def test_an_eval_set_past_the_error_rate_stops_with_one_line(demo, ckpts, tmp_pa
     assert json.loads(out.read_text())["data_stats"] == {"ok": NUM_HELDOUT}
 
 
-def test_replicate_tiny_runs_every_arm_and_writes_the_report(tmp_path):
-    from ett_ds.replicate import main as replicate
-    out = tmp_path / "rep"
-    assert replicate(["--size", "tiny", "--out", str(out), "--steps0", "2", "--steps1", "1", "--steps2", "1"]) == 0
-    for f in ("results.md", "results.json", "bars.png", "recon_by_arm.png"):
-        assert (out / f).is_file() and (out / f).stat().st_size > 0, f
-    res = json.loads((out / "results.json").read_text())
-    arms = [r["arm"] for r in res["rows"]]
-    assert arms[1:] == ["index", "frozen", "ett_a0.25", "ett_a0.5", "ett_a1.0", "und_only"]
-    frozen = [r for r in res["rows"] if not r["tokenizer_tuned"]]
-    assert len({round(r["psnr"], 4) for r in frozen}) == 1  # frozen tokenizers reconstruct exactly like stage 0
-    md = (out / "results.md").read_text()
-    assert "| arm |" in md and "ett_a0.25" in md and "Goal checks" in md and "best ETT arm by caption EM" in md
-    assert res["goal"]["best_ett_arm"] in arms
-    # a rerun into the same folder reuses every finished stage; with other settings it refuses instead of mixing
-    assert replicate(["--size", "tiny", "--out", str(out), "--steps0", "2", "--steps1", "1", "--steps2", "1"]) == 0
-    with pytest.raises(SystemExit, match="trained with other settings.*optim.lr=0.002"):
-        replicate(["--size", "tiny", "--out", str(out), "--steps0", "2", "--steps1", "1", "--steps2", "1",
-                   "--lr", "2e-3"])
-
-
 # --- caption diversity and the metrics' documentation ------------------------------------------------------------
 def test_caption_diversity_is_distinct_predictions_over_distinct_references():
     from ett_ds.evaluate import caption_diversity, result_warnings

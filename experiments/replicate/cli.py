@@ -180,10 +180,10 @@ class Runner:
         captions = list(iter_captions([str(self.root / "train")]))
         corpus = list(load_corpus(tuple(self.plan["corpus"])))
         folder = self.out / "text_llm"
-        t0 = time.time()
         rec = textlm.pretrain(folder, cfg, captions, corpus, steps=o["text_steps"], batch=o["batch"] * 2,
                               lr=self.args.text_lr, seed=self.args.seed)
-        self.stages.timings.setdefault("text_pretrain", round(time.time() - t0, 1))
+        if rec.pop("trained"):
+            self.stages.timings["text_pretrain"] = rec["seconds"]
         textlm.check(folder, self.root / "spm.model")
         self.text_llm = folder
         return rec

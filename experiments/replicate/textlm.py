@@ -42,11 +42,15 @@ def sequences(text, captions: list[str], corpus: list[str], prompt: str, max_tok
 
 def pretrain(folder: Path, cfg, captions: list[str], corpus: list[str], *, steps: int, batch: int, lr: float,
              seed: int, log_every: int = 50) -> dict:
-    """Train and save; reused when ``folder`` holds a finished run with the same settings."""
+    """Train and save (the record gains ``trained: True``); reused when ``folder`` holds a finished run with the
+    same settings."""
     import dataclasses
 
     import torch
-    from ett_ds.loading import no_zero_init
+    try:  # the checkpoint package's home after issue 17; before it, ett_ds.loading
+        from ett_ds.checkpoint.loading import no_zero_init
+    except ImportError:
+        from ett_ds.loading import no_zero_init
     from ett_ds.models.llm import build_llm, resize_for_vocab
     from ett_ds.models.text import TextTokenizer
 
@@ -55,7 +59,7 @@ def pretrain(folder: Path, cfg, captions: list[str], corpus: list[str], *, steps
             "spm_sha256": sha256(spm_path), "captions": len(captions), "corpus_lines": len(corpus)}
     rec_path = folder / RECORD
     if rec_path.is_file() and json.loads(rec_path.read_text()).get("plan") == plan:
-        return json.loads(rec_path.read_text())
+        return {**json.loads(rec_path.read_text()), "trained": False}
     torch.manual_seed(seed)
     rng = random.Random(seed)
     text = TextTokenizer(spm_path)
@@ -89,4 +93,4 @@ def pretrain(folder: Path, cfg, captions: list[str], corpus: list[str], *, steps
     llm.save_pretrained(str(folder))
     rec = {"plan": plan, "loss_curve": curve, "seconds": round(time.time() - t0, 1)}
     rec_path.write_text(json.dumps(rec, indent=1))
-    return rec
+    return {**rec, "trained": True}

@@ -1,0 +1,98 @@
+"""The replication tool (experiments/replicate): statistics by hand, the data splits, bad input, and one tiny run of
+every phase (grid on validation, two seeds, text-pretrained LLM) with a rerun that reuses and one that refuses."""
+import json
+
+import numpy as np
+import pytest
+
+from experiments.replicate import arms as A
+from experiments.replicate import data as D
+from experiments.replicate.cli import main as replicate
+from experiments.replicate.stats import bootstrap, paired_difference
+
+
+def test_bootstrap_interval_by_hand():
+    const = bootstrap(np.full((3, 20), 0.4))
+    assert const["mean"] == pytest.approx(0.4) and const["lo"] == pytest.approx(0.4) == const["hi"]
+    # half the images right: mean 0.5, the interval is about +-1.96 * sqrt(.25 / 200) = +-0.069 wide
+    half = bootstrap(np.tile(np.r_[np.ones(100), np.zeros(100)], (1, 1)))
+    assert half["mean"] == 0.5 and 0.40 < half["lo"] < 0.46 and 0.54 < half["hi"] < 0.60
+    # seeds that disagree widen the interval beyond the per-image one
+    spread = bootstrap(np.stack([np.full(200, 0.2), np.full(200, 0.8)]))
+    assert spread["lo"] == pytest.approx(0.2) and spread["hi"] == pytest.approx(0.8)
+    a = [{"em": np.ones(10)}, {"em": np.ones(10)}]
+    b = [{"em": np.zeros(10)}, {"em": np.r_[np.ones(5), np.zeros(5)]}]
+    d = paired_difference(a, b, "em")  # seed 0 differs by 1 everywhere, seed 1 by 1 on half the images
+    # a quarter of the draws take seed 0 twice (exactly 1.0); a quarter take seed 1 twice (about 0.5 +- 0.3)
+    assert d["mean"] == pytest.approx(0.75) and 0.2 < d["lo"] < 0.6 and d["hi"] == pytest.approx(1.0)
+
+
+def test_arm_records_name_their_runs():
+    arms = A.final_arms((0.1, 0.3), 0.25, 0.3, with_index=True, text=True)
+    assert [a.name for a in arms] == ["index", "frozen", "und_only_r0.3", "ett_a0.1_r0.3", "ett_a0.25_r0.3",
+                                      "text_frozen", "text_ett_a0.1_r0.3"]
+    ett = arms[3]
+    assert ett.tuned and ett.alpha == 0.1 and ett.tok_lr_ratio == 0.3 and ett.run(2) == "ett_a0.1_r0.3_s2"
+    assert ett.align_run(2) == "align_embed_s2" and arms[-1].align_run(0) == "align_embed_text_s0"
+    assert arms[0].align == "align_index" and not arms[1].tuned
+
+
+def test_splits_are_disjoint_by_family_and_string(tmp_path):
+    train, held = D.find_fonts()
+    val, heldout = D.split_fonts(held)
+    fams = [{D.family(f) for f in fs} for fs in (train, val, heldout)]
+    if len(fams[1] | fams[2]) > 1:
+        assert not fams[1] & fams[2]
+    assert not fams[0] & (fams[1] | fams[2]) or train == held
+    plan = D.build(tmp_path, task="numbers", image="16x32", digits=(3, 3), num={"train": 8, "val": 4, "heldout": 4},
+                   spm_vocab=300, seed=0)
+    lines = {s: set((tmp_path / "corpus" / f"{s}.txt").read_text().split()) for s in ("val", "heldout")}
+    assert lines["val"] and lines["heldout"] and not lines["val"] & lines["heldout"]
+    assert all(D.text_bucket(t) == "heldout" for t in lines["val"] | lines["heldout"])
+    assert plan["fonts"]["val"] and plan["fonts"]["heldout"]
+
+
+@pytest.mark.parametrize("argv, msg", [(["--seeds", "0"], "--seeds must be >= 1"),
+                                       (["--grid-alphas", "0.1"], "go together"),
+                                       (["--grid-alphas", "x", "--grid-ratios", "1"], "comma-separated numbers"),
+                                       (["--image", "32"], "HxW")])
+def test_bad_arguments_are_one_line_errors(argv, msg, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        replicate(["--size", "tiny", "--out", str(tmp_path), *argv])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert msg in err[-1]
+
+
+def test_tiny_run_every_phase_then_reuse_and_refuse(tmp_path):
+    out = tmp_path / "rep"
+    argv = ["--size", "tiny", "--out", str(out), "--seeds", "2", "--grid-alphas", "0.1,0.25", "--grid-ratios", "0.3",
+            "--text-pretrain"]
+    assert replicate(argv) == 0
+    res = json.loads((out / "results.json").read_text())
+    for f in ("results.md", "em_vs_dpsnr.png", "stage0_curve.png"):
+        assert (out / f).stat().st_size > 0, f
+    assert list(res["grid"]["arms"]) == ["frozen", "ett_a0.1_r0.3", "ett_a0.25_r0.3"]
+    assert res["grid"]["selection"]["chosen"] in res["grid"]["arms"]
+    final = res["final"]["arms"]
+    assert set(final) >= {"frozen", "text_frozen", "und_only_r0.3"} and len(final) in (6, 7)
+    for name, r in final.items():
+        assert r["stats"]["em"]["seeds"] == 2 and r["stats"]["em"]["images"] == 16, name
+        for m in ("em", "cer", "dpsnr"):
+            s = r["stats"][m]
+            assert s["lo"] - 1e-9 <= s["mean"] <= s["hi"] + 1e-9, (name, m)
+        if not r["tuned"]:  # a frozen tokenizer reconstructs exactly like stage 0
+            assert r["stats"]["dpsnr"]["mean"] == 0.0 == r["stats"]["dpsnr"]["hi"]
+    assert (out / "text_llm" / "config.json").is_file()
+    cfg = json.loads((out / "runs" / "text_frozen_s1" / "replicate_stage.json").read_text())["overrides"]
+    assert f"model.llm.path={out / 'text_llm'}" in cfg
+    assert res["stage0"]["stopped_at"] in (2, 4) and set(res["stage0"]["curve"]) >= {"2"}
+    md = (out / "results.md").read_text()
+    assert "Grid at the first seed, validation split" in md and "Goal (chosen" in md
+    # a rerun reuses every stage (no training: no timings), a changed lr is refused
+    assert replicate(argv) == 0
+    again = json.loads((out / "results.json").read_text())
+    assert again["timings_s"] == {} and again["final"]["arms"]["frozen"]["stats"] == \
+        final["frozen"]["stats"]
+    with pytest.raises(SystemExit, match="trained with other settings.*optim.lr=0.002"):
+        replicate([*argv, "--lr", "2e-3"])
