@@ -19,7 +19,7 @@ Tasks
 ``--ckpt`` is a training step folder, a run folder (newest complete step) or an export folder. Launched with
 several ranks (torchrun / deepspeed), every rank evaluates its own slice of the shards (the same number of batches
 on every rank, padding rows masked by ``batch["valid"]``); rank 0 gathers the records, prints a table and writes
-the files. The model is a plain module per rank (``ett_ds.loading``), not a ZeRO-3 engine.
+the files. The model is a plain module per rank (``ett_ds.checkpoint.loading``), not a ZeRO-3 engine.
 Errors (missing checkpoint or data, a task the checkpoint cannot do) print one line and exit 2.
 
 Images are fitted to the checkpoint's ``data.image_size`` by its ``data.resize_mode`` (crop | pad | stretch, as in
@@ -123,8 +123,8 @@ def _ocr_reader(mode: str):
 
 
 def _load(ckpt: str, tasks: list[str], device):
-    from .loading import load_model
-    from .models.ibq_checkpoint import CheckpointError
+    from .checkpoint import CheckpointError
+    from .checkpoint.loading import load_model
     require = "llm" if ("caption" in tasks or "vqa" in tasks) else None
     try:
         return load_model(ckpt, device=device, require=require)

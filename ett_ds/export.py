@@ -30,11 +30,11 @@ from pathlib import Path
 
 import torch
 
+from .checkpoint import EXPORT_CONFIG, EXTRA_PARTS, CheckpointError
+from .checkpoint.loading import load_model, no_zero_init, resolve
+from .checkpoint.safe import save_safetensors, umask_mode
 from .config import save_config
-from .loading import EXPORT_CONFIG, EXTRA_PARTS, load_model, no_zero_init, resolve
-from .models.ibq_checkpoint import CheckpointError
 from .models.text import chat_template_jinja
-from .weights import save_safetensors, umask_mode
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
     """The module docstring as written, and every option's default."""

@@ -19,9 +19,9 @@ import contextlib
 
 import torch
 
+from .checkpoint import CheckpointError
 from .data.batch import IMAGE_MARK, Batcher
 from .models.ett import ETTModel
-from .models.ibq_checkpoint import CheckpointError
 from .models.llm import base_model
 from .models.text import TextTokenizer
 

@@ -112,7 +112,7 @@ def write_pngs(images: torch.Tensor, paths: list[Path]) -> None:
 
 def run(args) -> None:
     from .generation import ChatSession, caption, generate_images, reconstruct
-    from .loading import load_model, resolve
+    from .checkpoint.loading import load_model, resolve
 
     resolve(args.ckpt)  # a missing or foreign --ckpt fails before images are decoded or anything heavy is imported
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -127,7 +127,7 @@ def run(args) -> None:
                                  num_images=args.num_images)
         write_pngs(images, paths)
         return
-    from .loading import read_config
+    from .checkpoint.loading import read_config
     cfg = read_config(*resolve(args.ckpt))
     pixels = read_images(args.image if isinstance(args.image, list) else [args.image], tuple(cfg.data.image_size),
                          cfg.data.resize_mode)
@@ -153,7 +153,7 @@ def run(args) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    from .models.ibq_checkpoint import CheckpointError
+    from .checkpoint import CheckpointError
     try:
         run(args)
     except (CLIError, CheckpointError, FileNotFoundError) as e:

@@ -16,17 +16,18 @@ from pathlib import Path
 import torch
 import yaml
 
+from . import checkpoint as ckpt
 from . import config as C
+from .checkpoint import CheckpointError, reshard
 from .data.batch import batch_to_device
-from .engine import checkpoint as ckpt
 from .engine import deepspeed as eng
 from .engine import dist
-from .engine import preempt, reshard
+from .engine import preempt
 from .engine.ema import ShardEMA
 from .models import losses
 from .models.discriminator import GANLoss
 from .models.ett import STAGE_SPECS, ETTModel
-from .models.ibq_checkpoint import CheckpointError, load_tokenizer_weights, tokenizer_config_from_ibq_yaml
+from .models.ibq_checkpoint import load_tokenizer_weights, tokenizer_config_from_ibq_yaml
 from .models.text import TextTokenizer
 from .runlog import RunLog
 
@@ -71,7 +72,7 @@ class Trainer:
             else torch.device("cpu")
         torch.manual_seed(cfg.seed)
         eng.setup_backends(cfg)
-        # a checkpoint of another world size keeps its global batch: accumulation is recomputed (engine/reshard.py)
+        # a checkpoint of another world size keeps its global batch: accumulation is recomputed (checkpoint/reshard.py)
         self.reshard_note = reshard.keep_global_batch(cfg, resume_folder(cfg), self.world)
         self.ds_config = eng.resolve_ds_config(cfg, self.world, llm_hidden_size(cfg))
         self.accum = self.ds_config["gradient_accumulation_steps"]
@@ -86,7 +87,7 @@ class Trainer:
         if cfg.model.tokenizer.checkpoint:
             load_tokenizer_weights(model.tokenizer, cfg.model.tokenizer.checkpoint, cfg.model.tokenizer.use_ema_weights)
         if cfg.train.init_from:
-            from .weights import load_into_model
+            from .checkpoint.weights import load_into_model
             self.init_report = load_into_model(model, Path(cfg.train.init_from))
         self.engine = eng.initialize(model, cfg, self.ds_config)
         self.model = self.engine.module
@@ -243,9 +244,9 @@ class Trainer:
         self.unverified = folder
         self.saved_step = self.step
         if self.ema is not None:
-            from .weights import save_tokenizer
+            from .checkpoint.weights import save_tokenizer
             with self.ema.swapped():
-                save_tokenizer(self.model.tokenizer, folder / "tokenizer_ema.safetensors", self.cfg.model.tokenizer)
+                save_tokenizer(self.model.tokenizer, folder / ckpt.TOKENIZER_EMA, self.cfg.model.tokenizer)
         return folder
 
     # -- pictures ------------------------------------------------------------------------------------------------

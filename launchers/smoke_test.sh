@@ -30,7 +30,7 @@ SIZE=${SMOKE_SIZE:-$([ "$GPU" = 1 ] && echo 64x128 || echo 32x64)}   # HxW of th
 H=${SIZE%x*} W=${SIZE#*x}
 DEMO=$([ "$SIZE" = 32x64 ] && echo data/demo || echo "data/demo_$SIZE")
 steps() { python -c "print(max(2, int($1 * float('$SCALE'))))"; }
-latest() { python -c "from ett_ds.engine.checkpoint import latest; from pathlib import Path; p = latest(Path('$1') / 'checkpoints'); assert p, 'no checkpoint in $1'; print(p)"; }
+latest() { python -c "from ett_ds.checkpoint import latest; from pathlib import Path; p = latest(Path('$1') / 'checkpoints'); assert p, 'no checkpoint in $1'; print(p)"; }
 stage() {  # stage NAME STAGE STEPS [overrides...]
     local name=$1 st=$2 n=$3; shift 3
     echo "== [$name] stage=$st steps=$n"

@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from ett_ds import export
+from ett_ds.checkpoint.loading import load_model, no_zero_init
 from ett_ds.data.batch import Batcher
 from ett_ds.engine import dist
-from ett_ds.loading import load_model, no_zero_init
 from ett_ds.models.ibq_checkpoint import load_tokenizer_weights, tokenizer_config_from_ibq_yaml
 from ett_ds.models.vq import VisionTokenizer
 from tests.stage_batches import smooth_images, trained_checkpoint
@@ -112,12 +112,12 @@ def test_tokenizer_stage_exports_only_the_tokenizer(spm, tmp_path, capsys):
 
 
 def _full(module):
-    from ett_ds.weights import full_state_dict
+    from ett_ds.checkpoint.weights import full_state_dict
     return full_state_dict(module)
 
 
 def test_loading_errors(tmp_path, t2i_step):
-    from ett_ds.models.ibq_checkpoint import CheckpointError
+    from ett_ds.checkpoint import CheckpointError
     with pytest.raises(CheckpointError, match="not found"):
         load_model(tmp_path / "missing")
     with pytest.raises(CheckpointError, match="neither"):

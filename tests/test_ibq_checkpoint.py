@@ -3,9 +3,9 @@ import pytest
 import torch
 import yaml
 
+from ett_ds.checkpoint import CheckpointError
 from ett_ds.config import TokenizerConfig
-from ett_ds.models.ibq_checkpoint import (CheckpointError, load_tokenizer_weights, read_state_dict,
-                                          tokenizer_config_from_ibq_yaml)
+from ett_ds.models.ibq_checkpoint import load_tokenizer_weights, read_state_dict, tokenizer_config_from_ibq_yaml
 from ett_ds.models.vq import VisionTokenizer
 
 DD = {"double_z": False, "z_channels": 32, "resolution": 32, "in_channels": 3, "out_ch": 3, "ch": 32,

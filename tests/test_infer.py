@@ -10,10 +10,10 @@ import torch
 from PIL import Image
 
 from ett_ds import infer
+from ett_ds.checkpoint import CheckpointError
+from ett_ds.checkpoint.loading import load_model
 from ett_ds.engine import dist
 from ett_ds.generation import ChatSession, _crop, caption, chat_reply, first_user_turn, generate_images
-from ett_ds.loading import load_model
-from ett_ds.models.ibq_checkpoint import CheckpointError
 from tests.stage_batches import smooth_images, trained_checkpoint
 from tests.tiny import train_spm
 

@@ -2,10 +2,10 @@
 import pytest
 import torch
 
+from ett_ds.checkpoint.weights import full_state_dict
 from ett_ds.engine import dist
 from ett_ds.models.text import SPECIALS, TextTokenizer
 from ett_ds.train import Trainer
-from ett_ds.weights import full_state_dict
 from tests.tiny import WORDS, tiny_config, train_spm
 
 
@@ -64,7 +64,7 @@ def test_hf_model_exports_with_its_tokenizer_and_reopens_in_transformers(tmp_pat
     special tokens, and the same logits as the ett_ds model."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from ett_ds import export
-    from ett_ds.loading import load_model, no_zero_init
+    from ett_ds.checkpoint.loading import load_model, no_zero_init
     from tests.stage_batches import trained_checkpoint
     dist.init_distributed()
     make_hf_folder(tmp_path / "qwen")

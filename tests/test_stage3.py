@@ -27,7 +27,7 @@ def run_steps(tr, batch, n, key):
 
 def test_stage0_lowers_reconstruction_loss_and_keeps_an_ema(spm_model, tmp_path):
     from ett_ds.engine.ema import _shard
-    from ett_ds.weights import consolidated_state_dict, full_state_dict
+    from ett_ds.checkpoint.weights import consolidated_state_dict, full_state_dict
     tr = Trainer(tiny_config(spm_model, tmp_path, "stage=tokenizer", "engine.precision=fp32",
                              "optim.tokenizer_lr=2e-3", "train.ema_decay=0.5"))
     assert tr.model.llm is None and tr.text is None and tr.ema is not None

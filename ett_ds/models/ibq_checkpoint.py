@@ -15,13 +15,10 @@ from typing import Any
 import torch
 import yaml
 
+from ..checkpoint import CheckpointError
 from ..config import TokenizerConfig
 
 TOKENIZER_PREFIXES = ("encoder.", "decoder.", "quant_conv.", "post_quant_conv.", "quantize.")
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be read, or is not the kind the caller expects."""
 
 
 def _find(tree: Any, key: str):

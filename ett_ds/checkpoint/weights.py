@@ -7,67 +7,27 @@
 """
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
-from .engine import dist
-from .models.ibq_checkpoint import CheckpointError
-from .models.llm import gathered
-
-TOKENIZER_EMA = "tokenizer_ema.safetensors"
-
-
-class _TorchReadingSafely:
-    """``torch`` as DeepSpeed's zero_to_fp32 sees it inside :func:`_zero_to_fp32_reads_safely`: the same module
-    except that ``load`` is :func:`ett_ds.engine.checkpoint.safe_load` (weights_only=True, allow-listed types)."""
-
-    def __init__(self, real):
-        self._real = real
-
-    def __getattr__(self, name):
-        return getattr(self._real, name)
-
-    @staticmethod
-    def load(f, map_location=None, **_ignored):
-        from .engine.checkpoint import safe_load
-        return safe_load(f, map_location=map_location or "cpu")
-
-
-@contextlib.contextmanager
-def _zero_to_fp32_reads_safely():
-    """DeepSpeed's zero_to_fp32 merges the ZeRO shards but reads them with ``torch.load(weights_only=False)``,
-    which runs whatever a pickled object asks for. While this is active its module-level ``torch`` reads safely."""
-    import deepspeed.utils.zero_to_fp32 as z
-    real = z.torch
-    z.torch = _TorchReadingSafely(real)
-    try:
-        yield
-    finally:
-        z.torch = real
-
-
-def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    """A safetensors file's tensors; a damaged file is a one-line CheckpointError naming it."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-    try:
-        return load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as e:
-        raise CheckpointError(f"{path}: not a readable safetensors file ({str(e).splitlines()[0]})") from None
+from ..engine import dist
+from ..models.llm import gathered
+from .layout import TOKENIZER_EMA, CheckpointError, is_complete
+from .safe import read_safetensors, reads_safely, save_safetensors
 
 
 def consolidated_state_dict(folder: Path) -> dict[str, torch.Tensor]:
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    """DeepSpeed's zero_to_fp32 merges the ZeRO shards, reading them through :func:`.safe.safe_load` (its own
+    ``torch.load(weights_only=False)`` would run whatever a pickled object asks for)."""
+    import deepspeed.utils.zero_to_fp32 as z
     folder = Path(folder)
-    if not (folder / "complete").is_file():
+    if not is_complete(folder):
         raise CheckpointError(f"{folder} is not a complete ett_ds checkpoint step folder")
-    with _zero_to_fp32_reads_safely():
-        sd = get_fp32_state_dict_from_zero_checkpoint(str(folder.parent), tag=folder.name)
+    with reads_safely(z):
+        sd = z.get_fp32_state_dict_from_zero_checkpoint(str(folder.parent), tag=folder.name)
     ema = folder / TOKENIZER_EMA
     if ema.is_file():
         sd.update({f"tokenizer.{k}": v for k, v in read_safetensors(ema).items()})
@@ -117,21 +77,6 @@ def full_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
         out = {n: p.detach().float().cpu().clone() for n, p in module.named_parameters()}
     out.update({n: b.detach().cpu().clone() for n, b in module.named_buffers()})
     return out
-
-
-def umask_mode(path: str | Path, mode: int = 0o666) -> None:
-    """Give a written file ``mode`` minus the process umask (what a plain ``open`` would have given): safetensors
-    writes 0600, which colleagues on a shared cluster cannot read."""
-    mask = os.umask(0)
-    os.umask(mask)
-    os.chmod(path, mode & ~mask)
-
-
-def save_safetensors(tensors: dict, path: str | Path, metadata: dict | None = None) -> None:
-    """``safetensors.torch.save_file`` with the file mode following the umask (0644 under umask 022)."""
-    from safetensors.torch import save_file
-    save_file(tensors, str(path), metadata=metadata)
-    umask_mode(path)
 
 
 def save_tokenizer(tokenizer: torch.nn.Module, path: Path, tcfg, dtype: torch.dtype = torch.float32) -> None:

@@ -7,7 +7,7 @@ size (a requeued SLURM job that got another number of nodes):
 * the global batch of the checkpoint is kept: gradient accumulation is recomputed for the new number of ranks
   (:func:`keep_global_batch`, before the engine is built) and the run says so in its log;
 * rank 0 converts the step folder with DeepSpeed's ``ds_to_universal`` (every file it reads goes through
-  :func:`..checkpoint.safe_load`) into ``step_XXXXXXXX.universal`` beside it, and every rank loads that with
+  :func:`.safe.safe_load`) into ``step_XXXXXXXX.universal`` beside it, and every rank loads that with
   DeepSpeed's universal loader (weights, fp32 masters, Adam moments re-split); the converted folder is deleted after
   the load (a later resume at yet another size converts again); the optimizer's per-group hyperparameters, which
   the universal loader takes from the first group only, are restored from ``trainer_state.json``;
@@ -24,8 +24,9 @@ from pathlib import Path
 
 import torch
 
-from . import dist
-from .checkpoint import ResumeError
+from ..engine import dist
+from .layout import TRAINER_STATE, ResumeError, extra_file
+from .safe import reads_safely, safe_load
 
 UNIVERSAL_SUFFIX = ".universal"
 
@@ -54,9 +55,9 @@ def keep_global_batch(cfg, folder: Path | None, world_size: int) -> str | None:
     nothing changes). Raises ReshardError when the global batch cannot be reached."""
     import json
 
-    if folder is None or not (folder / "trainer_state.json").is_file():
+    if folder is None or not (folder / TRAINER_STATE).is_file():
         return None
-    state = json.loads((folder / "trainer_state.json").read_text())
+    state = json.loads((folder / TRAINER_STATE).read_text())
     old_ws = int(state.get("world_size", world_size))
     old = old_global_batch(state)
     micro = cfg.train.micro_batch_size
@@ -79,28 +80,6 @@ def keep_global_batch(cfg, folder: Path | None, world_size: int) -> str | None:
             "weights and optimizer states re-split through DeepSpeed's universal checkpoint")
 
 
-class _SafeTorch:
-    """``torch`` as ds_to_universal sees it, with ``load`` being ett_ds's weights-only safe_load."""
-
-    def __getattr__(self, name):
-        return getattr(torch, name)
-
-    @staticmethod
-    def load(f, map_location=None, **_ignored):
-        from .checkpoint import safe_load
-        return safe_load(f, map_location=map_location or "cpu")
-
-
-@contextlib.contextmanager
-def _safe_torch_load(module):
-    """Every ``torch.load`` of ``module`` (DeepSpeed's ds_to_universal) reads through safe_load."""
-    module.torch = _SafeTorch()
-    try:
-        yield
-    finally:
-        module.torch = torch
-
-
 def convert(folder: Path) -> Path:
     """Rank 0: ``folder`` -> ``folder.universal`` with DeepSpeed's ds_to_universal (written under a temporary name,
     renamed when complete)."""
@@ -112,7 +91,7 @@ def convert(folder: Path) -> Path:
         shutil.rmtree(old, ignore_errors=True)
     args = argparse.Namespace(input_folder=str(folder), output_folder=str(tmp), num_extract_workers=1,
                               num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=False)
-    with _safe_torch_load(ds_to_universal), contextlib.redirect_stdout(None):
+    with reads_safely(ds_to_universal), contextlib.redirect_stdout(None):
         ds_to_universal.main(args)
     tmp.rename(out)
     return out
@@ -160,8 +139,7 @@ def param_groups_state(engine) -> list[dict]:
 def merged_extras(folder: Path, old_ws: int) -> dict:
     """This rank's extras for a checkpoint of ``old_ws`` ranks: discriminator from old rank 0, RNG states from the
     old rank of the same number (else rank 0), and every old rank's EMA shards under ``ema_shards``."""
-    from .checkpoint import safe_load
-    extras = [safe_load(folder / f"extra_rank{r}.pt") for r in range(old_ws)]
+    extras = [safe_load(extra_file(folder, r)) for r in range(old_ws)]
     rank = dist.rank()
     out = dict(extras[0])
     out["rng"] = extras[rank if rank < old_ws else 0]["rng"]

@@ -3,7 +3,7 @@
 ``load_model(path)`` accepts
 - a training step folder ``RUN/checkpoints/step_XXXXXXXX`` (``complete`` + ``config.yaml``): the model is rebuilt
   from the saved config and filled from the consolidated ZeRO checkpoint (frozen parameters and the tokenizer's EMA
-  included, see ``weights.consolidated_state_dict``);
+  included, see :func:`.weights.consolidated_state_dict`);
 - a run folder ``RUN`` (its newest complete step);
 - an export folder (``ett_config.yaml``, written by ``python -m ett_ds.export``): everything is read from the
   folder itself, so it still loads after the original LLM / text tokenizer paths are gone.
@@ -22,15 +22,13 @@ from pathlib import Path
 import torch
 import yaml
 
-from .config import Config, ConfigError, config_from_dict
-from .engine import checkpoint as ckpt
-from .models.ett import STAGE_SPECS, ETTModel
-from .models.ibq_checkpoint import CheckpointError, load_tokenizer_weights
-from .models.text import TextTokenizer
-
-EXPORT_CONFIG = "ett_config.yaml"
-# Parts besides the LLM and the vision tokenizer, one safetensors file each in an export.
-EXTRA_PARTS = ("projector", "visual_head", "index_embed")
+from ..config import Config, ConfigError, config_from_dict
+from ..models.ett import STAGE_SPECS, ETTModel
+from ..models.ibq_checkpoint import load_tokenizer_weights
+from ..models.text import TextTokenizer
+from .layout import EXPORT_CONFIG, EXTRA_PARTS, MARKER, RUN_CONFIG, CheckpointError, is_complete, latest
+from .safe import read_safetensors
+from .weights import consolidated_state_dict
 
 
 @dataclass
@@ -49,18 +47,18 @@ def resolve(path: str | Path) -> tuple[str, Path]:
         raise CheckpointError(f"checkpoint not found: {p}")
     if (p / EXPORT_CONFIG).is_file():
         return "export", p
-    if (p / ckpt.MARKER).is_file() and (p / "config.yaml").is_file():
+    if is_complete(p) and (p / RUN_CONFIG).is_file():
         return "checkpoint", p
     for root in (p / "checkpoints", p):
-        step = ckpt.latest(root)
-        if step is not None and (step / "config.yaml").is_file():
+        step = latest(root)
+        if step is not None and (step / RUN_CONFIG).is_file():
             return "checkpoint", step
-    raise CheckpointError(f"{p} is neither an ett_ds checkpoint step folder (with '{ckpt.MARKER}'), a run folder "
+    raise CheckpointError(f"{p} is neither an ett_ds checkpoint step folder (with '{MARKER}'), a run folder "
                           f"with complete checkpoints, nor an export folder (with {EXPORT_CONFIG})")
 
 
 def read_config(kind: str, folder: Path) -> Config:
-    f = folder / (EXPORT_CONFIG if kind == "export" else "config.yaml")
+    f = folder / (EXPORT_CONFIG if kind == "export" else RUN_CONFIG)
     try:
         cfg = config_from_dict(yaml.safe_load(f.read_text()) or {})
     except (ConfigError, yaml.YAMLError) as e:
@@ -138,7 +136,6 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
 
 
 def _load_checkpoint(model: ETTModel, folder: Path) -> None:
-    from .weights import consolidated_state_dict
     quiet = io.StringIO()
     with contextlib.redirect_stdout(quiet), contextlib.redirect_stderr(quiet):  # zero_to_fp32's progress output
         sd = consolidated_state_dict(folder)
@@ -156,7 +153,6 @@ def _load_checkpoint(model: ETTModel, folder: Path) -> None:
 
 
 def _load_export(model: ETTModel, folder: Path) -> None:
-    from .weights import read_safetensors
     load_tokenizer_weights(model.tokenizer, folder / "tokenizer.safetensors", use_ema=False)
     for part in EXTRA_PARTS:
         module = getattr(model, part)

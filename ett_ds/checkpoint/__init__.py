@@ -1,0 +1,25 @@
+"""Checkpoints: everything ett_ds reads and writes to keep or hand on a model.
+
+- :mod:`.layout`: what a step or export folder holds (file names, the ``complete`` and ``good`` markers, which
+  folders count, which to prune) and the errors shared by every reader: :class:`CheckpointError` (a checkpoint that
+  cannot be read, or not the kind asked for) and :class:`ResumeError` (a run that cannot continue from it).
+- :mod:`.safe`: reading without trusting (``torch.load(weights_only=True)`` with an allow-list, DeepSpeed's readers
+  routed through it) and safetensors files.
+- :mod:`.training`: saving and resuming a training step folder (collective); :mod:`.reshard` when the number of
+  data-parallel ranks changed.
+- :mod:`.weights`: consolidated fp32 weights of a step folder, ``train.init_from``, the tokenizer's safetensors.
+- :mod:`.loading`: a trained model (step, run or export folder) as a plain module for inference and export.
+
+The names most callers need are importable from the package itself (``from ett_ds import checkpoint as ckpt``;
+``ckpt.save``, ``ckpt.latest``, ``ckpt.CheckpointError``); :mod:`.weights` and :mod:`.loading` build models and are
+imported from their modules.
+"""
+from .layout import (EXPORT_CONFIG, EXTRA_PARTS, GOOD, MARKER, RUN_CONFIG, TOKENIZER_EMA, TRAINER_STATE,
+                     CheckpointError, ResumeError, is_complete, latest, mark_good, newest_good, step_dirs, to_prune)
+from .safe import read_safetensors, safe_load, save_safetensors
+from .training import check_world_size, load, read_trainer_state, rng_state, save, set_rng_state
+
+__all__ = ["EXPORT_CONFIG", "EXTRA_PARTS", "GOOD", "MARKER", "RUN_CONFIG", "TOKENIZER_EMA", "TRAINER_STATE",
+           "CheckpointError", "ResumeError", "is_complete", "latest", "mark_good", "newest_good", "step_dirs",
+           "to_prune", "read_safetensors", "safe_load", "save_safetensors", "check_world_size", "load",
+           "read_trainer_state", "rng_state", "save", "set_rng_state"]
