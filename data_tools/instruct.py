@@ -1,10 +1,10 @@
 """``data_tools instruct``: caption shards -> instruction (SFT) shards, from question templates.
 
-Every sample with a caption (``.txt``, else ``json["caption"]``/``json["text"]``: the loader's rule) gets a LLaVA-style conversation in its
-json, ``[{"from": "human", "value": "<image>\\nQUESTION"}, {"from": "gpt", "value": CAPTION}]`` plus
-``"task": "sft"``; the image and the other json fields are copied unchanged. The question is drawn from the templates
-by a hash of (seed, shard name, sample key), so the output is byte-identical for identical input. One output shard
-per input shard, same name, plus ``sizes.json``.
+Every sample with a caption (``.txt``, else ``json["caption"]``/``json["text"]``: the loader's rule) gets a
+LLaVA-style conversation in its json, ``[{"from": "human", "value": "<image>\\nQUESTION"}, {"from": "gpt",
+"value": CAPTION}]`` plus ``"task": "sft"``; the image and the other json fields are copied unchanged. The question
+is drawn from the templates by a hash of (seed, shard name, sample key), so the output is byte-identical for
+identical input. One output shard per input shard, same name, plus ``sizes.json``.
 
 Nothing unchecked is copied: only whitelisted members (jpg, jpeg, png, webp, txt, json; anything else, e.g. a
 ``.pth``, is never read and is counted as ``ignored_member``) reach the output, and a sample is dropped and counted
