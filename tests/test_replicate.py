@@ -75,7 +75,7 @@ def test_tiny_run_every_phase_then_reuse_and_refuse(tmp_path):
     assert list(res["grid"]["arms"]) == ["frozen", "ett_a0.1_r0.3", "ett_a0.25_r0.3"]
     assert res["grid"]["selection"]["chosen"] in res["grid"]["arms"]
     final = res["final"]["arms"]
-    assert set(final) >= {"frozen", "text_frozen", "und_only_r0.3"} and len(final) in (6, 7)
+    assert set(final) >= {"frozen", "text_frozen", "und_only_r0.3"} and len(final) in (5, 6)  # chosen α may be 0.25
     for name, r in final.items():
         assert r["stats"]["em"]["seeds"] == 2 and r["stats"]["em"]["images"] == 16, name
         for m in ("em", "cer", "dpsnr"):

@@ -2,7 +2,8 @@
 
 1. data: train / val / held-out splits (``experiments/replicate/data.py``: held out by font family and by string);
 2. stage 0: one tokenizer trained for reconstruction until the validation PSNR gains < ``--stage0-tol`` dB per
-   1,000 steps (constant lr, checked every ``--stage0-chunk`` steps; capped at ``--steps0-max``), shared by all;
+   1,000 steps (constant lr, checked every ``--stage0-chunk`` steps; capped at ``--steps0-max``), then
+   ``--cooldown`` steps with the lr decaying to 0; shared by all arms;
 3. optional text pretraining of the LLM (``--text-pretrain``; ``textlm.py``), loaded by the ``text_*`` arms
    through ``model.llm.path``;
 4. optional grid (``--grid-alphas`` x ``--grid-ratios``, tokenizer lr = ratio x LLM lr) at the first seed,
@@ -33,17 +34,18 @@ from .stages import Stages, has_train_option, log
 
 SIZES = {
     "tiny": dict(image="16x32", digits="3-3", num_train=64, num_val=16, num_heldout=16, spm_vocab=300, batch=4,
-                 stage0_chunk=2, stage0_window=2, steps0_max=4, steps1=2, steps2=3, text_steps=3, loader_workers=0,
+                 stage0_chunk=2, stage0_window=2, steps0_max=4, cooldown=2, steps1=2, steps2=3, text_steps=3,
+                 loader_workers=0,
                  model=["model.tokenizer.attn_resolutions=[4]", "model.llm.init_config.num_hidden_layers=2",
                         "model.llm.init_config.hidden_size=64", "model.llm.init_config.intermediate_size=128",
                         "engine.persistence_threshold=0"]),
     # small: data_tools' numbers demo task (3 digits, 32x64, 32 visual tokens), the tiny recipe's model
     "small": dict(image="32x64", digits="3-3", num_train=4000, num_val=128, num_heldout=128, spm_vocab=512,
-                  batch=16, stage0_chunk=500, stage0_window=1000, steps0_max=6000, steps1=60, steps2=400,
-                  text_steps=400, loader_workers=1, model=[]),
+                  batch=16, stage0_chunk=500, stage0_window=1000, steps0_max=6000, cooldown=1000, steps1=60,
+                  steps2=400, text_steps=1000, loader_workers=1, model=[]),
     "gpu": dict(image="32x64", digits="3-5", num_train=60000, num_val=512, num_heldout=512, spm_vocab=512, batch=64,
-                stage0_chunk=1000, stage0_window=1000, steps0_max=30000, steps1=500, steps2=1500, text_steps=3000,
-                loader_workers=4,
+                stage0_chunk=1000, stage0_window=1000, steps0_max=30000, cooldown=3000, steps1=500, steps2=1500,
+                text_steps=3000, loader_workers=4,
                 model=["model.tokenizer.ch=64", "model.tokenizer.num_res_blocks=2", "model.tokenizer.code_dim=64",
                        "model.tokenizer.codebook_size=4096", "model.llm.init_config.hidden_size=512",
                        "model.llm.init_config.intermediate_size=1536", "model.llm.init_config.num_hidden_layers=8",
@@ -68,8 +70,8 @@ def parse_args(argv):
     ap.add_argument("--task", choices=("numbers", "words"), default="numbers", help="data_tools demo task")
     ap.add_argument("--image", default=None, help="HxW (default: the size's)")
     ap.add_argument("--digits", default=None, help="LO-HI digits per number (task numbers)")
-    for k in ("num_train", "num_val", "num_heldout", "spm_vocab", "batch", "stage0_chunk", "steps0_max", "steps1",
-              "steps2", "text_steps"):
+    for k in ("num_train", "num_val", "num_heldout", "spm_vocab", "batch", "stage0_chunk", "steps0_max", "cooldown",
+              "steps1", "steps2", "text_steps"):
         ap.add_argument("--" + k.replace("_", "-"), type=int, default=None, help="default: the size's")
     ap.add_argument("--stage0-tol", type=float, default=0.1, help="stop stage 0 below this PSNR gain (dB) per 1k steps")
     ap.add_argument("--stage0-lr", type=float, default=2e-3, help="tokenizer lr in stage 0 (constant after warm-up)")
@@ -209,7 +211,8 @@ class Runner:
             return summary
         stage0, conv = self.stages.converge_stage0(
             [f"seed={args.seed}", "stage=tokenizer", f"optim.tokenizer_lr={args.stage0_lr}", "train.ema_decay=0.99"],
-            chunk=o["stage0_chunk"], max_steps=o["steps0_max"], tol_db=args.stage0_tol, window=o["stage0_window"])
+            chunk=o["stage0_chunk"], max_steps=o["steps0_max"], tol_db=args.stage0_tol, window=o["stage0_window"],
+            cooldown=o["cooldown"])
         summary["stage0"] = {**conv, "checkpoint": str(stage0)}
         log(f"stage 0 stopped at {conv['stopped_at']} (last gain {conv['last_gain_db']} dB, converged "
             f"{conv['converged']})")

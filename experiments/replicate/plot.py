@@ -84,21 +84,26 @@ def em_vs_dpsnr(path: Path, tables: list[dict]) -> None:
 
 
 def stage0_curve(path: Path, s0: dict) -> None:
+    """Validation PSNR by step: the constant-lr run (blue) up to its stop (red line), then the cooldown (orange)."""
     font = ImageFont.load_default()
-    curve = sorted((int(k), float(v)) for k, v in s0["curve"].items())
-    if not curve:
+    parts = [(sorted((int(k), float(v)) for k, v in s0["curve"].items()), (40, 90, 200)),
+             (sorted((int(k), float(v)) for k, v in (s0.get("cooldown_curve") or {}).items()), (230, 130, 30))]
+    pts = [p for part, _ in parts for p in part]
+    if not pts:
         return
-    xs, ys = [c[0] for c in curve], [c[1] for c in curve]
+    xs, ys = [p[0] for p in pts], [p[1] for p in pts]
     ax = _Axes((70, 30, 560, 300), (0, max(xs)), (min(ys) - 0.5, max(ys) + 0.5))
     img = Image.new("RGB", (600, 350), "white")
     d = ImageDraw.Draw(img)
-    _frame(d, ax, font, "stage-0 step", "validation PSNR (dB, EMA weights)")
-    d.line([ax(x, y) for x, y in curve], fill=(40, 90, 200), width=2)
-    for x, y in curve:
-        px, py = ax(x, y)
-        d.ellipse([px - 3, py - 3, px + 3, py + 3], fill=(40, 90, 200))
+    _frame(d, ax, font, "stage-0 step", "validation PSNR (dB)")
+    for curve, color in parts:
+        if len(curve) > 1:
+            d.line([ax(x, y) for x, y in curve], fill=color, width=2)
+        for x, y in curve:
+            px, py = ax(x, y)
+            d.ellipse([px - 3, py - 3, px + 3, py + 3], fill=color)
     sx, _ = ax(s0["stopped_at"], 0)
     d.line([(sx, ax.box[1]), (sx, ax.box[3])], fill=(200, 50, 50))
-    d.text((sx - 60, ax.box[1] + 4), f"stop {s0['stopped_at']}", fill=(200, 50, 50), font=font)
+    d.text((sx - 70, ax.box[1] + 4), f"plateau {s0['stopped_at']}", fill=(200, 50, 50), font=font)
     path.parent.mkdir(parents=True, exist_ok=True)
     img.save(path)

@@ -103,7 +103,12 @@ def markdown(summary: dict) -> str:
         lines += [f"Stage 0: stopped at step {s0['stopped_at']}; validation PSNR gain over the last {s0['window']} "
                   f"steps {s0['last_gain_db'] if s0['last_gain_db'] is None else round(s0['last_gain_db'], 3)} dB "
                   f"(converged below {s0['tol_db']} dB: {'yes' if s0['converged'] else 'no'}). Curve (step: dB): "
-                  f"{pts}.", ""]
+                  f"{pts}."]
+        if s0.get("cooldown_curve"):
+            cool = ", ".join(f"{k}: {v:.2f}" for k, v in sorted(s0["cooldown_curve"].items()))
+            lines += [f"Then {s0['cooldown']} steps with the lr decaying to 0 (cosine), the tokenizer every arm "
+                      f"starts from: {cool}."]
+        lines.append("")
     if summary.get("grid"):
         g = summary["grid"]
         lines += ["## Grid at the first seed, validation split", "", *_rows(g), "",

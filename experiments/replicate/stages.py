@@ -89,21 +89,26 @@ class Stages:
             raise SystemExit(f"error: stage {name} failed (exit {rc}); see {self.runs / name}")
         return folder
 
-    def converge_stage0(self, extra: list[str], *, chunk: int, max_steps: int, tol_db: float,
-                        window: int = 1000) -> tuple[Path, dict]:
+    def converge_stage0(self, extra: list[str], *, chunk: int, max_steps: int, tol_db: float, window: int = 1000,
+                        cooldown: int = 0) -> tuple[Path, dict]:
         """Stage 0 on a constant lr in chunks of ``chunk`` steps, validated every chunk; stop once the validation
-        PSNR (EMA weights) gained less than ``tol_db`` over the last ``window`` steps, or at ``max_steps``."""
+        PSNR gained less than ``tol_db`` over the last ``window`` steps, or at ``max_steps``. Then, with
+        ``cooldown``, a second run from there whose lr decays to 0 over ``cooldown`` steps (cosine), so that the
+        tokenizer the arms start from is not one that a smaller lr alone would still improve.
+
+        The PSNR is the raw weights' (``psnr``; not the EMA's): ``train.init_from`` hands the arms the raw weights.
+        """
         if window % chunk:
             raise SystemExit(f"error: --stage0-chunk {chunk} must divide the {window}-step window")
         # constant lr after a short warm-up (at most 200 steps), so the horizon max_steps does not shape the curve
-        extra = [*extra, "optim.schedule=constant", f"optim.warmup_ratio={min(0.05, 200 / max_steps):g}",
-                 f"train.eval_every={chunk}"]
-        step, folder = 0, None
+        plateau = [*extra, "optim.schedule=constant", f"optim.warmup_ratio={min(0.05, 200 / max_steps):g}",
+                   f"train.eval_every={chunk}"]
+        step = 0
         while step < max_steps:
             step = min(step + chunk, max_steps)
             curve = psnr_curve(self.runs / "stage0")
             if not (step in curve and latest_step(self.runs / "stage0") > step):  # else: passed in an earlier run
-                folder = self.train("stage0", max_steps, extra, stop_at=step)
+                self.train("stage0", max_steps, plateau, stop_at=step)
                 curve = psnr_curve(self.runs / "stage0")
             if step in curve and step - window in curve and curve[step] - curve[step - window] < tol_db:
                 break
@@ -113,8 +118,13 @@ class Stages:
                              f"elsewhere); use a new --out")
         curve = psnr_curve(self.runs / "stage0")
         gain = (curve[step] - curve[step - window]) if step - window in curve and step in curve else None
-        return folder, {"curve": curve, "stopped_at": step, "window": window, "tol_db": tol_db,
-                        "last_gain_db": gain, "converged": gain is not None and gain < tol_db}
+        info = {"curve": curve, "stopped_at": step, "window": window, "tol_db": tol_db, "last_gain_db": gain,
+                "converged": gain is not None and gain < tol_db, "cooldown": cooldown}
+        if cooldown:
+            folder = self.train("stage0_cool", cooldown, [*extra, "optim.schedule=cosine", "optim.warmup_ratio=0",
+                                                          f"train.eval_every={chunk}", f"train.init_from={folder}"])
+            info["cooldown_curve"] = {step + k: v for k, v in psnr_curve(self.runs / "stage0_cool").items()}
+        return folder, info
 
     def evaluate(self, ckpt: Path, data: Path, out: Path, tasks: str, samples: int) -> dict:
         """Held-out metrics JSON (and ``<stem>_samples.jsonl``) of ``ckpt``; reused when newer than it."""
@@ -125,19 +135,19 @@ class Stages:
         rc = eval_main(["--ckpt", str(ckpt), "--data", str(data), "--tasks", tasks, "--out", str(out),
                         "--max-samples", str(samples), "--batch-size", str(min(64, samples)), "--ocr", "off",
                         "--quiet"])
-        self.timings["eval_" + out.stem] = round(time.time() - t0, 1)
+        self.timings[f"eval_{out.parent.name}_{out.stem}"] = round(time.time() - t0, 1)
         if rc != 0:
             raise SystemExit(f"error: evaluation of {ckpt} failed")
         return json.loads(out.read_text())
 
 
 def psnr_curve(run_dir: Path) -> dict[int, float]:
-    """Validation PSNR by step from a stage-0 run's metrics.jsonl (EMA weights where logged)."""
+    """Validation PSNR of the raw weights by step from a stage-0 run's metrics.jsonl."""
     out = {}
     for row in metrics_rows(run_dir):
         ev = row.get("eval")
-        if isinstance(ev, dict) and ("psnr_ema" in ev or "psnr" in ev):
-            out[int(row["step"])] = float(ev.get("psnr_ema", ev.get("psnr")))
+        if isinstance(ev, dict) and "psnr" in ev:
+            out[int(row["step"])] = float(ev["psnr"])
     return out
 
 
