@@ -17,7 +17,8 @@ def dynamics(run_dir: Path) -> dict:
     """Median, mean and last-100-step mean of the per-step tokenizer diagnostics, where the trainer logged them."""
     out = {}
     for key in DYNAMICS:
-        vals = [float(r[key]) for r in metrics_rows(run_dir) if "eval" not in r and isinstance(r.get(key), (int, float))]
+        vals = [float(r[key]) for r in metrics_rows(run_dir)
+                if "eval" not in r and isinstance(r.get(key), (int, float))]
         if vals:
             out[key] = {"median": float(np.median(vals)), "mean": float(np.mean(vals)),
                         "first": vals[0], "last": vals[-1], "n": len(vals)}
@@ -45,8 +46,9 @@ def final_table(arms: list[A.Arm], samples: dict[str, list[Path]], s0_samples: P
         ref = "text_frozen" if a.llm_init == "text" else "frozen"
         if a.name != ref and ref in per:
             table["arms"][a.name]["em_minus_frozen"] = paired_difference(per[a.name], per[ref], "em")
-    if "text_frozen" in per and "frozen" in per:
-        table["text_frozen_minus_frozen_em"] = paired_difference(per["text_frozen"], per["frozen"], "em")
+    # text-pretrained minus random LLM, arm by arm (paired by seed and image)
+    table["text_minus_random_em"] = {a.name: paired_difference(per[a.name], per[a.name[5:]], "em")
+                                     for a in arms if a.llm_init == "text" and a.name[5:] in per}
     return table
 
 
@@ -125,9 +127,8 @@ def markdown(summary: dict) -> str:
                          f"{g['interval_excludes_0']}; ≥ half of understanding-only's {g['und_only_gain_points']}: "
                          f"{g['ge_half_und_gain']}); ΔPSNR {g['dpsnr_db']} dB (≥ −0.3: {g['dpsnr_ge_-0.3']}) → "
                          f"**{'met' if g['met'] else 'not met'}**")
-        if "text_frozen_minus_frozen_em" in f:
-            lines.append(f"- Text-pretrained − random LLM, frozen: {fmt(f['text_frozen_minus_frozen_em'], 100, 1, True)}"
-                         " points EM")
+        for name, diff in f.get("text_minus_random_em", {}).items():
+            lines.append(f"- {name} − {name[5:]} (text-pretrained − random LLM): {fmt(diff, 100, 1, True)} points EM")
     t = summary.get("timings_s", {})
     lines += ["", "Seconds per step of the pipeline run by this invocation: "
               + ", ".join(f"{k} {v}" for k, v in t.items())]
