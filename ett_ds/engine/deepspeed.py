@@ -136,7 +136,8 @@ def param_groups(model, cfg: Config) -> list[dict]:
     o = cfg.optim
     groups = []
     for part, module in model.parts().items():
-        peak = getattr(o, PART_LR[part]) or o.lr
+        peak = getattr(o, PART_LR[part])
+        peak = o.lr if peak is None else peak  # an explicit 0 holds the part still (it is not 'unset')
         betas = tuple(o.tokenizer_betas if part == "tokenizer" else o.betas)
         decay, no_decay = [], []
         for p in module.parameters():
