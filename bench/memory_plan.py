@@ -52,7 +52,7 @@ def build_config(recipe: str, overrides: list[str]):
 def count_params(cfg, vocab: int) -> dict:
     """Parameters per part (meta device: nothing allocated), trained vs frozen, and the largest module's own."""
     from ett_ds.engine import deepspeed as eng
-    from ett_ds.models.discriminator import GANLoss
+    from ett_ds.tokenizers.discriminator import GANLoss
     from ett_ds.models.ett import ETTModel
     eng._HF_DS_CONFIG = None  # no zero.Init here
     with torch.device("meta"):
@@ -142,15 +142,15 @@ def _slope(small: dict, large: dict, x_small: float, x_large: float) -> dict:
 
 def measure_activations(cfg, p: dict, side: int, seq: int, tokens: tuple[int, int]) -> dict:
     from dataclasses import replace
-    from ett_ds.models.discriminator import GANLoss
-    from ett_ds.models.losses import l1_loss
-    from ett_ds.models.vq import IBQuantizer, VisionTokenizer
+    from ett_ds.tokenizers import build_tokenizer
+    from ett_ds.tokenizers.ibq import IBQuantizer
+    from ett_ds.tokenizers.objective import VQObjective
     torch.manual_seed(0)
     tcfg = cfg.model.tokenizer
     out = {}
     # tokenizer (small codebook: the quantizer is measured on its own below) + its reconstruction losses
-    tok = VisionTokenizer(replace(tcfg, codebook_size=1024, checkpoint=None))
-    gan = GANLoss(cfg.loss, tcfg.in_channels)
+    tok = build_tokenizer(replace(tcfg, codebook_size=1024, checkpoint=None))
+    objective = VQObjective(replace(cfg.loss, gan_start_step=0, perceptual_weights=None), tcfg.in_channels)
     sizes = []
     for s_ in (side // 2, side):
         x = torch.rand(1, 3, s_, s_) * 2 - 1
@@ -159,12 +159,12 @@ def measure_activations(cfg, p: dict, side: int, seq: int, tokens: tuple[int, in
             with torch.autocast("cpu", dtype=torch.bfloat16):
                 q = tok.encode(x)
                 recon = tok.decode(q.z_q)
-                loss = l1_loss(recon, x) + q.quant_loss + 0.05 * q.entropy_loss + 0.1 * gan.generator_loss(recon)
+                loss = objective(x, recon, q.terms, step=0)[0]
             loss.backward()
-        sizes.append(measure(tok_step, list(tok.parameters()) + list(gan.parameters())))
+        sizes.append(measure(tok_step, list(tok.parameters()) + list(objective.parameters())))
     out["tokenizer"] = {"sides": [side // 2, side], "at": sizes,
                         **_slope(sizes[0], sizes[1], (side // 2) ** 2, side ** 2)}  # per pixel
-    del tok, gan
+    del tok, objective
     # the chunked quantizer at the recipe's K, two token counts -> fixed + per-token
     q = IBQuantizer(tcfg.codebook_size, tcfg.code_dim, init_std=1.0, chunk_tokens=tcfg.quantizer_chunk_tokens)
     rows = []
@@ -286,7 +286,7 @@ def main() -> int:
         # (glibc would otherwise keep freed memory in its arenas, and a second measurement would not grow RSS)
         os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"})
     cfg, preset = build_config(a.preset or a.recipe, a.overrides)
-    down = 2 ** (len(cfg.model.tokenizer.ch_mult) - 1)
+    down = cfg.downsample
     image_tokens = (cfg.data.image_size[0] // down) * (cfg.data.image_size[1] // down)
     seq_full = a.seq_len or (preset or {}).get("seq_len") or image_tokens + cfg.data.max_text_tokens + 32
     p = count_params(cfg, vocab=int((cfg.model.llm.init_config or {}).get("vocab_size", 151936)))

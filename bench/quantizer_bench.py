@@ -35,7 +35,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from ett_ds.models import losses  # noqa: E402
-from ett_ds.models.vq import IBQuantizer, entropy_loss  # noqa: E402
+from ett_ds.tokenizers.ibq import IBQuantizer, reference_quantize  # noqa: E402
 
 TARGETS = {"ibq_growth_gb@2048": 1.0, "ibq_growth_gb@8192": 2.0, "ibq_time_ratio@2048": 1.35,
            "head_growth_gb@8192": 1.0}
@@ -43,25 +43,9 @@ TARGETS = {"ibq_growth_gb@2048": 1.0, "ibq_growth_gb@8192": 2.0, "ibq_time_ratio
 
 # -- the formulas before issue 12 (what "unchunked" measures) --------------------------------------------------------
 
-class _SoftPath(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, soft, codebook):
-        ctx.save_for_backward(codebook)
-        return soft.new_zeros(soft.shape[0], codebook.shape[1])
-
-    @staticmethod
-    def backward(ctx, grad):
-        (codebook,) = ctx.saved_tensors
-        return grad @ codebook.t(), None
-
-
 def unchunked_ibq(zf, codebook, beta=0.25, temperature=0.01):
-    logits = zf @ codebook.t()
-    idx = logits.argmax(-1)
-    z_hard = F.embedding(idx, codebook)
-    z_q = z_hard + _SoftPath.apply(logits.softmax(-1), codebook.detach())
-    quant = F.mse_loss(z_q, zf) + F.mse_loss(z_hard.detach(), zf) + beta * F.mse_loss(z_hard, zf.detach())
-    return z_q, quant, entropy_loss(logits, temperature)
+    z_q, _, quant, ent = reference_quantize(zf, codebook, beta, temperature)
+    return z_q, quant, ent
 
 
 # -- one variant in this process ---------------------------------------------------------------------------------------
@@ -93,7 +77,8 @@ def _make_step(variant: str, n: int, a):
         def step():
             q.embedding.weight.grad, z.grad = None, None
             if variant == "ibq_chunked":
-                z_q, _, quant, ent = q(z.t().reshape(1, a.dim, 1, n))
+                z_q, _, terms = q(z.t().reshape(1, a.dim, 1, n))
+                quant, ent = terms["quant"], terms["entropy"]
                 z_q = z_q.reshape(a.dim, n).t()
             else:
                 z_q, quant, ent = unchunked_ibq(z, q.embedding.weight)

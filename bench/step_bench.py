@@ -328,9 +328,8 @@ def run_reference(args, setup, device, ceiling) -> dict:
     """Plain PyTorch: the same ETTModel, losses and discriminator, no DeepSpeed."""
     import torch
     from ett_ds.engine import deepspeed as eng
-    from ett_ds.models import losses
-    from ett_ds.models.discriminator import GANLoss
     from ett_ds.models.ett import ETTModel
+    from ett_ds.tokenizers.objective import VQObjective
 
     cfg = setup.config("ett")
     eng.setup_backends(cfg)
@@ -344,33 +343,24 @@ def run_reference(args, setup, device, ceiling) -> dict:
         _log(f"reference: building on {device} failed ({e!r}); building on CPU")
         model = ETTModel(cfg, setup.text.vocab_size, setup.text.image_id)
     model.to(device).train()
-    gan = GANLoss(cfg.loss, cfg.model.tokenizer.in_channels).to(device)
-    perceptual = None
-    if cfg.loss.perceptual_weights:
-        from ett_ds.models.perceptual import PerceptualLoss
-        perceptual = PerceptualLoss(cfg.loss.perceptual_weights).to(device)
+    objective = VQObjective(cfg.loss, cfg.model.tokenizer.in_channels).to(device)  # L_vq, as the trainer has it
     fused = device.type == "cuda" if cfg.engine.fused_optimizer is None else cfg.engine.fused_optimizer
     opt = torch.optim.AdamW(eng.param_groups(model, cfg), fused=bool(fused))
     params = [p for g in opt.param_groups for p in g["params"]]
     batch = setup.batch(cfg, device)
     inputs = {k: batch[k] for k in ("pixels", "input_ids", "attention_mask", "labels", "gen_mask")}
     bf16 = _precision(cfg) == "autocast_bf16"
-    lw, alpha = cfg.loss, cfg.loss.alpha
     state = {"step": 0}
 
     def step():
         with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16):
             out = model(**inputs)
-        x, recon = inputs["pixels"].float(), out["recon"]
-        l_vq = (lw.l1_weight * losses.l1_loss(recon, x) + lw.quant_weight * out["quant_loss"]
-                + lw.entropy_weight * out["entropy_loss"]
-                + gan.weight(state["step"]) * gan.generator_loss(recon))
-        if perceptual is not None:
-            l_vq = l_vq + lw.perceptual_weight * perceptual(recon, x)
-        loss = out["loss_cap"] + alpha * l_vq
+        l_vq, _ = objective(inputs["pixels"], out["recon"], out["quantizer_terms"], state["step"])
+        loss = out["loss_cap"] + cfg.loss.alpha * l_vq
         loss.backward()
-        d = gan.discriminator_loss(inputs["pixels"], recon, state["step"])
-        gan.step(d["loss_d"])
+        loss_d, _ = objective.discriminator_loss(inputs["pixels"], out["recon"], state["step"])
+        objective.backward_discriminator(loss_d)
+        objective.apply_step()
         if cfg.optim.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip, foreach=True)
         opt.step()
@@ -383,7 +373,7 @@ def run_reference(args, setup, device, ceiling) -> dict:
     row.update(_time_stats(times))
     row.update(_llm_flops(model.llm, batch, True))
     row = _throughput(row, cfg.train.micro_batch_size, ceiling)
-    del model, gan, opt, params, batch, inputs
+    del model, objective, opt, params, batch, inputs
     return row
 
 

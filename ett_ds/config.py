@@ -30,6 +30,8 @@ STAGES = ("tokenizer", "align", "ett", "frozen", "sft", "t2i")
 
 @dataclass
 class TokenizerConfig:
+    type: str = "ibq"
+    "Which tokenizer (ett_ds/tokenizers): `ibq` (the paper's, index backpropagation) or `vqgan` (taming VQGAN, nearest-neighbour codes with a straight-through estimator)."
     ch: int = 128
     "Base channel count of the VQGAN encoder/decoder."
     ch_mult: list[int] = field(default_factory=lambda: [1, 1, 2, 2, 4])
@@ -53,17 +55,26 @@ class TokenizerConfig:
     codebook_init_std: float | None = None
     "None: IBQ's uniform(-1/K, 1/K) codebook init; a number: normal(0, std) (keeps more codes alive in short runs)."
     beta: float = 0.25
-    "Weight of the codebook term in the double quantization loss (IBQ's placement)."
+    "`ibq`: weight of the codebook term in the double quantization loss (IBQ's placement); `vqgan`: the commitment weight."
     entropy_temperature: float = 0.01
-    "Softmax temperature of the entropy loss."
+    "`ibq`: softmax temperature of the entropy loss."
+    entropy_eps: float = 1e-5
+    "`ibq`: eps inside the log of the entropy loss's batch distribution, log(mean p + eps) (the IBQ / MAGVIT-v2 reference's 1e-5)."
+    l2_norm_codes: bool = False
+    "`vqgan`: l2-normalise encoder outputs and codebook rows before the nearest-neighbour search (LlamaGen's VQ-16)."
     quantizer_chunk_tokens: int | None = None
     "Tokens per chunk of the quantizer's K-wide logits/softmax/entropy (recomputed in backward); None: from a 256 MiB budget (128 at K = 131,072)."
     checkpoint: str | None = None
-    "Local path to a tokenizer to start from: a SEED-Voken IBQ Lightning .ckpt, or an ett_ds export's tokenizer.safetensors."
+    "Local path to a tokenizer to start from: a SEED-Voken IBQ or taming VQGAN Lightning .ckpt, or an ett_ds export's tokenizer.safetensors."
     checkpoint_config: str | None = None
-    "YAML with the IBQ `ddconfig`/`n_embed`/`embed_dim` of `checkpoint`; when set, it overrides the fields above."
+    "YAML with the taming / IBQ `ddconfig`/`n_embed`/`embed_dim` of `checkpoint`; when set, it overrides the fields above (a YAML naming the other tokenizer family is an error)."
     use_ema_weights: bool = True
     "Load the `model_ema.*` weights of an IBQ checkpoint when present."
+
+    @property
+    def downsample(self) -> int:
+        """Pixels per token side: one halving per level after the first."""
+        return 2 ** (len(self.ch_mult) - 1)
 
 
 @dataclass
@@ -85,7 +96,7 @@ class LLMConfig:
 @dataclass
 class ModelConfig:
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
-    "The IBQ vision tokenizer."
+    "The vision tokenizer (`type` picks IBQ or VQGAN)."
     llm: LLMConfig = field(default_factory=LLMConfig)
     "The language model."
     projector_depth: int = 2
@@ -204,6 +215,8 @@ class TrainConfig:
     "Steps in a row whose loss or gradient norm is not finite (each skipped: no update) before the run stops with an error."
     image_every: int = 0
     "Steps between image grids (input vs reconstruction, samples); 0 disables."
+    log_tokenizer_dynamics: bool = False
+    "Stages that tune the tokenizer with an LLM: log `code_drift` (relative change of the used codebook rows per step) and `grad_ratio` (caption vs alpha L_vq gradient norm at the codebook embeddings) in metrics.jsonl."
     eval_every: int = 0
     "Steps between held-out validations on `data.eval` (loss terms, greedy captions with exact match and CER, PSNR, t2i samples; rows with an `eval` key in metrics.jsonl, TensorBoard `eval/...`, grids in images/); 0 disables."
     eval_samples: int = 64
@@ -270,7 +283,10 @@ class Config:
         need(len(self.data.image_size) == 2, "data.image_size: expected [height, width]")
         need(self.data.resize_mode in ("crop", "pad", "stretch"),
              f"data.resize_mode: '{self.data.resize_mode}' must be crop, pad or stretch")
-        f = 2 ** (len(t.ch_mult) - 1)
+        from .tokenizers import REGISTRY  # the registry imports this module: resolved here, at validation
+        need(t.type in REGISTRY, f"model.tokenizer.type: '{t.type}' is not one of {', '.join(REGISTRY)}")
+        need(not t.l2_norm_codes or t.type == "vqgan", "model.tokenizer.l2_norm_codes applies to type vqgan only")
+        f = t.downsample
         for side in self.data.image_size:
             need(side % f == 0, f"data.image_size: {side} is not a multiple of the tokenizer downsampling {f}")
         need(self.engine.precision in ("auto", "autocast_bf16", "fp32"),
@@ -286,7 +302,7 @@ class Config:
 
     @property
     def downsample(self) -> int:
-        return 2 ** (len(self.model.tokenizer.ch_mult) - 1)
+        return self.model.tokenizer.downsample
 
     @property
     def num_image_tokens(self) -> int:

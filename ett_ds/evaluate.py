@@ -147,7 +147,7 @@ def evaluate_batch(model, text, batch, tasks, reader, device, max_new_tokens) ->
     pixels = to_unit_range(batch["pixels"][valid].to(device))
     refs = [t for t, v in zip(batch["text"], valid.tolist()) if v]
     recs = [{"ref": r} for r in refs]
-    hist = torch.zeros(model.tokenizer.cfg.codebook_size, dtype=torch.long)
+    hist = torch.zeros(model.tokenizer.codebook_size, dtype=torch.long)
     pics = {}
     if not len(refs):
         return recs, hist, pics

@@ -10,8 +10,8 @@ into files other code can open:
                                 to give the same ids; the image special tokens at training's ids; a chat template
                                 rendering training's data.chat_template
     DIR/spm.model               the sentencepiece text tokenizer (when the run used one; ett_ds loads this)
-    DIR/tokenizer.safetensors   the vision tokenizer in the IBQ key layout; its config in the metadata
-    DIR/tokenizer_config.json   the same config in SEED-Voken's naming (ddconfig, n_embed, embed_dim)
+    DIR/tokenizer.safetensors   the vision tokenizer in the taming / IBQ key layout; its config in the metadata
+    DIR/tokenizer_config.json   the same config in taming / SEED-Voken naming (ddconfig, n_embed, embed_dim)
     DIR/projector.safetensors   and visual_head / index_embed .safetensors when the model has them
     DIR/ett_config.yaml         the resolved ett_ds config, paths pointing at the files above
 
@@ -43,16 +43,6 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def ibq_config(tcfg) -> dict:
-    """SEED-Voken's naming: what ``ibq_checkpoint.tokenizer_config_from_ibq_yaml`` reads back."""
-    return {"ddconfig": {"double_z": False, "z_channels": tcfg.z_channels, "resolution": tcfg.resolution,
-                         "in_channels": tcfg.in_channels, "out_ch": tcfg.in_channels, "ch": tcfg.ch,
-                         "ch_mult": list(tcfg.ch_mult), "num_res_blocks": tcfg.num_res_blocks,
-                         "attn_resolutions": list(tcfg.attn_resolutions), "dropout": tcfg.dropout},
-            "n_embed": tcfg.codebook_size, "embed_dim": tcfg.code_dim,
-            "beta": tcfg.beta, "entropy_temperature": tcfg.entropy_temperature}
-
-
 def save_module(module: torch.nn.Module, path: Path, dtype: torch.dtype, metadata: dict | None = None) -> None:
     sd = {k: (v.to(dtype) if v.is_floating_point() else v).contiguous() for k, v in module.state_dict().items()}
     save_safetensors(sd, path, metadata)
@@ -70,10 +60,11 @@ def export(ckpt: str | Path, out: str | Path, dtype: torch.dtype = torch.float32
     out.mkdir(parents=True, exist_ok=True)
 
     tcfg = cfg.model.tokenizer
-    ibq = ibq_config(tcfg)
+    layout = model.tokenizer.export_config()  # taming / SEED-Voken naming, what tokenizer_config_from_yaml reads
     save_module(model.tokenizer, out / "tokenizer.safetensors", torch.float32,
-                {"format": "ibq", "ibq_config": json.dumps(ibq), "ett_tokenizer_config": json.dumps(asdict(tcfg))})
-    (out / "tokenizer_config.json").write_text(json.dumps(ibq, indent=1))
+                {"format": model.tokenizer.kind, "ibq_config": json.dumps(layout),
+                 "ett_tokenizer_config": json.dumps(asdict(tcfg))})
+    (out / "tokenizer_config.json").write_text(json.dumps(layout, indent=1))
     tcfg.checkpoint, tcfg.checkpoint_config, tcfg.use_ema_weights = str(out / "tokenizer.safetensors"), None, False
 
     if model.llm is not None:

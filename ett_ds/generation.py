@@ -284,7 +284,7 @@ def generate_images(model: ETTModel, text: TextTokenizer, prompts: list[str], cf
             g = torch.Generator(device=dev).manual_seed(seed + i)
             codes = sample_codes(model, batcher.t2i_prompt(prompt), batcher.t2i_prompt(""), h * w, num_images,
                                  cfg_scale, temperature, top_k, top_p, g)
-            images.append(model.tokenizer.decode_indices(codes.view(num_images, h, w)).float().clamp(-1, 1))
+            images.append(model.tokenizer.decode_codes(codes.view(num_images, h, w)).float().clamp(-1, 1))
     return torch.cat(images)
 
 

@@ -103,6 +103,12 @@ class RunLog:
         if tokens is not None:
             self.tokens = tokens if self.tokens is None else self.tokens + tokens
 
+    def add_scalars(self, values: dict[str, torch.Tensor]) -> None:
+        """Per-step device scalars (not per micro-batch), averaged over the steps of the logging window."""
+        for k, v in values.items():
+            self.sums[k] = self.sums[k] + v if k in self.sums else v.clone()
+            self.counts[k] = self.counts[k] + 1.0 if k in self.counts else 1.0
+
     def add_data_stats(self, stats: dict | None) -> None:
         if stats:
             self.data.update({k: int(v) for k, v in stats.items()})

@@ -24,12 +24,12 @@ from .engine import deepspeed as eng
 from .engine import dist
 from .engine import preempt
 from .engine.ema import ShardEMA
-from .models import losses
-from .models.discriminator import GANLoss
 from .models.ett import STAGE_SPECS, ETTModel
-from .models.ibq_checkpoint import load_tokenizer_weights, tokenizer_config_from_ibq_yaml
 from .models.text import TextTokenizer
 from .runlog import RunLog
+from .tokenizers.checkpoint import load_tokenizer_weights, tokenizer_config_from_yaml
+from .tokenizers.dynamics import TokenizerDynamics
+from .tokenizers.objective import VQObjective
 
 
 class TrainingDiverged(RuntimeError):
@@ -63,8 +63,8 @@ class Trainer:
         self.cfg = cfg
         self.spec = STAGE_SPECS[cfg.stage]
         if cfg.model.tokenizer.checkpoint_config:
-            cfg.model.tokenizer = tokenizer_config_from_ibq_yaml(cfg.model.tokenizer.checkpoint_config,
-                                                                 cfg.model.tokenizer)
+            cfg.model.tokenizer = tokenizer_config_from_yaml(cfg.model.tokenizer.checkpoint_config,
+                                                             cfg.model.tokenizer)
         self.run_dir = cfg.run_dir
         self.ckpt_root = self.run_dir / "checkpoints"
         self.rank, self.world = dist.rank(), dist.world_size()
@@ -91,12 +91,13 @@ class Trainer:
             self.init_report = load_into_model(model, Path(cfg.train.init_from))
         self.engine = eng.initialize(model, cfg, self.ds_config)
         self.model = self.engine.module
-        self.gan = self.perceptual = None
-        if self.spec.reconstruct:
-            self.gan = GANLoss(cfg.loss, cfg.model.tokenizer.in_channels).to(self.device)
-            if cfg.loss.perceptual_weights:
-                from .models.perceptual import PerceptualLoss
-                self.perceptual = PerceptualLoss(cfg.loss.perceptual_weights).to(self.device)
+        # L = L_cap (+ L_t2i) + alpha * L_vq; without an LLM (stage tokenizer) L_vq is the whole loss
+        self.objective = VQObjective(cfg.loss, cfg.model.tokenizer.in_channels).to(self.device) \
+            if self.spec.reconstruct else None
+        self.vq_weight = cfg.loss.alpha if self.spec.uses_llm else 1.0
+        self.dynamics = None
+        if cfg.train.log_tokenizer_dynamics and self.model.tokenizer_trains and self.spec.uses_llm:
+            self.dynamics = TokenizerDynamics(self.model)  # code drift and the caption / L_vq gradient ratio
         self.ema = None
         if cfg.stage == "tokenizer" and cfg.train.ema_decay > 0:
             self.ema = ShardEMA(self.model.tokenizer.named_parameters(), cfg.train.ema_decay)
@@ -122,26 +123,19 @@ class Trainer:
 
     # -- one optimizer step --------------------------------------------------------------------------------------
     def loss_terms(self, out: dict, batch: dict) -> tuple[torch.Tensor, dict]:
-        """Assemble L = L_cap (+ L_t2i) + alpha * L_vq; returns the total and detached terms for logging."""
-        cfg, terms = self.cfg, {}
+        """L = L_cap (+ L_t2i) + alpha * L_vq (``VQObjective`` owns what is inside L_vq); returns the total and
+        the detached terms for logging."""
+        terms = {}
         total = torch.zeros((), device=self.device)
         for key in ("loss_cap", "loss_t2i"):
             if key in out:
                 total = total + out[key]
                 terms[key] = out[key]
-        if self.spec.reconstruct:
-            x, recon = batch["pixels"].float(), out["recon"]
-            lw = cfg.loss
-            terms["l1"] = losses.l1_loss(recon, x)
-            terms["perceptual"] = self.perceptual(recon, x) if self.perceptual is not None else torch.zeros((), device=x.device)
-            terms["quant"], terms["entropy"] = out["quant_loss"], out["entropy_loss"]
-            terms["gan_g"] = self.gan.generator_loss(recon)
-            l_vq = (lw.l1_weight * terms["l1"] + lw.perceptual_weight * terms["perceptual"]
-                    + lw.quant_weight * terms["quant"] + lw.entropy_weight * terms["entropy"]
-                    + self.gan.weight(self.step) * terms["gan_g"])
+        if self.objective is not None:
+            l_vq, vq_terms = self.objective(batch["pixels"], out["recon"], out["quantizer_terms"], self.step)
+            terms.update(vq_terms)
             terms["loss_vq"] = l_vq
-            alpha = 1.0 if cfg.stage == "tokenizer" else cfg.loss.alpha
-            total = total + alpha * l_vq
+            total = total + self.vq_weight * l_vq
         terms["loss"] = total
         return total, {k: v.detach().float() for k, v in terms.items()}
 
@@ -156,9 +150,10 @@ class Trainer:
         buffers, LeCAM anchors and BatchNorm statistics, are restored) and the EMA. No host synchronisation is
         added: the only one is the one DeepSpeed's norm check makes anyway.
         """
-        gan_buffers = None
-        if self.gan is not None:  # LeCAM anchors and BatchNorm statistics change in the forward: kept to restore
-            gan_buffers = {n: b.clone() for n, b in self.gan.named_buffers()}
+        # the discriminator's LeCAM anchors and BatchNorm statistics change in the forward: kept to restore
+        snapshot = self.objective.snapshot() if self.objective is not None else None
+        if self.dynamics is not None:
+            self.dynamics.before_step()
         for _ in range(self.accum):
             batch = next(it)
             self.log.add_data_stats(batch.pop("data_stats", None))
@@ -167,25 +162,28 @@ class Trainer:
                 self.first_batch = batch
             out = self.engine(**{k: batch[k] for k in MODEL_INPUTS if k in batch})
             loss, terms = self.loss_terms(out, batch)
-            d = None
-            if self.gan is not None:
-                d = self.gan.discriminator_loss(batch["pixels"], out["recon"], self.step)
-                terms.update({k: v.detach().float() for k, v in d.items()})
-            gate = finite_gate(loss, d["loss_d"] if d is not None else None)
+            loss_d = None
+            if self.objective is not None:
+                loss_d, d_terms = self.objective.discriminator_loss(batch["pixels"], out["recon"], self.step)
+                terms.update({k: v.float() for k, v in d_terms.items()})
+            if self.dynamics is not None:
+                self.dynamics.used_codes(out["indices"])
+            gate = finite_gate(loss, loss_d)
             self.engine.backward(loss * gate)
-            if self.gan is not None:
-                self.gan.step(d["loss_d"] * gate, apply=False)
+            if loss_d is not None:
+                self.objective.backward_discriminator(loss_d * gate)
             self.engine.step()
             tokens = batch["attention_mask"].sum() if "attention_mask" in batch else None
             present = {"loss_cap": out["num_caption_tokens"] > 0} if "num_caption_tokens" in out else None
-            self.log.add(terms, out["indices"], self.cfg.model.tokenizer.codebook_size,
+            self.log.add(terms, out["indices"], self.model.tokenizer.codebook_size,
                          samples=batch["pixels"].shape[0], tokens=tokens, present=present)
         applied = bool(self.engine.was_step_applied())  # a Python bool DeepSpeed set after its own norm check
-        if self.gan is not None:
-            self.gan.apply_step(skip=not applied)
+        if self.objective is not None:
+            self.objective.apply_step(skip=not applied)
             if not applied:
-                for n, b in self.gan.named_buffers():
-                    b.copy_(gan_buffers[n])
+                self.objective.restore(snapshot)
+        if self.dynamics is not None:
+            self.log.add_scalars(self.dynamics.after_step())
         self.step += 1
         self.samples_seen += self.cfg.train.micro_batch_size * self.accum * self.world
         if applied:
@@ -203,8 +201,8 @@ class Trainer:
         if folder is None:
             return
         state, extra = ckpt.load(self.engine, folder)
-        if self.gan is not None:
-            self.gan.load_extra_state(extra["gan"])
+        if self.objective is not None:
+            self.objective.load_extra_state(extra["gan"])
         if self.ema is not None:
             self.ema.load_state_dict(reshard.ema_state(extra, self.ema.params))
         ckpt.set_rng_state(extra["rng"])
@@ -220,8 +218,8 @@ class Trainer:
         from .engine.ema import _shard
         tensors = [_shard(p) for p in self.model.parameters()]
         tensors += list(getattr(self.engine.optimizer, "fp32_partitioned_groups_flat", None) or [])
-        if self.gan is not None:
-            tensors += list(self.gan.parameters())
+        if self.objective is not None:
+            tensors += self.objective.trained_parameters()
         if self.ema is not None:
             tensors += list(self.ema.shadow.values())
         ok = torch.stack([torch.isfinite(t).all() for t in tensors if t is not None and t.numel()]).all()
@@ -230,8 +228,8 @@ class Trainer:
 
     def save(self) -> Path:
         extra = {}
-        if self.gan is not None:
-            extra["gan"] = self.gan.extra_state()
+        if self.objective is not None:
+            extra["gan"] = self.objective.extra_state()
         if self.ema is not None:
             extra["ema"] = self.ema.state_dict()
         self.segment += 1  # the data stream is reseeded after every save: a resume continues the same stream

@@ -152,7 +152,7 @@ class Validator:
         psnr = torch.zeros(3, dtype=torch.float64)  # sum, n, sum with EMA weights
         hist = torch.zeros(cfg.model.tokenizer.codebook_size, dtype=torch.long, device=tr.device)
         grids = {}
-        with _eval_mode(tr.model, tr.gan):
+        with _eval_mode(tr.model, tr.objective):
             for i, cpu in enumerate(self.mine):
                 batch = batch_to_device(cpu, tr.device)
                 out = tr.engine(**{k: batch[k] for k in MODEL_INPUTS if k in batch})

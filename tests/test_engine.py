@@ -4,7 +4,7 @@ import torch
 
 from ett_ds.checkpoint.weights import full_state_dict
 from ett_ds.engine import dist
-from ett_ds.models.vq import FP32Conv2d
+from ett_ds.tokenizers.taming import FP32Conv2d
 from ett_ds.train import Trainer
 from tests.curves import assert_falls
 from tests.tiny import caption_batch, repeat, tiny_config, train_spm
@@ -105,5 +105,5 @@ def test_resolved_ds_config_has_no_auto_and_buckets_follow_hidden_size(spm_model
     safe = ds["torch_autocast"]["lower_precision_safe_modules"]
     classes = [getattr(importlib.import_module(n.rsplit(".", 1)[0]), n.rsplit(".", 1)[1]) for n in safe]
     from ett_ds.models.ett import CodeHead
-    from ett_ds.models.vq import FP32Conv2d
+    from ett_ds.tokenizers.taming import FP32Conv2d
     assert CodeHead in classes and FP32Conv2d not in classes  # the K-way head gathers in bf16, the decoder never

@@ -38,7 +38,7 @@ def test_data_error_rate_is_one_line_exit_2(tmp_path, capsys, monkeypatch, worke
 def test_a_garbage_safetensors_tokenizer_checkpoint_is_a_one_line_error(tmp_path):
     """It used to escape as SafetensorError ('header too large') with a traceback."""
     from ett_ds.checkpoint import CheckpointError
-    from ett_ds.models.ibq_checkpoint import read_state_dict
+    from ett_ds.tokenizers.checkpoint import read_state_dict
     bad = tmp_path / "tok.safetensors"
     bad.write_bytes(b"\xff" * 64)
     with pytest.raises(CheckpointError) as e:

@@ -8,8 +8,8 @@ from ett_ds import export
 from ett_ds.checkpoint.loading import load_model, no_zero_init
 from ett_ds.data.batch import Batcher
 from ett_ds.engine import dist
-from ett_ds.models.ibq_checkpoint import load_tokenizer_weights, tokenizer_config_from_ibq_yaml
-from ett_ds.models.vq import VisionTokenizer
+from ett_ds.tokenizers.checkpoint import load_tokenizer_weights, tokenizer_config_from_yaml
+from ett_ds.tokenizers.ibq import IBQTokenizer as VisionTokenizer
 from tests.stage_batches import smooth_images, trained_checkpoint
 from tests.tiny import train_spm
 
@@ -65,7 +65,7 @@ def test_export_round_trip(t2i_step, tmp_path, spm):
         hf_logits = hf(inputs_embeds=a["embeds"]).logits.float()
     torch.testing.assert_close(hf_logits, a["logits"], rtol=1e-5, atol=1e-5)
     # The tokenizer file is plain IBQ: its config in SEED-Voken naming, weights loadable by IBQ-layout code.
-    tcfg = tokenizer_config_from_ibq_yaml(out / "tokenizer_config.json", before.cfg.model.tokenizer)
+    tcfg = tokenizer_config_from_yaml(out / "tokenizer_config.json", before.cfg.model.tokenizer)
     assert tcfg == before.cfg.model.tokenizer
     tok = VisionTokenizer(tcfg)
     load_tokenizer_weights(tok, out / "tokenizer.safetensors")

@@ -5,8 +5,8 @@ import yaml
 
 from ett_ds.checkpoint import CheckpointError
 from ett_ds.config import TokenizerConfig
-from ett_ds.models.ibq_checkpoint import load_tokenizer_weights, read_state_dict, tokenizer_config_from_ibq_yaml
-from ett_ds.models.vq import VisionTokenizer
+from ett_ds.tokenizers.checkpoint import load_tokenizer_weights, read_state_dict, tokenizer_config_from_yaml
+from ett_ds.tokenizers.ibq import IBQTokenizer as VisionTokenizer
 
 DD = {"double_z": False, "z_channels": 32, "resolution": 32, "in_channels": 3, "out_ch": 3, "ch": 32,
       "ch_mult": [1, 2, 2], "num_res_blocks": 1, "attn_resolutions": [8], "dropout": 0.0}
@@ -14,7 +14,7 @@ DD = {"double_z": False, "z_channels": 32, "resolution": 32, "in_channels": 3, "
 
 def write_ibq(tmp_path, with_ema=True):
     """A checkpoint laid out like SEED-Voken's: Lightning dict, loss.* and model_ema.* (dots stripped) keys."""
-    cfg = tokenizer_config_from_ibq_yaml(write_yaml(tmp_path))
+    cfg = tokenizer_config_from_yaml(write_yaml(tmp_path))
     torch.manual_seed(1)
     src = VisionTokenizer(cfg)
     raw = {k: torch.randn_like(v) for k, v in src.state_dict().items()}
@@ -40,7 +40,7 @@ def write_yaml(tmp_path):
 
 
 def test_yaml_gives_the_architecture(tmp_path):
-    cfg = tokenizer_config_from_ibq_yaml(write_yaml(tmp_path))
+    cfg = tokenizer_config_from_yaml(write_yaml(tmp_path))
     assert (cfg.ch, cfg.ch_mult, cfg.num_res_blocks, cfg.attn_resolutions) == (32, [1, 2, 2], 1, [8])
     assert (cfg.codebook_size, cfg.code_dim, cfg.z_channels) == (64, 16, 32)
 

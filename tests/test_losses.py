@@ -6,30 +6,31 @@ import torch
 
 from ett_ds.config import LossConfig
 from ett_ds.models import losses
-from ett_ds.models.discriminator import GANLoss, PatchDiscriminator
+from ett_ds.tokenizers import discriminator, objective
+from ett_ds.tokenizers.discriminator import GANLoss, PatchDiscriminator
 
 
 def test_hinge_d_loss_hand_computed():
     # real: relu(1-2)=0, relu(1-0)=1 -> 0.5 ; fake: relu(1-2)=0, relu(1+0.5)=1.5 -> 0.75 ; 0.5*(0.5+0.75)
-    v = losses.hinge_d_loss(torch.tensor([2.0, 0.0]), torch.tensor([-2.0, 0.5]))
+    v = discriminator.hinge_d_loss(torch.tensor([2.0, 0.0]), torch.tensor([-2.0, 0.5]))
     assert v.item() == pytest.approx(0.625)
 
 
 def test_non_saturating_g_loss_hand_computed():
-    assert losses.non_saturating_g_loss(torch.tensor([0.0])).item() == pytest.approx(math.log(2))
+    assert discriminator.non_saturating_g_loss(torch.tensor([0.0])).item() == pytest.approx(math.log(2))
     # -log sigmoid(log 3) = log(1 + 1/3)
-    assert losses.non_saturating_g_loss(torch.tensor([math.log(3)])).item() == pytest.approx(math.log(4 / 3))
+    assert discriminator.non_saturating_g_loss(torch.tensor([math.log(3)])).item() == pytest.approx(math.log(4 / 3))
 
 
 def test_generator_loss_pushes_fake_logits_up():
     x = torch.tensor([0.0], requires_grad=True)
-    losses.non_saturating_g_loss(x).backward()
+    discriminator.non_saturating_g_loss(x).backward()
     assert x.grad.item() == pytest.approx(-0.5)  # d/dx softplus(-x) = -sigmoid(-x)
 
 
 def test_lecam_hand_computed():
     # relu([1,3] - 0)^2 -> mean 5 ; relu(2 - [-1,1])^2 = [9,1] -> mean 5
-    v = losses.lecam_reg(torch.tensor([1.0, 3.0]), torch.tensor([-1.0, 1.0]), torch.tensor(2.0), torch.tensor(0.0))
+    v = discriminator.lecam_reg(torch.tensor([1.0, 3.0]), torch.tensor([-1.0, 1.0]), torch.tensor(2.0), torch.tensor(0.0))
     assert v.item() == pytest.approx(10.0)
 
 
@@ -106,7 +107,7 @@ def test_chunked_head_losses_under_bf16_autocast_and_with_every_target_ignored()
 
 
 def test_l1_hand_computed():
-    assert losses.l1_loss(torch.tensor([1.0, -1.0]), torch.tensor([0.5, 0.0])).item() == pytest.approx(0.75)
+    assert objective.l1_loss(torch.tensor([1.0, -1.0]), torch.tensor([0.5, 0.0])).item() == pytest.approx(0.75)
 
 
 def test_gan_zero_weight_before_start_but_forward_always_runs():
@@ -136,7 +137,7 @@ def test_patch_discriminator_outputs_a_logit_map():
 
 
 def test_perceptual_loss_from_local_weights_only(tmp_path):
-    from ett_ds.models.perceptual import PerceptualLoss, vgg16_features
+    from ett_ds.tokenizers.perceptual import PerceptualLoss, vgg16_features
     with pytest.raises(FileNotFoundError, match="perceptual weights not found"):
         PerceptualLoss(tmp_path / "missing.pth")
     torch.manual_seed(0)
@@ -182,3 +183,46 @@ def test_ett_visual_head_loss_equals_the_unchunked_head_and_lm_head_chunks_from_
     _rel_close(w_grad, model.visual_head.weight.grad)
     assert model.lm_head_chunks(h1) == 1  # the tiny vocabulary's logits fit: no recomputation
     assert model.lm_head_chunks(torch.empty(10 ** 4, 10 ** 3, 1)) > 1  # many rows of targets: pieces
+
+
+def _objective(**kw):
+    from ett_ds.tokenizers.objective import VQObjective
+    torch.manual_seed(0)
+    return VQObjective(LossConfig(disc_channels=8, disc_layers=2, **kw))
+
+
+def test_l_vq_is_the_weighted_sum_of_its_terms_with_the_gan_schedule():
+    """L_vq = l1_w L1 + perc_w P + sum_t t_w t + gan_w(step) G: the quantizer's terms are weighted by
+    loss.{name}_weight, the GAN term counts only from gan_start_step, and every term is reported unweighted."""
+    obj = _objective(l1_weight=2.0, quant_weight=3.0, entropy_weight=0.5, gan_weight=0.1, gan_start_step=10)
+    x = torch.zeros(1, 3, 16, 16)
+    recon = torch.full((1, 3, 16, 16), 0.25)
+    q = {"quant": torch.tensor(0.2), "entropy": torch.tensor(-1.0)}
+    before, terms = obj(x, recon, q, step=9)
+    assert terms["l1"].item() == pytest.approx(0.25) and terms["perceptual"].item() == 0.0
+    assert set(terms) == {"l1", "perceptual", "quant", "entropy", "gan_g"}
+    assert before.item() == pytest.approx(2.0 * 0.25 + 3.0 * 0.2 + 0.5 * -1.0)
+    after, terms = obj(x, recon, q, step=10)
+    assert after.item() == pytest.approx(before.item() + 0.1 * terms["gan_g"].item())
+    with pytest.raises(ValueError, match="loss.codebook_weight does not exist"):
+        obj(x, recon, {"codebook": torch.tensor(1.0)}, step=0)
+
+
+@pytest.mark.parametrize("uses_llm,alpha", [(True, 0.25), (True, 0.05), (False, 0.25)])
+def test_trainer_total_is_caption_plus_alpha_times_l_vq(uses_llm, alpha):
+    """The trainer's loss is L_cap (+ L_t2i) + alpha L_vq (stage tokenizer: L_vq alone), with L_vq from the
+    objective. Trainer.loss_terms runs on a real VQObjective; the rest of the trainer is not needed for it."""
+    from types import SimpleNamespace
+    from ett_ds.train import Trainer
+    obj = _objective(gan_start_step=100)
+    x, recon = torch.zeros(1, 3, 16, 16), torch.full((1, 3, 16, 16), -0.5)
+    out = {"recon": recon, "quantizer_terms": {"quant": torch.tensor(0.4), "entropy": torch.tensor(-0.3)}}
+    if uses_llm:
+        out.update(loss_cap=torch.tensor(2.0), loss_t2i=torch.tensor(1.5))
+    trainer = SimpleNamespace(device=torch.device("cpu"), objective=obj, step=3,
+                              vq_weight=alpha if uses_llm else 1.0)
+    total, terms = Trainer.loss_terms(trainer, out, {"pixels": x})
+    l_vq = 1.0 * 0.5 + 1.0 * 0.4 + 0.05 * -0.3  # default l1 / quant / entropy weights, GAN off before step 100
+    expected = (2.0 + 1.5 + alpha * l_vq) if uses_llm else l_vq
+    assert terms["loss_vq"].item() == pytest.approx(l_vq)
+    assert total.item() == pytest.approx(expected) and terms["loss"].item() == pytest.approx(expected)

@@ -35,7 +35,7 @@ def poisoned(batch):
 def state(tr):
     """Everything a step may change: full weights, fp32 masters, discriminator, its optimizer, LeCAM anchors."""
     masters = [t.clone() for t in tr.engine.optimizer.fp32_partitioned_groups_flat]
-    disc = {k: v.clone() for k, v in tr.gan.state_dict().items()}
+    disc = {k: v.clone() for k, v in tr.objective.gan.state_dict().items()}
     return full_state_dict(tr.model), masters, disc
 
 

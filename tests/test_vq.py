@@ -4,14 +4,17 @@ import torch
 import torch.nn.functional as F
 
 from ett_ds.config import TokenizerConfig
-from ett_ds.models.vq import FP32Conv2d, IBQuantizer, VisionTokenizer, entropy_loss
+from ett_ds.tokenizers.ibq import IBQTokenizer as VisionTokenizer, IBQuantizer, entropy_loss, reference_quantize
+from ett_ds.tokenizers.base import QuantOutput
+from ett_ds.tokenizers.taming import FP32Conv2d
 
 TINY = TokenizerConfig(ch=32, ch_mult=[1, 2, 2], num_res_blocks=1, attn_resolutions=[8], resolution=32,
                        z_channels=32, codebook_size=64, code_dim=16)
 
 
-def reference_ibq(z, codebook, beta=0.25, temperature=0.01):
-    """IBQ exactly as written in the paper/code: a materialised straight-through one-hot times the codebook."""
+def reference_ibq(z, codebook, beta=0.25, temperature=0.01, eps=1e-5):
+    """IBQ exactly as written in the paper/code: a materialised straight-through one-hot times the codebook, and the
+    reference's entropy loss with eps inside both logs."""
     b, d, h, w = z.shape
     zf = z.permute(0, 2, 3, 1).reshape(-1, d)
     logits = zf @ codebook.t()
@@ -22,37 +25,17 @@ def reference_ibq(z, codebook, beta=0.25, temperature=0.01):
     z_q2 = hard @ codebook
     quant = F.mse_loss(z_q, zf) + F.mse_loss(z_q2.detach(), zf) + beta * F.mse_loss(z_q2, zf.detach())
     p = (logits / temperature).softmax(-1)
-    ent = -(p * p.clamp_min(1e-30).log()).sum(-1).mean()
+    ent = -(p * F.log_softmax(logits / temperature + eps, -1)).sum(-1).mean()
     avg = p.mean(0)
-    ent = ent - (-(avg * avg.clamp_min(1e-12).log()).sum())
+    ent = ent - (-(avg * (avg + eps).log()).sum())
     return z_q.reshape(b, h, w, d).permute(0, 3, 1, 2), quant, ent
-
-
-class _SoftPathRef(torch.autograd.Function):
-    """The landed (pre-chunking) soft path: zero forward, g @ E^T backward."""
-
-    @staticmethod
-    def forward(ctx, soft, codebook):
-        ctx.save_for_backward(codebook)
-        return soft.new_zeros(soft.shape[0], codebook.shape[1])
-
-    @staticmethod
-    def backward(ctx, grad):
-        (codebook,) = ctx.saved_tensors
-        return grad @ codebook.t(), None
 
 
 def unchunked_ibq(z, codebook, beta=0.25, temperature=0.01):
     """The quantizer's formula before chunking (issue 12), kept as the reference: every N x K tensor materialised."""
     b, d, h, w = z.shape
-    zf = z.float().permute(0, 2, 3, 1).reshape(-1, d)
-    logits = zf @ codebook.t()
-    idx = logits.argmax(-1)
-    z_hard = F.embedding(idx, codebook)
-    soft = logits.softmax(-1)
-    z_q = z_hard + _SoftPathRef.apply(soft, codebook.detach())
-    quant = F.mse_loss(z_q, zf) + F.mse_loss(z_hard.detach(), zf) + beta * F.mse_loss(z_hard, zf.detach())
-    ent = entropy_loss(logits, temperature)
+    z_q, idx, quant, ent = reference_quantize(z.float().permute(0, 2, 3, 1).reshape(-1, d), codebook, beta,
+                                              temperature)
     return z_q.reshape(b, h, w, d).permute(0, 3, 1, 2), idx.reshape(b, h, w), quant, ent
 
 
@@ -79,12 +62,13 @@ def test_chunked_quantizer_equals_the_unchunked_formula(codebook, dim, shape, ch
     z = torch.randn(shape[0], dim, *shape[1:])
     z1, z2 = z.clone().requires_grad_(True), z.clone().requires_grad_(True)
     cb = q.embedding.weight.detach().clone().requires_grad_(True)
-    zq, idx, quant, ent = q(z1)
+    zq, idx, terms = q(z1)
+    quant, ent = terms["quant"], terms["entropy"]
     rzq, ridx, rquant, rent = unchunked_ibq(z2, cb, temperature=temperature)
     assert torch.equal(idx, ridx) and torch.equal(zq, rzq)
-    if init == "normal" and temperature < 0.05:  # both sides of the batch distribution's 1e-12 clamp are exercised
+    if init == "normal" and temperature < 0.05:  # batch probabilities both far below and above the eps (1e-5)
         avg = ((z.permute(0, 2, 3, 1).reshape(-1, dim) @ cb.detach().t()) / temperature).softmax(-1).mean(0)
-        assert (avg < 1e-12).any() and (avg >= 1e-12).any()
+        assert (avg < 1e-7).any() and (avg >= 1e-3).any()
     torch.testing.assert_close(quant, rquant, rtol=1e-6, atol=0)
     torch.testing.assert_close(ent, rent, rtol=1e-6, atol=1e-7)
     g = torch.randn_like(zq)
@@ -103,7 +87,8 @@ def test_chunked_quantizer_gradients_of_each_term_alone(term):
     z = torch.randn(2, 8, 3, 3)
     z1, z2 = z.clone().requires_grad_(True), z.clone().requires_grad_(True)
     cb = q.embedding.weight.detach().clone().requires_grad_(True)
-    zq, _, _, ent = q(z1)
+    zq, _, terms = q(z1)
+    ent = terms["entropy"]
     rzq, _, _, rent = unchunked_ibq(z2, cb)
     g = torch.randn_like(zq)
     ((zq * g).sum() if term == "z_q" else ent).backward()
@@ -126,15 +111,15 @@ def test_quantizer_matches_literal_one_hot_reference_values_and_gradients():
     q = IBQuantizer(64, 16)
     q.embedding.weight.data.normal_()
     z = torch.randn(2, 16, 3, 5, requires_grad=True)
-    out = q.quantize(z)
+    out = QuantOutput(*q(z))
     z2 = z.detach().clone().requires_grad_(True)
     cb = q.embedding.weight.detach().clone().requires_grad_(True)
     ref_zq, ref_quant, ref_ent = reference_ibq(z2, cb)
     torch.testing.assert_close(out.z_q, ref_zq)
-    torch.testing.assert_close(out.quant_loss, ref_quant)
-    torch.testing.assert_close(out.entropy_loss, ref_ent, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(out.terms["quant"], ref_quant)
+    torch.testing.assert_close(out.terms["entropy"], ref_ent, atol=1e-5, rtol=1e-4)
     g = torch.randn_like(ref_zq)
-    ((out.z_q * g).sum() + out.quant_loss).backward()
+    ((out.z_q * g).sum() + out.terms["quant"]).backward()
     ((ref_zq * g).sum() + ref_quant).backward()
     torch.testing.assert_close(z.grad, z2.grad)
     torch.testing.assert_close(q.embedding.weight.grad, cb.grad)
@@ -149,24 +134,53 @@ def test_encoding_without_losses_gives_the_same_codes_and_embeddings():
     with torch.no_grad():
         full, fast = tok.encode(x), tok.encode(x, losses=False)
     assert torch.equal(full.indices, fast.indices) and torch.equal(full.z_q, fast.z_q)
-    assert full.quant_loss is not None and fast.quant_loss is None and fast.entropy_loss is None
+    assert set(full.terms) == {"quant", "entropy"} and fast.terms == {}
 
 
 def test_gradient_reaches_every_code_through_the_soft_path():
     torch.manual_seed(0)
     q = IBQuantizer(32, 8)
     z = torch.randn(1, 8, 2, 2)
-    q.quantize(z).z_q.sum().backward()
+    q(z)[0].sum().backward()
     assert (q.embedding.weight.grad.abs().sum(1) > 0).all()
 
 
 def test_entropy_loss_hand_computed():
     # two samples, two codes, T=1: p1=(1,0)-ish is avoided; use equal logits -> sample entropy log2, batch log2 -> 0
     logits = torch.zeros(2, 2)
-    assert abs(entropy_loss(logits, 1.0).item()) < 1e-6
+    # (eps = 0: the textbook formula; the reference's eps is pinned in the test below)
+    assert abs(entropy_loss(logits, 1.0, eps=0.0).item()) < 1e-6
     # confident and diverse: sample entropy ~0, batch entropy log 2 -> -log 2
     logits = torch.tensor([[100.0, 0.0], [0.0, 100.0]])
-    assert abs(entropy_loss(logits, 1.0).item() + torch.log(torch.tensor(2.0)).item()) < 1e-4
+    assert abs(entropy_loss(logits, 1.0, eps=0.0).item() + torch.log(torch.tensor(2.0)).item()) < 1e-4
+
+
+def test_entropy_loss_eps_inside_the_batch_log_hand_computed():
+    """Issue 17: the reference's eps = 1e-5 sits inside log(mean p + eps). One sample, two codes, T = 1, logits
+    (0, ln 1e-5): p = (1, 1e-5) / (1 + 1e-5); loss = H(p) + sum_k p_k log(p_k + eps), written out with math."""
+    import math
+    r = 1e-5
+    p = [1 / (1 + r), r / (1 + r)]
+    h = -sum(pk * math.log(pk) for pk in p)
+    expected = h + sum(pk * math.log(pk + 1e-5) for pk in p)
+    logits = torch.tensor([[0.0, math.log(r)]], dtype=torch.float64)
+    assert entropy_loss(logits, 1.0).item() == pytest.approx(expected, rel=1e-9, abs=1e-12)
+    without = h + sum(pk * math.log(pk) for pk in p)  # no eps: exactly 0 for one sample
+    assert entropy_loss(logits, 1.0, eps=0.0).item() == pytest.approx(without, abs=1e-12)
+    assert abs(expected - without) > 5e-6  # the eps is visible at these probabilities
+    # the configured eps reaches the quantizer (the chunked path) and agrees with the formula
+    for eps in (1e-5, 1e-3):
+        q = IBQuantizer(2, 1, entropy_temperature=1.0, entropy_eps=eps)
+        q.embedding.weight.data = torch.tensor([[0.0], [1.0]])
+        z = torch.tensor([[[[0.0]]], [[[math.log(r)]]]]).permute(1, 0, 2, 3).reshape(1, 1, 1, 2)
+        zf = z.permute(0, 2, 3, 1).reshape(-1, 1)
+        ent = q(z)[2]["entropy"]
+        assert ent.item() == pytest.approx(entropy_loss(zf @ q.embedding.weight.t(), 1.0, eps).item(), rel=1e-5)
+
+
+def test_entropy_eps_comes_from_the_config():
+    tok = VisionTokenizer(TokenizerConfig(**{**TINY.__dict__, "entropy_eps": 3e-4}))
+    assert tok.quantize.entropy_eps == 3e-4 and TokenizerConfig().entropy_eps == 1e-5
 
 
 def test_tokenizer_shapes_downsampling_and_fp32_decoder_under_autocast():

@@ -24,8 +24,8 @@ import yaml
 
 from ..config import Config, ConfigError, config_from_dict
 from ..models.ett import STAGE_SPECS, ETTModel
-from ..models.ibq_checkpoint import load_tokenizer_weights
 from ..models.text import TextTokenizer
+from ..tokenizers.checkpoint import load_tokenizer_weights
 from .layout import EXPORT_CONFIG, EXTRA_PARTS, MARKER, RUN_CONFIG, CheckpointError, is_complete, latest
 from .safe import read_safetensors
 from .weights import consolidated_state_dict

@@ -7,7 +7,7 @@
 * :class:`LinearCrossEntropy`: ``cross_entropy(hidden @ W^T, targets, reduction="sum")`` for a K-wide output head,
   chunk by chunk in forward and again in backward (the weight gradient is accumulated into one buffer).
 
-Both compute the same formulas as the unchunked code (``vq.IBQuantizer`` before chunking, ``losses.caption_loss`` of
+Both compute the same formulas as the unchunked code (``ibq.entropy_loss`` and the plain IBQ quantizer, ``losses.caption_loss`` of
 a full logits matrix); only the order of floating-point summation differs. How large a chunk is follows from a memory
 budget: :func:`auto_chunk_tokens`.
 """
@@ -53,14 +53,14 @@ class IBQChunked(torch.autograd.Function):
     """(zf (N, D), codebook (K, D)) -> (indices (N,), soft (N, D), entropy loss (scalar)).
 
     ``soft`` is ``(softmax(logits) - sg(softmax(logits))) @ sg(E)``: identically zero, its gradient g reaches the
-    logits as softmax' (g @ E^T). The entropy loss is MAGVIT-v2's, ``vq.entropy_loss(logits, temperature)``:
-    mean_i H(p_i) - H(mean_i p_i) with p = softmax(logits / T) and the batch distribution clamped at 1e-12 under the
-    log. Its gradient w.r.t. log p_ik is p_ik (c_k - 1 - log p_ik) / N with c_k = log(clamp(a_k)) + [a_k >= 1e-12]
-    (a = the batch distribution), then through log_softmax and / T. All maths in fp32.
+    logits as softmax' (g @ E^T). The entropy loss is MAGVIT-v2's, ``ibq.entropy_loss(logits, temperature, eps)``:
+    mean_i H(p_i) + sum_k a_k log(a_k + eps) with p = softmax(logits / T) and a = mean_i p_i, the batch
+    distribution. Its gradient w.r.t. log p_ik is p_ik (c_k - 1 - log p_ik) / N with
+    c_k = log(a_k + eps) + a_k / (a_k + eps), then through log_softmax and / T. All maths in fp32.
     """
 
     @staticmethod
-    def forward(ctx, zf, codebook, temperature: float, chunk: int):
+    def forward(ctx, zf, codebook, temperature: float, chunk: int, eps: float = 1e-5):
         ctx.set_materialize_grads(False)  # an unused output (e.g. no entropy term) costs no backward work
         n = zf.shape[0]
         idx = torch.empty(n, dtype=torch.long, device=zf.device)
@@ -76,10 +76,10 @@ class IBQChunked(torch.autograd.Function):
             avg += p.sum(0)
             del p, logp
         avg /= n
-        clamped = avg.clamp_min(1e-12)
-        ent = -plogp / n + (avg * clamped.log()).sum()
-        # d ent / d avg: log(clamp(a)) + [a >= 1e-12] (clamp_min passes the gradient where a >= min)
-        ctx.save_for_backward(zf, codebook, clamped.log_().add_((avg >= 1e-12).to(avg.dtype)))
+        shifted = avg + eps
+        ent = -plogp / n + (avg * shifted.log()).sum()
+        # d ent / d avg: log(a + eps) + a / (a + eps)
+        ctx.save_for_backward(zf, codebook, torch.log(shifted).add_(avg / shifted))
         ctx.temperature, ctx.chunk = temperature, chunk
         ctx.mark_non_differentiable(idx)
         return idx, zf.new_zeros(n, codebook.shape[1]), ent
@@ -89,7 +89,7 @@ class IBQChunked(torch.autograd.Function):
         zf, codebook, c = ctx.saved_tensors
         need_z, need_e = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         if grad_soft is None and grad_ent is None or not (need_z or need_e):
-            return None, None, None, None
+            return None, None, None, None, None
         n, t = zf.shape[0], ctx.temperature
         grad_z = torch.empty_like(zf) if need_z else None
         grad_e = torch.zeros_like(codebook) if need_e else None
@@ -122,7 +122,7 @@ class IBQChunked(torch.autograd.Function):
                 if grad_e is not None:
                     grad_e.addmm_(g.t(), z)
                 del g
-        return grad_z, grad_e, None, None
+        return grad_z, grad_e, None, None, None
 
 
 def _softmax_(logits: torch.Tensor) -> torch.Tensor:

@@ -2,7 +2,7 @@
 
 Data flow of one forward:
 
-    pixels -> tokenizer.encode -> z_q (codebook embeddings, straight-through) + indices
+    pixels -> tokenizer.encode -> z_q (codebook embeddings, straight-through) + indices + quantizer loss terms
         z_q -> tokenizer.decode (fp32)                 -> recon          (stages that reconstruct)
         z_q -> projector  | indices -> index_embed     -> visual tokens  (spliced at the image placeholders)
         [text embeddings with visual tokens] -> LLM body -> hidden
@@ -23,7 +23,7 @@ from . import losses
 from .chunked import auto_chunk_tokens
 from .llm import base_model, build_llm, hidden_size, resize_for_vocab
 from .projector import MLPProjector
-from .vq import VisionTokenizer
+from ..tokenizers import build_tokenizer
 
 
 @dataclass(frozen=True)
@@ -63,7 +63,8 @@ class ETTModel(nn.Module):
         self.cfg = cfg
         self.spec = STAGE_SPECS[cfg.stage]
         tcfg = cfg.model.tokenizer
-        self.tokenizer = VisionTokenizer(tcfg)
+        self.tokenizer = build_tokenizer(tcfg)  # any tokenizer behind the seam (ett_ds/tokenizers/base.py)
+        self.branch_probe = None  # tokenizers/dynamics: sees the gradients of z_q's two branches (LLM, decoder)
         self.image_token_id = image_token_id
         self.llm = self.projector = self.index_embed = self.visual_head = None
         if self.spec.uses_llm:
@@ -72,12 +73,12 @@ class ETTModel(nn.Module):
             self.llm = build_llm(cfg.model.llm)
             resize_for_vocab(self.llm, vocab_size)
             h = hidden_size(self.llm)
-            self.projector = MLPProjector(tcfg.code_dim, h, cfg.model.projector_depth)
+            self.projector = MLPProjector(self.tokenizer.code_dim, h, cfg.model.projector_depth)
             if cfg.model.visual_input == "index":
-                self.index_embed = nn.Embedding(tcfg.codebook_size, h)
+                self.index_embed = nn.Embedding(self.tokenizer.codebook_size, h)
                 nn.init.normal_(self.index_embed.weight, std=0.02)
             if self.spec.generate:
-                self.visual_head = CodeHead(h, tcfg.codebook_size, bias=False)
+                self.visual_head = CodeHead(h, self.tokenizer.codebook_size, bias=False)
                 nn.init.normal_(self.visual_head.weight, std=0.02)
         self.set_trainable()
 
@@ -112,7 +113,7 @@ class ETTModel(nn.Module):
         """(B, n) integer codes -> (B, n, hidden) LLM inputs (generation feeds its own samples back this way)."""
         if self.index_embed is not None:
             return self.index_embed(codes)
-        return self.projector(self.tokenizer.quantize.lookup(codes))
+        return self.projector(self.tokenizer.lookup(codes))
 
     def embed_inputs(self, input_ids: torch.Tensor, visual: torch.Tensor) -> torch.Tensor:
         """Text embeddings with the image placeholders replaced, in order, by ``visual`` (B, N, hidden)."""
@@ -132,12 +133,16 @@ class ETTModel(nn.Module):
                 attention_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None,
                 gen_mask: torch.Tensor | None = None) -> dict:
         q = self.encode_images(pixels)
-        out = {"indices": q.indices, "quant_loss": q.quant_loss, "entropy_loss": q.entropy_loss}
+        out = {"indices": q.indices, "quantizer_terms": q.terms}
+        zq_llm = zq_rec = q.z_q
+        if self.branch_probe is not None and q.z_q.requires_grad:  # two views, so each branch's gradient is seen
+            zq_llm, zq_rec = q.z_q.view_as(q.z_q), q.z_q.view_as(q.z_q)
+            self.branch_probe.watch(zq_llm, zq_rec)
         if self.spec.reconstruct:
-            out["recon"] = self.tokenizer.decode(q.z_q)
+            out["recon"] = self.tokenizer.decode(zq_rec)
         if self.llm is None:
             return out
-        visual = self.visual_tokens(q.z_q, q.indices)
+        visual = self.visual_tokens(zq_llm, q.indices)
         hidden = self.llm_hidden(self.embed_inputs(input_ids, visual), attention_mask)
         h_prev, targets = hidden[:, :-1], labels[:, 1:]
         keep = targets != losses.IGNORE

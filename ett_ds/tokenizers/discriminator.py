@@ -8,8 +8,23 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+import torch.nn.functional as F
 
-from . import losses
+
+def hinge_d_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.Tensor:
+    """Discriminator hinge loss: 0.5 * (E[relu(1 - D(x))] + E[relu(1 + D(G(z)))])."""
+    return 0.5 * (F.relu(1.0 - logits_real).mean() + F.relu(1.0 + logits_fake).mean())
+
+
+def non_saturating_g_loss(logits_fake: torch.Tensor) -> torch.Tensor:
+    """Generator non-saturating loss: E[-log sigmoid(D(G(z)))] = E[softplus(-D(G(z)))]."""
+    return F.softplus(-logits_fake).mean()
+
+
+def lecam_reg(logits_real: torch.Tensor, logits_fake: torch.Tensor,
+              ema_real: torch.Tensor, ema_fake: torch.Tensor) -> torch.Tensor:
+    """LeCAM regulariser: E[relu(D(x) - a_F)^2] + E[relu(a_R - D(G(z)))^2] with EMA anchors a_R, a_F."""
+    return F.relu(logits_real - ema_fake).pow(2).mean() + F.relu(ema_real - logits_fake).pow(2).mean()
 
 
 class PatchDiscriminator(nn.Module):
@@ -56,7 +71,7 @@ class GANLoss(nn.Module):
         """Non-saturating loss for the tokenizer; the discriminator's weights get no gradient from it."""
         self.disc.requires_grad_(False)
         try:
-            return losses.non_saturating_g_loss(self.disc(recon.float()))
+            return non_saturating_g_loss(self.disc(recon.float()))
         finally:
             self.disc.requires_grad_(True)
 
@@ -69,8 +84,8 @@ class GANLoss(nn.Module):
         with torch.no_grad():
             self.ema_real.mul_(d).add_((1 - d) * logits_real.mean())
             self.ema_fake.mul_(d).add_((1 - d) * logits_fake.mean())
-        hinge = losses.hinge_d_loss(logits_real, logits_fake)
-        lecam = losses.lecam_reg(logits_real, logits_fake, self.ema_real, self.ema_fake)
+        hinge = hinge_d_loss(logits_real, logits_fake)
+        lecam = lecam_reg(logits_real, logits_fake, self.ema_real, self.ema_fake)
         total = on * (hinge + self.cfg.lecam_weight * lecam)
         return {"loss_d": total, "d_hinge": hinge.detach(), "d_lecam": lecam.detach(),
                 "logits_real": logits_real.detach().mean(), "logits_fake": logits_fake.detach().mean()}

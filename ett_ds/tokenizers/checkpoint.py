@@ -1,9 +1,11 @@
-"""Reading and writing tokenizer weights in the IBQ (SEED-Voken) key layout.
+"""Importing tokenizer weights in the taming-transformers key layout, which SEED-Voken's IBQ keeps.
 
-A SEED-Voken checkpoint is a PyTorch-Lightning ``.ckpt`` whose ``state_dict`` holds ``encoder.*``, ``decoder.*``,
-``quant_conv.*``, ``post_quant_conv.*``, ``quantize.embedding.weight``, usually ``loss.*`` (discriminator, LPIPS) and
-``model_ema.*`` (LitEma buffers: the parameter name with its dots removed, plus ``decay``/``num_updates``).
-Its architecture lives in a YAML (``model.init_args.ddconfig`` / ``n_embed`` / ``embed_dim``).
+A taming VQGAN (``VQModel`` with ``VectorQuantizer2``) or SEED-Voken IBQ checkpoint is a PyTorch-Lightning
+``.ckpt`` whose ``state_dict`` holds ``encoder.*``, ``decoder.*``, ``quant_conv.*``, ``post_quant_conv.*``,
+``quantize.embedding.weight``, usually ``loss.*`` (discriminator, LPIPS; ignored) and, for IBQ, ``model_ema.*``
+(LitEma buffers: the parameter name with its dots removed, plus ``decay``/``num_updates``). Its architecture lives
+in a YAML (``model.params`` or ``model.init_args``: ``ddconfig`` / ``n_embed`` / ``embed_dim``). Both tokenizer
+types here use that layout, so one importer serves both; ``model.tokenizer.type`` says which quantizer to build.
 """
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ from typing import Any
 import torch
 import yaml
 
-from ..checkpoint import CheckpointError
+from ..checkpoint import CheckpointError, read_safetensors
 from ..config import TokenizerConfig
 
 TOKENIZER_PREFIXES = ("encoder.", "decoder.", "quant_conv.", "post_quant_conv.", "quantize.")
@@ -32,16 +34,36 @@ def _find(tree: Any, key: str):
     return None
 
 
-def tokenizer_config_from_ibq_yaml(path: str | Path, base: TokenizerConfig | None = None) -> TokenizerConfig:
-    """Fill a TokenizerConfig from an IBQ YAML (``ddconfig`` + ``n_embed`` + ``embed_dim``, found at any depth)."""
+def yaml_tokenizer_type(tree: dict) -> str | None:
+    """The tokenizer type a model YAML names: an ett_ds export's ``type``, or the class of a taming
+    (``target: taming.models.vqgan.VQModel``) or SEED-Voken (``class_path: ...IBQ``) config; None if unnamed."""
+    if isinstance(tree, dict) and isinstance(tree.get("type"), str):
+        return tree["type"]
+    name = _find(tree, "class_path") or _find(tree, "target") or ""
+    if not isinstance(name, str):
+        return None
+    if "ibq" in name.lower():
+        return "ibq"
+    if name.rsplit(".", 1)[-1] in ("VQModel", "VQGAN") or ".vqgan." in name.lower():
+        return "vqgan"
+    return None
+
+
+def tokenizer_config_from_yaml(path: str | Path, base: TokenizerConfig | None = None) -> TokenizerConfig:
+    """Fill a TokenizerConfig from a taming / IBQ YAML (``ddconfig`` + ``n_embed`` + ``embed_dim``, found at any
+    depth; an export's ``tokenizer_config.json`` reads the same way)."""
     with open(path) as fh:
         tree = yaml.safe_load(fh)
     dd = _find(tree, "ddconfig")
     if not isinstance(dd, dict):
-        raise CheckpointError(f"{path}: no 'ddconfig' section found (is this an IBQ config?)")
+        raise CheckpointError(f"{path}: no 'ddconfig' section found (is this a taming / IBQ config?)")
     if dd.get("double_z"):
-        raise CheckpointError(f"{path}: double_z=True is not an IBQ tokenizer layout")
+        raise CheckpointError(f"{path}: double_z=True is a KL autoencoder, not a VQ tokenizer layout")
     cfg = TokenizerConfig(**vars(base)) if base is not None else TokenizerConfig()
+    kind = yaml_tokenizer_type(tree)
+    if kind is not None and kind != cfg.type:
+        raise CheckpointError(f"{path} describes a {kind} tokenizer but model.tokenizer.type={cfg.type} "
+                              f"(set model.tokenizer.type={kind})")
     for ours, theirs in [("ch", "ch"), ("ch_mult", "ch_mult"), ("num_res_blocks", "num_res_blocks"),
                          ("attn_resolutions", "attn_resolutions"), ("z_channels", "z_channels"),
                          ("resolution", "resolution"), ("in_channels", "in_channels"), ("dropout", "dropout")]:
@@ -60,12 +82,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise CheckpointError(f"tokenizer checkpoint not found: {path}")
     if path.suffix == ".safetensors":
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-        try:
-            return load_file(str(path))
-        except (SafetensorError, OSError, ValueError) as e:
-            raise CheckpointError(f"{path}: not a readable safetensors file ({str(e).splitlines()[0]})") from None
+        return read_safetensors(path)
     if not zipfile.is_zipfile(path):
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint (expected a torch.save zip archive)")
     try:
@@ -85,7 +102,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 
 def tokenizer_weights(sd: dict[str, torch.Tensor], expected: list[str], use_ema: bool = True,
                       source: str = "checkpoint") -> dict[str, torch.Tensor]:
-    """Pick the tokenizer's tensors out of an IBQ state dict (EMA copies when asked and present); exact key check."""
+    """Pick the tokenizer's tensors out of a taming-layout state dict (EMA copies when asked and present); exact key check."""
     ema_keys = {k[len("model_ema."):]: k for k in sd if k.startswith("model_ema.")}
     have_ema = use_ema and any(n.replace(".", "") in ema_keys for n in expected)
     out, missing = {}, []
@@ -107,7 +124,7 @@ def tokenizer_weights(sd: dict[str, torch.Tensor], expected: list[str], use_ema:
 
 
 def load_tokenizer_weights(tokenizer: torch.nn.Module, path: str | Path, use_ema: bool = True) -> dict:
-    """Copy an IBQ checkpoint into ``tokenizer`` exactly (shapes checked). Returns a short report."""
+    """Copy a taming-layout checkpoint into ``tokenizer`` exactly (shapes checked). Returns a short report."""
     sd = read_state_dict(path)
     own = tokenizer.state_dict()
     weights = tokenizer_weights(sd, list(own), use_ema, str(path))
