@@ -380,7 +380,7 @@ def run_reference(args, setup, device, ceiling) -> dict:
 def run_engine(stage: str, args, setup, device, ceiling) -> dict:
     from ett_ds.engine import deepspeed as eng
     from ett_ds.engine import dist
-    from ett_ds.train import Trainer
+    from ett_ds.trainer import Trainer
 
     dist.init_distributed()
     cfg = setup.config(stage)

@@ -145,7 +145,7 @@ class Validator:
 
     def _losses(self, step: int) -> tuple[dict, dict, dict]:
         from .eval import metrics as M
-        from .train import MODEL_INPUTS
+        from .trainer import MODEL_INPUTS
         tr, cfg = self.tr, self.cfg
         sums: dict[str, torch.Tensor] = {}
         counts: dict[str, torch.Tensor] = {}

@@ -36,7 +36,7 @@ def mixed_batch(trainer, captions: list[str], t2i: list[bool], seed: int = 0) ->
 
 def trained_checkpoint(spm_model, tmp_path, stage: str, steps: int = 1, *overrides: str):
     """A Trainer of ``stage`` after ``steps`` optimizer steps, saved; returns (trainer, step folder)."""
-    from ett_ds.train import Trainer
+    from ett_ds.trainer import Trainer
     tr = Trainer(tiny_config(spm_model, tmp_path, f"stage={stage}", "engine.precision=fp32", *overrides))
     if stage == "tokenizer":
         batch = pixel_batch(tr)

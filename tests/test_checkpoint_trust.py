@@ -12,7 +12,7 @@ import torch
 
 from ett_ds.checkpoint import CheckpointError
 from ett_ds.engine import dist
-from ett_ds.train import Trainer
+from ett_ds.trainer import Trainer
 from tests.tiny import caption_batch, repeat, tiny_config, train_spm
 
 MODEL_STATES = "zero_pp_rank_0_mp_rank_00_model_states.pt"

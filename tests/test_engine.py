@@ -5,7 +5,7 @@ import torch
 from ett_ds.checkpoint.weights import full_state_dict
 from ett_ds.engine import dist
 from ett_ds.tokenizers.taming import FP32Conv2d
-from ett_ds.train import Trainer
+from ett_ds.trainer import Trainer
 from tests.curves import assert_falls
 from tests.tiny import caption_batch, repeat, tiny_config, train_spm
 

@@ -5,7 +5,7 @@ import torch
 from ett_ds.checkpoint.weights import full_state_dict
 from ett_ds.engine import dist
 from ett_ds.models.text import SPECIALS, TextTokenizer
-from ett_ds.train import Trainer
+from ett_ds.trainer import Trainer
 from tests.tiny import WORDS, tiny_config, train_spm
 
 

@@ -12,7 +12,7 @@ import torch
 from ett_ds import checkpoint as ckpt
 from ett_ds.checkpoint.weights import full_state_dict
 from ett_ds.engine import dist
-from ett_ds.train import Trainer, TrainingDiverged, finite_gate
+from ett_ds.trainer import Trainer, TrainingDiverged, finite_gate
 from tests.tiny import caption_batch, tiny_config, train_spm
 
 CAPTIONS = ["red fox", "blue sun", "a cat", "tree"]

@@ -4,7 +4,7 @@ import torch
 
 from ett_ds.engine import dist
 from ett_ds.models.losses import IGNORE
-from ett_ds.train import Trainer
+from ett_ds.trainer import Trainer
 from tests.curves import assert_falls
 from tests.stage_batches import mixed_batch, pixel_batch
 from tests.tiny import repeat, tiny_config, train_spm

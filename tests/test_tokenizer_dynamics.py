@@ -14,7 +14,7 @@ def spm(tmp_path_factory):
 
 
 def one_step(spm, tmp_path, *overrides):
-    from ett_ds.train import Trainer
+    from ett_ds.trainer import Trainer
     tr = Trainer(tiny_config(spm, tmp_path, "stage=ett", "engine.precision=fp32", "train.log_tokenizer_dynamics=true",
                              *overrides))
     tr.train_step(repeat(caption_batch(tr, CAPTIONS)))
@@ -35,7 +35,7 @@ def test_grad_ratio_scales_with_one_over_alpha_and_drift_follows_the_tokenizer_l
 
 
 def test_dynamics_do_not_change_the_losses(spm, tmp_path):
-    from ett_ds.train import Trainer
+    from ett_ds.trainer import Trainer
     on = one_step(spm, tmp_path / "on")
     tr = Trainer(tiny_config(spm, tmp_path / "off", "stage=ett", "engine.precision=fp32"))
     tr.train_step(repeat(caption_batch(tr, CAPTIONS)))

@@ -10,7 +10,7 @@ import torch
 
 from ett_ds.config import load_config
 from ett_ds.engine import dist
-from ett_ds.train import Trainer
+from ett_ds.trainer import Trainer
 
 
 def main(overrides):

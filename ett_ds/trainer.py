@@ -1,0 +1,373 @@
+"""The Trainer: one loop for every stage, on one DeepSpeed engine holding tokenizer, projector and LLM.
+
+The stage (config) decides what trains and which loss terms exist: L = L_cap (+ L_t2i) + loss.alpha * L_vq, with
+L_vq from ``tokenizers/objective.py``. Every rank runs every forward. The command line is ``ett_ds/train.py``.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+from pathlib import Path
+
+import torch
+import yaml
+
+from . import checkpoint as ckpt
+from . import config as C
+from .checkpoint import reshard
+from .data.batch import batch_to_device
+from .engine import deepspeed as eng
+from .engine import dist
+from .engine import preempt
+from .engine.ema import ShardEMA
+from .models.ett import STAGE_SPECS, ETTModel
+from .models.text import TextTokenizer
+from .runlog import RunLog
+from .tokenizers.checkpoint import load_tokenizer_weights, tokenizer_config_from_yaml
+from .tokenizers.dynamics import TokenizerDynamics
+from .tokenizers.objective import VQObjective
+
+
+class TrainingDiverged(RuntimeError):
+    """Too many non-finite steps in a row, or non-finite weights at a save: the run stops (one line, exit 2)."""
+
+
+def llm_hidden_size(cfg: C.Config) -> int | None:
+    if not STAGE_SPECS[cfg.stage].uses_llm:
+        return None
+    llm = cfg.model.llm
+    if llm.init_config:
+        return int(llm.init_config["hidden_size"])
+    meta = json.loads((Path(llm.path) / "config.json").read_text())
+    return int(meta.get("hidden_size") or meta.get("text_config", {}).get("hidden_size"))
+
+
+MODEL_INPUTS = ("pixels", "input_ids", "attention_mask", "labels", "gen_mask")
+
+
+class Trainer:
+    def __init__(self, cfg: C.Config):
+        self.cfg = cfg
+        self.spec = STAGE_SPECS[cfg.stage]
+        if cfg.model.tokenizer.checkpoint_config:
+            cfg.model.tokenizer = tokenizer_config_from_yaml(cfg.model.tokenizer.checkpoint_config,
+                                                             cfg.model.tokenizer)
+        self.run_dir = cfg.run_dir
+        self.ckpt_root = self.run_dir / "checkpoints"
+        self.rank, self.world = dist.rank(), dist.world_size()
+        self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
+            else torch.device("cpu")
+        torch.manual_seed(cfg.seed)
+        eng.setup_backends(cfg)
+        # a checkpoint of another world size keeps its global batch: accumulation is recomputed (checkpoint/reshard.py)
+        self.reshard_note = reshard.keep_global_batch(cfg, resume_folder(cfg), self.world)
+        self.ds_config = eng.resolve_ds_config(cfg, self.world, llm_hidden_size(cfg))
+        self.accum = self.ds_config["gradient_accumulation_steps"]
+        eng.enable_zero_init(self.ds_config)
+        ensure_demo_data(cfg)
+        self.text = None
+        if self.spec.uses_llm:
+            self.text = TextTokenizer(cfg.model.llm.text_tokenizer or cfg.model.llm.path,
+                                      cfg.model.llm.trust_remote_code)
+        model = ETTModel(cfg, self.text.vocab_size if self.text else None,
+                         self.text.image_id if self.text else None)
+        if cfg.model.tokenizer.checkpoint:
+            load_tokenizer_weights(model.tokenizer, cfg.model.tokenizer.checkpoint, cfg.model.tokenizer.use_ema_weights)
+        if cfg.train.init_from:
+            from .checkpoint.weights import load_into_model
+            self.init_report = load_into_model(model, Path(cfg.train.init_from))
+        self.engine = eng.initialize(model, cfg, self.ds_config)
+        self.model = self.engine.module
+        # L = L_cap (+ L_t2i) + alpha * L_vq; without an LLM (stage tokenizer) L_vq is the whole loss
+        self.objective = VQObjective(cfg.loss, cfg.model.tokenizer.in_channels).to(self.device) \
+            if self.spec.reconstruct else None
+        self.vq_weight = cfg.loss.alpha if self.spec.uses_llm else 1.0
+        self.dynamics = None
+        if cfg.train.log_tokenizer_dynamics and self.model.tokenizer_trains and self.spec.uses_llm:
+            self.dynamics = TokenizerDynamics(self.model)  # code drift and the caption / L_vq gradient ratio
+        self.ema = None
+        if cfg.stage == "tokenizer" and cfg.train.ema_decay > 0:
+            self.ema = ShardEMA(self.model.tokenizer.named_parameters(), cfg.train.ema_decay)
+        self.step, self.segment, self.samples_seen = 0, 0, 0
+        self.saved_step = None  # the step of the last checkpoint this job wrote
+        self.preempted = None  # the signal (SIGUSR1 / SIGTERM) that ended this job early, see engine/preempt.py
+        self.bad_in_row = self.bad_total = 0  # steps whose update was skipped (non-finite loss or gradient norm)
+        self.unverified = None  # the newest checkpoint written or resumed, until a finite step follows it
+        self.first_batch = None
+        self.log = RunLog(self.run_dir, cfg.train.log_every, enabled=dist.is_rank0())
+
+    # -- data ----------------------------------------------------------------------------------------------------
+    def batches(self):
+        from .data.batch import Batcher
+        from .data.shards import train_batches
+        batcher = Batcher(self.cfg, self.text, train=True)
+        return train_batches(self.cfg.data.train, batch_size=self.cfg.train.micro_batch_size,
+                             make_example=batcher.make_example, collate=batcher.collate, seed=self.cfg.seed,
+                             segment=self.segment, rank=self.rank, world_size=self.world,
+                             num_workers=self.cfg.data.num_workers, shuffle_buffer=self.cfg.data.shuffle_buffer,
+                             max_error_rate=self.cfg.data.max_error_rate,
+                             decode_size=tuple(self.cfg.data.image_size))  # JPEGs decode at reduced DCT scale
+
+    # -- one optimizer step --------------------------------------------------------------------------------------
+    def loss_terms(self, out: dict, batch: dict) -> tuple[torch.Tensor, dict]:
+        """L = L_cap (+ L_t2i) + alpha * L_vq (``VQObjective`` owns what is inside L_vq); returns the total and
+        the detached terms for logging."""
+        terms = {}
+        total = torch.zeros((), device=self.device)
+        for key in ("loss_cap", "loss_t2i"):
+            if key in out:
+                total = total + out[key]
+                terms[key] = out[key]
+        if self.objective is not None:
+            l_vq, vq_terms = self.objective(batch["pixels"], out["recon"], out["quantizer_terms"], self.step)
+            terms.update(vq_terms)
+            terms["loss_vq"] = l_vq
+            total = total + self.vq_weight * l_vq
+        terms["loss"] = total
+        return total, {k: v.detach().float() for k, v in terms.items()}
+
+    def train_step(self, it) -> bool:
+        """One optimizer step (``accum`` micro-batches). Returns whether the update was applied.
+
+        A step whose loss (any micro-batch, the discriminator's included) or gradient norm is not finite never
+        reaches the weights: the backward is seeded with ``finite_gate(loss)`` (1, or NaN when the loss is not
+        finite, computed on the device), so a bad loss makes the gradients NaN; DeepSpeed's ZeRO optimizer already
+        all-reduces the global gradient norm and skips the update when it is not finite, identically on every
+        rank. Its decision (``engine.was_step_applied()``) then also skips the discriminator's update (its
+        buffers, LeCAM anchors and BatchNorm statistics, are restored) and the EMA. No host synchronisation is
+        added: the only one is the one DeepSpeed's norm check makes anyway.
+        """
+        # the discriminator's LeCAM anchors and BatchNorm statistics change in the forward: kept to restore
+        snapshot = self.objective.snapshot() if self.objective is not None else None
+        if self.dynamics is not None:
+            self.dynamics.before_step()
+        for _ in range(self.accum):
+            batch = next(it)
+            self.log.add_data_stats(batch.pop("data_stats", None))
+            batch = batch_to_device(batch, self.device)
+            if self.first_batch is None:  # kept for the image grids: the same inputs every time
+                self.first_batch = batch
+            out = self.engine(**{k: batch[k] for k in MODEL_INPUTS if k in batch})
+            loss, terms = self.loss_terms(out, batch)
+            loss_d = None
+            if self.objective is not None:
+                loss_d, d_terms = self.objective.discriminator_loss(batch["pixels"], out["recon"], self.step)
+                terms.update({k: v.float() for k, v in d_terms.items()})
+            if self.dynamics is not None:
+                self.dynamics.used_codes(out["indices"])
+            gate = finite_gate(loss, loss_d)
+            self.engine.backward(loss * gate)
+            if loss_d is not None:
+                self.objective.backward_discriminator(loss_d * gate)
+            self.engine.step()
+            tokens = batch["attention_mask"].sum() if "attention_mask" in batch else None
+            present = {"loss_cap": out["num_caption_tokens"] > 0} if "num_caption_tokens" in out else None
+            self.log.add(terms, out["indices"], self.model.tokenizer.codebook_size,
+                         samples=batch["pixels"].shape[0], tokens=tokens, present=present)
+        applied = bool(self.engine.was_step_applied())  # a Python bool DeepSpeed set after its own norm check
+        if self.objective is not None:
+            self.objective.apply_step(skip=not applied)
+            if not applied:
+                self.objective.restore(snapshot)
+        if self.dynamics is not None:
+            self.log.add_scalars(self.dynamics.after_step())
+        self.step += 1
+        self.samples_seen += self.cfg.train.micro_batch_size * self.accum * self.world
+        if applied:
+            self.bad_in_row = 0
+            if self.ema is not None:
+                self.ema.update()
+        else:
+            self.bad_in_row += 1
+            self.bad_total += 1
+        return applied
+
+    # -- checkpoints ---------------------------------------------------------------------------------------------
+    def resume(self) -> None:
+        folder = resume_folder(self.cfg)
+        if folder is None:
+            return
+        state, extra = ckpt.load(self.engine, folder)
+        if self.objective is not None:
+            self.objective.load_extra_state(extra["gan"])
+        if self.ema is not None:
+            self.ema.load_state_dict(reshard.ema_state(extra, self.ema.params))
+        ckpt.set_rng_state(extra["rng"])
+        self.step, self.segment, self.samples_seen = state["step"], state["segment"], state["samples_seen"]
+        self.unverified = folder
+        self.log.info(f"resumed from {folder} at step {self.step}")
+        if self.reshard_note:
+            self.log.info(self.reshard_note)
+
+    def weights_finite(self) -> bool:
+        """Collective: every rank's shards (ZeRO partitions and fp32 masters), the discriminator and the EMA are
+        finite. One all-reduce and one host read per checkpoint, not per step."""
+        from .engine.ema import _shard
+        tensors = [_shard(p) for p in self.model.parameters()]
+        tensors += list(getattr(self.engine.optimizer, "fp32_partitioned_groups_flat", None) or [])
+        if self.objective is not None:
+            tensors += self.objective.trained_parameters()
+        if self.ema is not None:
+            tensors += list(self.ema.shadow.values())
+        ok = torch.stack([torch.isfinite(t).all() for t in tensors if t is not None and t.numel()]).all()
+        bad = dist.all_reduce_sum((~ok).float().reshape(1).to(self.device))  # ranks with a non-finite shard
+        return bool(bad.item() == 0)
+
+    def save(self) -> Path:
+        extra = {}
+        if self.objective is not None:
+            extra["gan"] = self.objective.extra_state()
+        if self.ema is not None:
+            extra["ema"] = self.ema.state_dict()
+        self.segment += 1  # the data stream is reseeded after every save: a resume continues the same stream
+        state = {"segment": self.segment, "samples_seen": self.samples_seen, "stage": self.cfg.stage}
+        if not self.weights_finite():
+            raise TrainingDiverged(f"weights are not finite at step {self.step}: no checkpoint written; newest "
+                                   f"checkpoint known to be good: {ckpt.newest_good(self.ckpt_root) or 'none'}")
+        folder = ckpt.save(self.engine, self.ckpt_root, self.step, state, extra,
+                           yaml.safe_dump(C.to_dict(self.cfg), sort_keys=False), self.cfg.train.keep_last)
+        self.unverified = folder
+        self.saved_step = self.step
+        if self.ema is not None:
+            from .checkpoint.weights import save_tokenizer
+            with self.ema.swapped():
+                save_tokenizer(self.model.tokenizer, folder / ckpt.TOKENIZER_EMA, self.cfg.model.tokenizer)
+        return folder
+
+    # -- pictures ------------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def write_images(self) -> None:
+        """Input vs reconstruction of the first batch, or (t2i) samples for its first captions; all ranks compute
+        (ZeRO-3), rank 0 writes."""
+        if self.spec.generate:
+            from .generation import generate_images
+            prompts = list(self.first_batch["text"][:4])
+            samples = generate_images(self.model, self.text, prompts, seed=self.cfg.seed)
+            self.log.images(self.step, [self.first_batch["pixels"][:4], samples], ["data", "samples"], name="samples",
+                            captions=[None, prompts], scale=2)
+        if not self.spec.reconstruct:
+            return
+        x = self.first_batch["pixels"][:8]
+        tok = self.model.tokenizer
+        was_training = tok.training
+        tok.eval()
+        ctx = self.ema.swapped() if self.ema is not None else contextlib.nullcontext()
+        with ctx:
+            recon = tok(x)[0].clamp(-1, 1)
+        tok.train(was_training)
+        self.log.images(self.step, [x, recon], ["input", "recon"])
+
+    # -- the loop ------------------------------------------------------------------------------------------------
+    def fit(self) -> dict:
+        cfg = self.cfg
+        check_inputs(cfg)  # everything is validated before anything is written: a failing run leaves no trace
+        self.resume()  # a checkpoint that does not load fails before the run folder's files are touched
+        if dist.is_rank0():
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            C.save_config(cfg, self.run_dir / "config.yaml")
+            (self.run_dir / "ds_config.json").write_text(json.dumps(self.ds_config, indent=1))
+        self.log.start(total=cfg.train.max_steps, initial=self.step)
+        self.log.truncate(self.step)  # rows a killed attempt logged past the checkpoint would come twice
+        from .validate import Validator
+        validator = Validator(self)  # held-out validation every train.eval_every steps (read on first use)
+        it = iter(self.batches())
+        last = None
+        end = min(cfg.train.max_steps, cfg.train.stop_at or cfg.train.max_steps)
+        save_pending = False
+        while self.step < end:
+            applied = self.train_step(it)
+            if applied and self.unverified is not None:  # its weights just gave a finite loss and gradient norm
+                ckpt.mark_good(self.unverified)
+                self.unverified = None
+            lrs = {g["ett_name"].split("/")[0]: g["lr"] for g in self.engine.optimizer.param_groups}
+            row = self.log.step(self.step, lrs, extra={"skipped_steps": self.bad_total})
+            if row is not None:
+                last = row
+            if self.bad_in_row >= cfg.train.max_bad_steps:
+                good = ckpt.newest_good(self.ckpt_root)
+                raise TrainingDiverged(
+                    f"{self.bad_in_row} steps in a row (to step {self.step}) had a non-finite loss or gradient norm "
+                    f"and were skipped (train.max_bad_steps={cfg.train.max_bad_steps}); newest checkpoint known to "
+                    f"be good: {good or 'none'}; see {self.log.path}")
+            if cfg.train.image_every and self.step % cfg.train.image_every == 0:
+                self.write_images()
+            if validator.due(self.step):
+                validator.run(self.step)
+            if self.step % cfg.train.save_every == 0 or self.step == end or save_pending:
+                save_pending = not applied  # weights after a skipped step gave a non-finite loss: save later
+                if applied:
+                    self.save()
+                    it = iter(self.batches())
+                else:
+                    self.log.info(f"step {self.step} was skipped (non-finite); its checkpoint waits for a finite step")
+            if self.step < end and preempt.agreed(self.device):  # a rank caught SIGUSR1/SIGTERM: all stop here
+                if self.saved_step != self.step:
+                    self.save()
+                self.preempted = preempt.received() or "signal (on another rank)"
+                self.log.info(f"{self.preempted}: stopped at step {self.step} with a complete checkpoint; exit "
+                              f"{preempt.REQUEUE_EXIT} (requeue)")
+                break
+        self.log.close()
+        return last or {}
+
+
+def finite_gate(*losses: torch.Tensor | None) -> torch.Tensor:
+    """1.0 when every given loss is finite, NaN otherwise; a device tensor (no host synchronisation)."""
+    gate = None
+    for loss in losses:
+        if loss is not None:
+            g = loss.detach().float() * 0 + 1  # inf * 0 and nan * 0 are nan
+            gate = g if gate is None else gate * g
+    return gate
+
+
+def ensure_demo_data(cfg: C.Config) -> None:
+    """Build the built-in demo data (rank 0, others wait) when the recipe asks for it and it is missing.
+
+    Only into a folder that is absent or holds no ``demo_manifest.json`` (an interrupted build): a finished demo
+    folder is never rebuilt (a rebuild makes a new ``spm.model`` and may pick other fonts, which breaks the
+    checkpoints trained on it), so a ``data.train`` that matches nothing beside one is an error."""
+    if not cfg.data.demo_dir or _has_shards(cfg.data.train):
+        return
+    demo = Path(cfg.data.demo_dir)
+    if (demo / "demo_manifest.json").is_file():
+        raise FileNotFoundError(
+            f"data.train={cfg.data.train} matches no shards, and {demo} already holds built demo data, which is "
+            f"never rebuilt: point data.train at its shards ({demo}/train) or delete {demo} to rebuild it")
+    if dist.is_rank0():
+        from data_tools.cli import main as data_tools_main
+        if data_tools_main(["demo", "--out", cfg.data.demo_dir]) != 0:
+            raise FileNotFoundError(f"could not build the demo data in {cfg.data.demo_dir}")
+    dist.barrier()
+
+
+def resume_folder(cfg: C.Config) -> Path | None:
+    """The checkpoint ``train.resume`` names: the newest complete one for ``auto``, none for ``never``."""
+    r = cfg.train.resume
+    if r == "auto":
+        return ckpt.latest(cfg.run_dir / "checkpoints")
+    if r in ("never", "", None):
+        return None
+    return Path(r)
+
+
+def _has_shards(urls: str) -> bool:
+    from .data.shards import expand_urls
+    try:
+        return bool(expand_urls(urls))
+    except (FileNotFoundError, ValueError):
+        return False
+
+
+def check_inputs(cfg: C.Config) -> None:
+    """Fail (one line) before anything is written when the training shards or the checkpoint to resume from are
+    missing, or the checkpoint does not hold the shards of the world size it records."""
+    from .data.shards import expand_urls
+    expand_urls(cfg.data.train)  # FileNotFoundError naming what is missing
+    if cfg.train.eval_every and cfg.data.eval:
+        expand_urls(cfg.data.eval)
+    folder = resume_folder(cfg)
+    if folder is not None:
+        if not folder.is_dir():
+            raise ckpt.ResumeError(f"train.resume={folder}: no such checkpoint folder")
+        ckpt.check_world_size(folder, ckpt.read_trainer_state(folder))
