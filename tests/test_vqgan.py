@@ -190,6 +190,14 @@ def test_vqgan_stages_and_export_round_trip(tmp_path):
     assert layout["n_embed"] == N_EMBED and layout["ddconfig"]["ch_mult"] == DD["ch_mult"]
     back = tokenizer_config_from_yaml(out / "tokenizer_config.json", TokenizerConfig(type="vqgan"))
     assert (back.codebook_size, back.code_dim, back.z_channels) == (N_EMBED, EMBED_DIM, DD["z_channels"])
+    from ett_ds.checkpoint.loading import load_model
+    from tests.stage_batches import smooth_images
+    exported = load_model(out).model.tokenizer  # the export folder rebuilds a VQGAN with the same codes
+    ref = VQGANTokenizer(tokenizer_config_from_yaml(cfg_path, TokenizerConfig(type="vqgan")))
+    load_tokenizer_weights(ref, ckpt)
+    px = smooth_images(2, 16, 32, seed=4)
+    with torch.no_grad():
+        assert exported.kind == "vqgan" and torch.equal(exported.encode(px, False).indices, ref.encode(px, False).indices)
 
 
 def test_every_stage_evaluate_and_infer_run_with_a_vqgan(tmp_path, capsys):
