@@ -28,13 +28,15 @@ def test_bootstrap_interval_by_hand():
 
 
 def test_arm_records_name_their_runs():
-    arms = A.final_arms((0.1, 0.3), 0.25, 0.3, with_index=True, text=True)
-    assert [a.name for a in arms] == ["index", "frozen", "und_only_r0.3", "ett_a0.1_r0.3", "ett_a0.25_r0.3",
-                                      "text_frozen", "text_ett_a0.1_r0.3"]
-    ett = arms[3]
+    arms = A.final_arms((0.1, 0.3), 0.25, [1.0, 0.3], with_index=True, text=True)
+    assert [a.name for a in arms] == ["index", "frozen", "und_only_r0.3", "und_only_r1", "ett_a0.1_r0.3",
+                                      "ett_a0.25_r0.3", "text_frozen", "text_ett_a0.1_r0.3"]
+    ett = arms[4]
     assert ett.tuned and ett.alpha == 0.1 and ett.tok_lr_ratio == 0.3 and ett.run(2) == "ett_a0.1_r0.3_s2"
     assert ett.align_run(2) == "align_embed_s2" and arms[-1].align_run(0) == "align_embed_text_s0"
     assert arms[0].align == "align_index" and not arms[1].tuned
+    assert [c.name for c in A.grid([0.1], [0.3, 1.0], [(0.1, 1.0), (0.05, 0.1)])] == \
+        ["ett_a0.1_r0.3", "ett_a0.1_r1", "ett_a0.05_r0.1"]
 
 
 def test_splits_are_disjoint_by_family_and_string(tmp_path):
@@ -54,6 +56,8 @@ def test_splits_are_disjoint_by_family_and_string(tmp_path):
 
 @pytest.mark.parametrize("argv, msg", [(["--seeds", "0"], "--seeds must be >= 1"),
                                        (["--grid-alphas", "0.1"], "go together"),
+                                       (["--refine", "0.1:1"], "go together"),
+                                       (["--grid-alphas", "1", "--grid-ratios", "1", "--refine", "0.1"], "ALPHA:RATIO"),
                                        (["--grid-alphas", "x", "--grid-ratios", "1"], "comma-separated numbers"),
                                        (["--image", "32"], "HxW")])
 def test_bad_arguments_are_one_line_errors(argv, msg, tmp_path, capsys):
@@ -67,7 +71,7 @@ def test_bad_arguments_are_one_line_errors(argv, msg, tmp_path, capsys):
 def test_tiny_run_every_phase_then_reuse_and_refuse(tmp_path):
     out = tmp_path / "rep"
     argv = ["--size", "tiny", "--out", str(out), "--seeds", "2", "--grid-alphas", "0.1,0.25", "--grid-ratios", "0.3",
-            "--text-pretrain"]
+            "--text-pretrain", "--und-ratios", "1"]
     assert replicate(argv) == 0
     res = json.loads((out / "results.json").read_text())
     for f in ("results.md", "em_vs_dpsnr.png", "stage0_curve.png"):
@@ -75,7 +79,7 @@ def test_tiny_run_every_phase_then_reuse_and_refuse(tmp_path):
     assert list(res["grid"]["arms"]) == ["frozen", "ett_a0.1_r0.3", "ett_a0.25_r0.3"]
     assert res["grid"]["selection"]["chosen"] in res["grid"]["arms"]
     final = res["final"]["arms"]
-    assert set(final) >= {"frozen", "text_frozen", "und_only_r0.3"} and len(final) in (5, 6)  # chosen α may be 0.25
+    assert set(final) >= {"frozen", "text_frozen", "und_only_r0.3", "und_only_r1"} and len(final) in (6, 7)
     for name, r in final.items():
         assert r["stats"]["em"]["seeds"] == 2 and r["stats"]["em"]["images"] == 16, name
         for m in ("em", "cer", "dpsnr"):

@@ -62,17 +62,19 @@ def ett(alpha: float, ratio: float, llm_init: str = "random") -> Arm:
     return Arm(name, stage="ett", alpha=float(alpha), tok_lr_ratio=float(ratio), llm_init=llm_init)
 
 
-def grid(alphas: list[float], ratios: list[float]) -> list[Arm]:
-    """The (alpha, tokenizer-lr ratio) surface, ratios outermost."""
-    return [ett(a, r) for r in ratios for a in alphas]
+def grid(alphas: list[float], ratios: list[float], extra: list[tuple[float, float]] = ()) -> list[Arm]:
+    """The (alpha, tokenizer-lr ratio) surface, ratios outermost, then the ``extra`` (alpha, ratio) cells."""
+    cells = [ett(a, r) for r in ratios for a in alphas]
+    return cells + [ett(a, r) for a, r in extra if ett(a, r) not in cells]
 
 
-def final_arms(chosen: tuple[float, float], paper_alpha: float, und_ratio: float, *, with_index: bool,
+def final_arms(chosen: tuple[float, float], paper_alpha: float, und_ratios: list[float] = (), *, with_index: bool,
                text: bool) -> list[Arm]:
-    """The reported arms: frozen, understanding-only, ETT at the chosen setting and at the paper's alpha (same
-    ratio); with ``text``, frozen and the chosen ETT again on the text-pretrained LLM."""
+    """The reported arms: frozen, understanding-only (at the chosen ratio, then at each of ``und_ratios``), ETT at
+    the chosen setting and at the paper's alpha (same ratio); with ``text``, frozen and the chosen ETT again on the
+    text-pretrained LLM."""
     alpha, ratio = chosen
-    out = [frozen(), ett(0.0, und_ratio), ett(alpha, ratio)]
+    out = [frozen(), *(ett(0.0, r) for r in dict.fromkeys([ratio, *und_ratios])), ett(alpha, ratio)]
     if paper_alpha != alpha:
         out.append(ett(paper_alpha, ratio))
     if with_index:

@@ -61,6 +61,13 @@ def floats(text: str) -> list[float]:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
 
 
+def cells(text: str) -> list[tuple[float, float]]:
+    try:
+        return [(float(a), float(r)) for a, r in (c.split(":") for c in text.split(",") if c.strip())]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected ALPHA:RATIO,..., got {text!r}") from None
+
+
 def parse_args(argv):
     ap = argparse.ArgumentParser(prog="python -m experiments.replicate", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -81,6 +88,9 @@ def parse_args(argv):
     ap.add_argument("--paper-alpha", type=float, default=0.25, help="reported beside the chosen alpha")
     ap.add_argument("--grid-alphas", type=floats, default=[], help="e.g. 0.01,0.05,0.1,0.25")
     ap.add_argument("--grid-ratios", type=floats, default=[], help="e.g. 0.03,0.1,0.3,1")
+    ap.add_argument("--refine", type=cells, default=[], help="extra grid cells ALPHA:RATIO,... (where it pays)")
+    ap.add_argument("--und-ratios", type=floats, default=[],
+                    help="understanding-only arms at these ratios too (default: only the chosen ratio)")
     ap.add_argument("--max-psnr-drop", type=float, default=0.3, help="selection: validation ΔPSNR >= -this (dB)")
     ap.add_argument("--seeds", type=int, default=1, help="seeds per reported arm (stage 0 shared)")
     ap.add_argument("--seed", type=int, default=0, help="first seed; also stage 0's and the data's")
@@ -95,8 +105,8 @@ def parse_args(argv):
     args = ap.parse_args(argv)
     if args.seeds < 1:
         ap.error("--seeds must be >= 1")
-    if bool(args.grid_alphas) != bool(args.grid_ratios):
-        ap.error("--grid-alphas and --grid-ratios go together")
+    if bool(args.grid_alphas) != bool(args.grid_ratios) or (args.refine and not args.grid_alphas):
+        ap.error("--grid-alphas and --grid-ratios go together (and --refine adds to them)")
     o = dict(SIZES[args.size])
     for k in ("image", "digits", *(k for k in o if k not in ("model", "stage0_window", "loader_workers"))):
         if getattr(args, k, None) is not None:
@@ -223,7 +233,7 @@ class Runner:
             chosen, summary["grid"] = self.grid(stage0, seeds[0], s0["val"])
             summary["chosen"] = {"alpha": chosen[0], "ratio": chosen[1]}
             if args.stop_after == "final":
-                final = A.final_arms(chosen, args.paper_alpha, chosen[1], with_index=args.index,
+                final = A.final_arms(chosen, args.paper_alpha, args.und_ratios, with_index=args.index,
                                      text=args.text_pretrain)
                 samples = {}
                 for seed in seeds:  # seed-major: an interrupted run still has whole seeds
@@ -240,7 +250,7 @@ class Runner:
         args = self.args
         if not args.grid_alphas:
             return (args.alpha, args.ratio), None
-        cells = A.grid(args.grid_alphas, args.grid_ratios)
+        cells = A.grid(args.grid_alphas, args.grid_ratios, args.refine)
         refs = [A.frozen()]
         samples = {}
         for arm in [*refs, *cells]:

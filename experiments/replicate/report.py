@@ -128,7 +128,8 @@ def markdown(summary: dict) -> str:
                          f"{g['ge_half_und_gain']}); ΔPSNR {g['dpsnr_db']} dB (≥ −0.3: {g['dpsnr_ge_-0.3']}) → "
                          f"**{'met' if g['met'] else 'not met'}**")
         for name, diff in f.get("text_minus_random_em", {}).items():
-            lines.append(f"- {name} − {name[5:]} (text-pretrained − random LLM): {fmt(diff, 100, 1, True)} points EM")
+            lines.append(f"- {name} − {name[5:]} (text-pretrained − random LLM): {fmt(diff, 100, 1, True)} "
+                         "points EM")
     t = summary.get("timings_s", {})
     lines += ["", "Seconds per step of the pipeline run by this invocation: "
               + ", ".join(f"{k} {v}" for k, v in t.items())]
