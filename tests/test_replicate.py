@@ -28,9 +28,9 @@ def test_bootstrap_interval_by_hand():
 
 
 def test_arm_records_name_their_runs():
-    arms = A.final_arms((0.1, 0.3), 0.25, [1.0, 0.3], with_index=True, text=True)
+    arms = A.final_arms((0.1, 0.3), 0.25, [1.0, 0.3], [(0.01, 1.0), (0.1, 0.3)], with_index=True, text=True)
     assert [a.name for a in arms] == ["index", "frozen", "und_only_r0.3", "und_only_r1", "ett_a0.1_r0.3",
-                                      "ett_a0.25_r0.3", "text_frozen", "text_ett_a0.1_r0.3"]
+                                      "ett_a0.25_r0.3", "ett_a0.01_r1", "text_frozen", "text_ett_a0.1_r0.3"]
     ett = arms[4]
     assert ett.tuned and ett.alpha == 0.1 and ett.tok_lr_ratio == 0.3 and ett.run(2) == "ett_a0.1_r0.3_s2"
     assert ett.align_run(2) == "align_embed_s2" and arms[-1].align_run(0) == "align_embed_text_s0"

@@ -68,15 +68,16 @@ def grid(alphas: list[float], ratios: list[float], extra: list[tuple[float, floa
     return cells + [ett(a, r) for a, r in extra if ett(a, r) not in cells]
 
 
-def final_arms(chosen: tuple[float, float], paper_alpha: float, und_ratios: list[float] = (), *, with_index: bool,
-               text: bool) -> list[Arm]:
+def final_arms(chosen: tuple[float, float], paper_alpha: float, und_ratios: list[float] = (),
+               cells: list[tuple[float, float]] = (), *, with_index: bool, text: bool) -> list[Arm]:
     """The reported arms: frozen, understanding-only (at the chosen ratio, then at each of ``und_ratios``), ETT at
-    the chosen setting and at the paper's alpha (same ratio); with ``text``, frozen and the chosen ETT again on the
-    text-pretrained LLM."""
+    the chosen setting, at the paper's alpha (same ratio) and at each (alpha, ratio) of ``cells``; with ``text``,
+    frozen and the chosen ETT again on the text-pretrained LLM."""
     alpha, ratio = chosen
     out = [frozen(), *(ett(0.0, r) for r in dict.fromkeys([ratio, *und_ratios])), ett(alpha, ratio)]
-    if paper_alpha != alpha:
-        out.append(ett(paper_alpha, ratio))
+    for a, r in [(paper_alpha, ratio), *cells]:
+        if ett(a, r) not in out:
+            out.append(ett(a, r))
     if with_index:
         out.insert(0, index())
     if text:

@@ -91,6 +91,8 @@ def parse_args(argv):
     ap.add_argument("--refine", type=cells, default=[], help="extra grid cells ALPHA:RATIO,... (where it pays)")
     ap.add_argument("--und-ratios", type=floats, default=[],
                     help="understanding-only arms at these ratios too (default: only the chosen ratio)")
+    ap.add_argument("--report-cells", type=cells, default=[],
+                    help="ETT settings ALPHA:RATIO,... reported at every seed beside the chosen one")
     ap.add_argument("--max-psnr-drop", type=float, default=0.3, help="selection: validation ΔPSNR >= -this (dB)")
     ap.add_argument("--seeds", type=int, default=1, help="seeds per reported arm (stage 0 shared)")
     ap.add_argument("--seed", type=int, default=0, help="first seed; also stage 0's and the data's")
@@ -233,8 +235,8 @@ class Runner:
             chosen, summary["grid"] = self.grid(stage0, seeds[0], s0["val"])
             summary["chosen"] = {"alpha": chosen[0], "ratio": chosen[1]}
             if args.stop_after == "final":
-                final = A.final_arms(chosen, args.paper_alpha, args.und_ratios, with_index=args.index,
-                                     text=args.text_pretrain)
+                final = A.final_arms(chosen, args.paper_alpha, args.und_ratios, args.report_cells,
+                                     with_index=args.index, text=args.text_pretrain)
                 samples = {}
                 for seed in seeds:  # seed-major: an interrupted run still has whole seeds
                     for arm in final:
