@@ -23,62 +23,56 @@ class _Axes:
         return l + (x - x0) / (x1 - x0) * (r - l), b - (y - y0) / (y1 - y0) * (b - t)
 
 
-def _frame(d, ax, font, xlabel, ylabel, nx=5, ny=5):
+def _frame(d, ax, font, xlabel, ylabel, xfmt="{:.2f}", yfmt="{:.0f}", nx=5, ny=5):
     l, t, r, b = ax.box
     d.rectangle([l, t, r, b], outline="black")
     for k in range(nx + 1):
         x = ax.xlim[0] + k * (ax.xlim[1] - ax.xlim[0]) / nx
         px, _ = ax(x, ax.ylim[0])
         d.line([(px, b), (px, b + 4)], fill="black")
-        d.text((px - 12, b + 6), f"{x:.2f}", fill="black", font=font)
+        d.text((px - 12, b + 6), xfmt.format(x), fill="black", font=font)
     for k in range(ny + 1):
         y = ax.ylim[0] + k * (ax.ylim[1] - ax.ylim[0]) / ny
         _, py = ax(ax.xlim[0], y)
         d.line([(l - 4, py), (l, py)], fill="black")
-        d.text((l - 40, py - 6), f"{y:.1f}", fill="black", font=font)
+        d.text((l - 36, py - 6), yfmt.format(y), fill="black", font=font)
     d.text(((l + r) // 2 - 60, b + 22), xlabel, fill="black", font=font)
-    d.text((8, t - 18), ylabel, fill="black", font=font)
+    d.text((l, t - 16), ylabel, fill="black", font=font)
 
 
-def em_vs_dpsnr(path: Path, tables: list[dict]) -> None:
-    """One point per arm (mean), whiskers = 95 % bootstrap intervals; grid cells hollow, reported arms filled."""
+def _points(table: dict) -> list[tuple[str, dict, dict]]:
+    return [(name, r["stats"]["em"], r["stats"]["dpsnr"]) for name, r in table["arms"].items()
+            if "em" in r["stats"] and "dpsnr" in r["stats"]]
+
+
+def em_vs_dpsnr(path: Path, panels: list[tuple[str, dict]]) -> None:
+    """One panel per (title, table): a point per arm at (mean ΔPSNR, mean EM), whiskers = 95 % bootstrap intervals
+    in both directions; the panels share their axes."""
     font = ImageFont.load_default()
-    pts = []
-    for k, table in enumerate(tables):
-        final = k == len(tables) - 1
-        for name, r in table["arms"].items():
-            st = r["stats"]
-            if "em" in st and "dpsnr" in st:
-                pts.append((name, final, st["em"], st["dpsnr"]))
-    xs = [v for _, _, _, p in pts for v in (p["lo"], p["hi"])] + [0.0]
-    ys = [100 * v for _, _, e, _ in pts for v in (e["lo"], e["hi"])] + [0.0]
-    pad_x = max(0.1, 0.08 * (max(xs) - min(xs)))
-    ax = _Axes((70, 40, 680, 480), (min(xs) - pad_x, max(xs) + pad_x), (0.0, min(100.0, max(ys) + 8)))
-    img = Image.new("RGB", (1000, 530), "white")
+    allpts = [p for _, t in panels for p in _points(t)]
+    if not allpts:
+        return
+    xs = [v for _, _, p in allpts for v in (p["lo"], p["hi"])] + [0.0]
+    pad = max(0.1, 0.08 * (max(xs) - min(xs)))
+    xlim = (min(xs) - pad, max(xs) + pad)
+    w, h = 560, 520
+    img = Image.new("RGB", (w * len(panels) + 20, h), "white")
     d = ImageDraw.Draw(img)
-    _frame(d, ax, font, "dPSNR vs stage 0 (dB)", "caption exact match (%) on the split of its table")
-    zx, _ = ax(0.0, 0.0)
-    d.line([(zx, ax.box[1]), (zx, ax.box[3])], fill=(200, 200, 200))
-    legend = []
-    for name, final, e, p in pts:
-        c = COLORS[_kind(name)]
-        x, y = ax(p["mean"], 100 * e["mean"])
-        xl, _ = ax(p["lo"], 0)
-        xh, _ = ax(p["hi"], 0)
-        _, yl = ax(0, 100 * e["lo"])
-        _, yh = ax(0, 100 * e["hi"])
-        d.line([(xl, y), (xh, y)], fill=c)
-        d.line([(x, yl), (x, yh)], fill=c)
-        rad = 4
-        d.ellipse([x - rad, y - rad, x + rad, y + rad], outline=c, fill=c if final else "white", width=2)
-        d.text((x + 6, y - 12), name, fill=c, font=font)
-        legend.append(name)
-    d.text((700, 40), "filled: reported arms (held-out,", fill="black", font=font)
-    d.text((700, 54), "  all seeds); hollow: grid cells", fill="black", font=font)
-    d.text((700, 68), "  (validation, first seed)", fill="black", font=font)
-    d.text((700, 88), "whiskers: 95% bootstrap interval", fill="black", font=font)
-    for i, (k, c) in enumerate(COLORS.items()):
-        d.text((700, 112 + 14 * i), f"o {k}", fill=c, font=font)
+    for k, (title, table) in enumerate(panels):
+        ax = _Axes((k * w + 60, 50, k * w + w - 20, h - 60), xlim, (0.0, 100.0))
+        _frame(d, ax, font, "dPSNR vs stage 0 (dB)", "caption exact match (%)")
+        d.text((k * w + 60, 8), title, fill="black", font=font)
+        zx, _ = ax(0.0, 0.0)
+        d.line([(zx, ax.box[1]), (zx, ax.box[3])], fill=(200, 200, 200))
+        for name, e, p in _points(table):
+            c = COLORS[_kind(name)]
+            x, y = ax(p["mean"], 100 * e["mean"])
+            d.line([(ax(p["lo"], 0)[0], y), (ax(p["hi"], 0)[0], y)], fill=c)
+            d.line([(x, ax(0, 100 * e["lo"])[1]), (x, ax(0, 100 * e["hi"])[1])], fill=c)
+            d.ellipse([x - 4, y - 4, x + 4, y + 4], fill=c)
+            d.text((x + 6, y - 12), name, fill=c, font=font)
+    d.text((20, h - 30), "whiskers: 95% bootstrap interval over images and seeds", fill="black", font=font)
+    d.text((20, h - 16), "grey frozen, red understanding-only, blue ETT, green index", fill="black", font=font)
     path.parent.mkdir(parents=True, exist_ok=True)
     img.save(path)
 
@@ -88,6 +82,9 @@ def stage0_curve(path: Path, s0: dict) -> None:
     font = ImageFont.load_default()
     parts = [(sorted((int(k), float(v)) for k, v in s0["curve"].items()), (40, 90, 200)),
              (sorted((int(k), float(v)) for k, v in (s0.get("cooldown_curve") or {}).items()), (230, 130, 30))]
+    start = [p for p in parts[0][0] if p[0] == int(s0["stopped_at"])]
+    if parts[1][0] and start:  # the cooldown starts from the plateau's checkpoint
+        parts[1][0].insert(0, start[0])
     pts = [p for part, _ in parts for p in part]
     if not pts:
         return
@@ -95,7 +92,7 @@ def stage0_curve(path: Path, s0: dict) -> None:
     ax = _Axes((70, 30, 560, 300), (0, max(xs)), (min(ys) - 0.5, max(ys) + 0.5))
     img = Image.new("RGB", (600, 350), "white")
     d = ImageDraw.Draw(img)
-    _frame(d, ax, font, "stage-0 step", "validation PSNR (dB)")
+    _frame(d, ax, font, "stage-0 step", "validation PSNR (dB)", xfmt="{:.0f}", yfmt="{:.1f}")
     for curve, color in parts:
         if len(curve) > 1:
             d.line([ax(x, y) for x, y in curve], fill=color, width=2)

@@ -148,6 +148,7 @@ def write(out: Path, summary: dict) -> None:
     (out / "results.md").write_text(markdown(summary))
     if summary.get("stage0"):
         stage0_curve(out / "stage0_curve.png", summary["stage0"])
-    tables = [t for t in (summary.get("grid"), f) if t]
-    if tables:
-        em_vs_dpsnr(out / "em_vs_dpsnr.png", tables)
+    panels = [(title, t) for title, t in (("grid cells, validation split, first seed", summary.get("grid")),
+                                          (f"reported arms, held-out split, seeds {summary['seeds']}", f)) if t]
+    if panels:
+        em_vs_dpsnr(out / "em_vs_dpsnr.png", panels)
