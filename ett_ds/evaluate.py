@@ -240,7 +240,8 @@ def print_table(result: dict) -> None:
 def run(args) -> dict | None:
     from .data.batch import Batcher
     from .data.decode import DataErrorRateExceeded, check_error_rate
-    from .data.shards import eval_batches, expand_urls
+    from .data.eval_stream import eval_batches
+    from .data.shards import expand_urls
     from .eval import metrics as M
     from .models.ett import STAGE_SPECS
 

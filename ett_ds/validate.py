@@ -103,7 +103,7 @@ class Validator:
     # -- data (read once) ----------------------------------------------------------------------------------------
     def _load(self) -> None:
         from .data.batch import Batcher
-        from .data.shards import eval_batches
+        from .data.eval_stream import eval_batches
         cfg, tr = self.cfg, self.tr
         batcher = Batcher(cfg, tr.text if tr.spec.uses_llm else None, train=False)
         # every rank reads the same first eval_samples samples (rank 0 of 1: one sorted, unsplit pass)

@@ -15,7 +15,7 @@ from PIL import Image
 
 from data_tools.cli import main
 from data_tools.tario import ShardTarWriter
-from ett_ds.data.shards import eval_batches
+from ett_ds.data.eval_stream import eval_batches
 from ett_ds.data.transforms import image_to_tensor
 
 REPO = Path(__file__).resolve().parents[1]

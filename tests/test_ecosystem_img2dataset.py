@@ -14,7 +14,7 @@ import pytest
 from PIL import Image, ImageDraw
 
 from data_tools.cli import main as data_tools
-from ett_ds.data.shards import shard_counts
+from ett_ds.data.eval_stream import shard_counts
 from ett_ds.train import main as train
 from tests.tiny import build_demo, demo_train_args
 
