@@ -6,23 +6,16 @@ cannot drift from the code. Unknown keys and wrongly typed values are rejected w
 """
 from __future__ import annotations
 
-import ast
 import dataclasses
-import inspect
 import sys
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import yaml
 
+from .typed_tree import ConfigError, build, field_docs, markdown_table, parse_value, set_path  # noqa: F401
+
 RECIPES = Path(__file__).resolve().parent / "recipes"
-
-
-class ConfigError(ValueError):
-    """A bad recipe or override; the message is one line that names the key."""
 
 
 STAGES = ("tokenizer", "align", "ett", "frozen", "sft", "t2i")
@@ -310,122 +303,8 @@ class Config:
         return (h // self.downsample) * (w // self.downsample)
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Building from YAML + overrides
-
-def _hints(cls) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
-
-
-def _coerce(value: Any, tp: Any, key: str) -> Any:
-    """Check/convert ``value`` to the annotated type ``tp``; raise a one-line ConfigError otherwise."""
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(value, arg, key)
-            except ConfigError:
-                pass
-        raise ConfigError(f"{key}: {value!r} is not a valid {_type_name(tp)}")
-    if dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping of fields, got {value!r}")
-        return _build(tp, value, key)
-    if origin is list:
-        if isinstance(value, tuple):
-            value = list(value)
-        if not isinstance(value, list):
-            raise ConfigError(f"{key}: expected a list, got {value!r}")
-        (inner,) = typing.get_args(tp) or (Any,)
-        return [_coerce(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
-    if tp is dict or origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
-        return value
-    if tp is Any:
-        return value
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(f"{key}: expected true/false, got {value!r}")
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        raise ConfigError(f"{key}: expected an integer, got {value!r}")
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads "3e-3" (no dot) as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"{key}: expected a number, got {value!r}")
-    if tp is str:
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
-            return str(value)
-        raise ConfigError(f"{key}: expected a string, got {value!r}")
-    return value
-
-
-def _type_name(tp: Any) -> str:
-    """A type as written in the annotation: ``str``, ``list[int]``, ``float or None`` (never ``<class 'str'>``)."""
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin in (typing.Union, types.UnionType):
-        return " or ".join(_type_name(a) for a in args)
-    if origin is not None and args:
-        return f"{_type_name(origin)}[{', '.join(_type_name(a) for a in args)}]"
-    if tp is type(None):
-        return "None"
-    if isinstance(tp, type):
-        return tp.__name__
-    return str(tp).replace("typing.", "")
-
-
 # keys that moved between sections: an old config names the new home instead of failing with a list of fields
 MOVED_KEYS = {"train.alpha": "loss.alpha"}
-
-
-def _build(cls, data: dict, prefix: str = ""):
-    hints = _hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    kwargs = {}
-    for k, v in data.items():
-        key = f"{prefix}.{k}" if prefix else k
-        if k not in names:
-            if key in MOVED_KEYS:
-                raise ConfigError(f"config key '{key}' is now '{MOVED_KEYS[key]}'")
-            raise ConfigError(f"unknown config key '{key}' (valid: {', '.join(names)})")
-        kwargs[k] = _coerce(v, hints[k], key)
-    return cls(**kwargs)
-
-
-def _parse_value(text: str) -> Any:
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError:
-        return text
-
-
-def _set_path(tree: dict, dotted: str, value: Any) -> None:
-    parts = dotted.split(".")
-    node = tree
-    for p in parts[:-1]:
-        nxt = node.get(p)
-        if not isinstance(nxt, dict):
-            nxt = {} if nxt is None else nxt
-            if not isinstance(nxt, dict):
-                raise ConfigError(f"{dotted}: '{p}' is not a section")
-            node[p] = nxt
-        node = nxt
-    node[parts[-1]] = value
 
 
 def resolve_recipe(path: str | Path) -> Path:
@@ -452,12 +331,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if "=" not in item:
             raise ConfigError(f"override '{item}' must look like key.sub=value")
         k, v = item.split("=", 1)
-        _set_path(tree, k.strip(), _parse_value(v))
-    return _build(Config, tree).validate()
+        set_path(tree, k.strip(), parse_value(v))
+    return build(Config, tree, moved=MOVED_KEYS).validate()
 
 
 def config_from_dict(tree: dict) -> Config:
-    return _build(Config, tree).validate()
+    return build(Config, tree, moved=MOVED_KEYS).validate()
 
 
 def to_dict(cfg: Config) -> dict:
@@ -468,37 +347,9 @@ def save_config(cfg: Config, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Reference docs generated from the field docstrings
-
-def field_docs(cls) -> dict[str, str]:
-    """Field name -> the docstring literal that follows it in the class body."""
-    src = inspect.getsource(cls)
-    tree = ast.parse(src)
-    body = tree.body[0].body
-    docs = {}
-    for node, nxt in zip(body, body[1:]):
-        if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
-            docs[node.target.id] = str(nxt.value.value)
-    return docs
-
-
-def markdown_reference(cls=Config, prefix: str = "") -> str:
-    lines = []
-    if not prefix:
-        lines += ["| key | type | default | meaning |", "|---|---|---|---|"]
-    docs = field_docs(cls)
-    hints = _hints(cls)
-    default = cls()
-    for f in dataclasses.fields(cls):
-        key = f"{prefix}{f.name}"
-        tp = hints[f.name]
-        if dataclasses.is_dataclass(tp):
-            lines.append(markdown_reference(tp, key + "."))
-            continue
-        val = getattr(default, f.name)
-        lines.append(f"| `{key}` | {_type_name(tp).replace('|', 'or')} | `{val!r}` | {docs.get(f.name, '')} |")
-    return "\n".join(lines)
+def markdown_reference(cls=None, prefix: str = "") -> str:
+    """The README's configuration reference: one row per field of the tree, from the field docstrings."""
+    return markdown_table(cls or Config, prefix)
 
 
 README_START, README_END = "<!-- config-reference:start -->", "<!-- config-reference:end -->"
