@@ -55,6 +55,8 @@ def count_params(cfg, vocab: int) -> dict:
     from ett_ds.tokenizers.discriminator import GANLoss
     from ett_ds.models.ett import ETTModel
     eng._HF_DS_CONFIG = None  # no zero.Init here
+    # torch's meta device, not accelerate's init_empty_weights: under the latter the LLM's tied input / output
+    # embeddings come out as two parameters (measured: Qwen2.5-1.5B counted 233M parameters too many)
     with torch.device("meta"):
         model = ETTModel(cfg, vocab, vocab - 1)
         disc = GANLoss(cfg.loss, cfg.model.tokenizer.in_channels) if model.spec.reconstruct else None
@@ -172,8 +174,8 @@ def measure_activations(cfg, p: dict, side: int, seq: int, tokens: tuple[int, in
         z = torch.randn(1, tcfg.code_dim, 1, n, requires_grad=True)
 
         def q_step():
-            z_q, _, quant, ent = q(z)
-            (z_q.sum() + quant + 0.05 * ent).backward()
+            z_q, _, terms = q(z)
+            (z_q.sum() + terms["quant"] + 0.05 * terms["entropy"]).backward()
         rows.append(measure(q_step, [*q.parameters(), z]))
     per_tok = max(rows[1]["peak_gb"] - rows[0]["peak_gb"], 0) / (tokens[1] - tokens[0])
     out["quantizer"] = {"tokens": list(tokens), "chunk_tokens": q.chunk_tokens, "peak_gb": [r["peak_gb"] for r in rows],
