@@ -128,3 +128,19 @@ def test_memory_plan_from_the_saved_measurements_sets_the_recipe_micro_batch():
         assert totals == sorted(totals)
     fits_80 = min(p["largest_fitting_micro_batch"] for p in plans if p["gpu_gb"] == 80.0)
     assert load_config("qwen2.5-1.5b-ibq").train.micro_batch_size == head["recipe_micro_batch"] == fits_80
+
+
+def test_memory_plan_measures_on_this_cpu():
+    """The measuring path (tokenizer with its L_vq, the chunked quantizer, one LLM layer) at small sizes: every part
+    gets a positive figure and the plan is a table of growing totals."""
+    rc, out, err = run_group([sys.executable, str(REPO / "bench" / "memory_plan.py"), "--recipe", "tiny", "--gpus", "1",
+                              "--gpu-gb", "80", "--measure-side", "32", "--measure-seq", "64",
+                              "--measure-tokens", "64,256", "--json"], 180, cwd=REPO,
+                             env=subprocess_env(OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu"))
+    assert rc == 0, err[-2000:]
+    head, plan = [json.loads(line) for line in out.strip().splitlines()]
+    measured = head["measured"]
+    assert measured["quantizer"]["peak_gb"][0] > 0 and measured["tokenizer"]["at"][0]["saved_gb"] > 0
+    assert measured["llm_layer"]["at"][1]["saved_gb"] > 0
+    totals = [r["step_total_gb"] for r in plan["micro_batches"]]
+    assert totals == sorted(totals) and totals[0] > 0
