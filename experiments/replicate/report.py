@@ -89,7 +89,7 @@ def _rows(table: dict) -> list[str]:
             f"{fmt(st.get('em'), 100)} | {fmt(st.get('cer'), 1, 3)} | {fmt(st.get('dpsnr'), 1, 2, True)} | "
             f"{fmt(r.get('em_minus_frozen'), 100, 1, True)} | {st['em']['seeds']} × {st['em']['images']} | "
             f"{'-' if drift is None or np.isnan(drift) else f'{drift:.2e}'} | "
-            f"{'-' if ratio is None or np.isnan(ratio) else f'{ratio:.3g}'} |")
+            f"{'∞ (α 0)' if r['alpha'] == 0 else '-' if ratio is None or np.isnan(ratio) else f'{ratio:.3g}'} |")
     return lines
 
 
