@@ -47,32 +47,36 @@ def _points(table: dict) -> list[tuple[str, dict, dict]]:
 
 def em_vs_dpsnr(path: Path, panels: list[tuple[str, dict]]) -> None:
     """One panel per (title, table): a point per arm at (mean ΔPSNR, mean EM), whiskers = 95 % bootstrap intervals
-    in both directions; the panels share their axes."""
+    in both directions, numbered; the key under each panel gives number, arm, EM and ΔPSNR. Shared axes."""
     font = ImageFont.load_default()
     allpts = [p for _, t in panels for p in _points(t)]
     if not allpts:
         return
     xs = [v for _, _, p in allpts for v in (p["lo"], p["hi"])] + [0.0]
-    pad = max(0.1, 0.08 * (max(xs) - min(xs)))
+    pad = max(0.1, 0.05 * (max(xs) - min(xs)))
     xlim = (min(xs) - pad, max(xs) + pad)
-    w, h = 560, 520
-    img = Image.new("RGB", (w * len(panels) + 20, h), "white")
+    rows = max(len(_points(t)) for _, t in panels)
+    w, h = 560, 500
+    img = Image.new("RGB", (w * len(panels) + 20, h + 14 * rows + 40), "white")
     d = ImageDraw.Draw(img)
     for k, (title, table) in enumerate(panels):
-        ax = _Axes((k * w + 60, 50, k * w + w - 20, h - 60), xlim, (0.0, 100.0))
+        ax = _Axes((k * w + 60, 40, k * w + w - 20, h - 50), xlim, (0.0, 100.0))
         _frame(d, ax, font, "dPSNR vs stage 0 (dB)", "caption exact match (%)")
-        d.text((k * w + 60, 8), title, fill="black", font=font)
+        d.text((k * w + 60, 6), title, fill="black", font=font)
         zx, _ = ax(0.0, 0.0)
         d.line([(zx, ax.box[1]), (zx, ax.box[3])], fill=(200, 200, 200))
-        for name, e, p in _points(table):
+        for n, (name, e, p) in enumerate(_points(table), 1):
             c = COLORS[_kind(name)]
             x, y = ax(p["mean"], 100 * e["mean"])
             d.line([(ax(p["lo"], 0)[0], y), (ax(p["hi"], 0)[0], y)], fill=c)
             d.line([(x, ax(0, 100 * e["lo"])[1]), (x, ax(0, 100 * e["hi"])[1])], fill=c)
             d.ellipse([x - 4, y - 4, x + 4, y + 4], fill=c)
-            d.text((x + 6, y - 12), name, fill=c, font=font)
-    d.text((20, h - 30), "whiskers: 95% bootstrap interval over images and seeds", fill="black", font=font)
-    d.text((20, h - 16), "grey frozen, red understanding-only, blue ETT, green index", fill="black", font=font)
+            d.text((x + 5, y - 13), str(n), fill=c, font=font)
+            d.text((k * w + 60, h + 14 * (n - 1)), f"{n:2d} {name}: EM {100 * e['mean']:.1f} %, "
+                   f"dPSNR {p['mean']:+.2f} dB", fill=c, font=font)
+    foot = h + 14 * rows + 8
+    d.text((20, foot), "whiskers: 95% bootstrap interval over images and seeds; grey frozen, red "
+           "understanding-only, blue ETT, green index", fill="black", font=font)
     path.parent.mkdir(parents=True, exist_ok=True)
     img.save(path)
 
