@@ -92,7 +92,7 @@ def test_tiny_run_every_phase_then_reuse_and_refuse(tmp_path):
     assert f"model.llm.path={out / 'text_llm'}" in cfg
     assert res["stage0"]["stopped_at"] in (2, 4) and set(res["stage0"]["curve"]) >= {"2"}
     md = (out / "results.md").read_text()
-    assert "Grid at the first seed, validation split" in md and "Goal (chosen" in md
+    assert "Grid at the first seed, validation split" in md and "(chosen): EM − frozen" in md
     # a rerun reuses every stage (no training: no timings), a changed lr is refused
     assert replicate(argv) == 0
     again = json.loads((out / "results.json").read_text())
