@@ -137,7 +137,7 @@ def markdown(summary: dict) -> str:
             lines.append(f"- {name} − {name[5:]} (text-pretrained − random LLM): {fmt(diff, 100, 1, True)} "
                          "points EM")
     t = summary.get("timings_s", {})
-    lines += ["", "Seconds per step of the pipeline run by this invocation: "
+    lines += ["", "Seconds per stage trained or evaluated by this invocation (reused ones are not listed): "
               + ", ".join(f"{k} {v}" for k, v in t.items())]
     return "\n".join(lines) + "\n"
 
