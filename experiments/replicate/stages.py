@@ -96,7 +96,8 @@ class Stages:
         ``cooldown``, a second run from there whose lr decays to 0 over ``cooldown`` steps (cosine), so that the
         tokenizer the arms start from is not one that a smaller lr alone would still improve.
 
-        The PSNR is the raw weights' (``psnr``; not the EMA's): ``train.init_from`` hands the arms the raw weights.
+        The rule reads the raw weights' validation PSNR (``psnr``, what the trainer validates); ``train.init_from``
+        (and ``evaluate``) read the tokenizer's EMA from ``tokenizer_ema.safetensors`` when the checkpoint has one.
         """
         if window % chunk:
             raise SystemExit(f"error: --stage0-chunk {chunk} must divide the {window}-step window")
