@@ -9,6 +9,8 @@ import sys
 import time
 from pathlib import Path
 
+from ett_ds.checkpoint.layout import MARKER, is_complete, latest, step_tag
+
 REPO = Path(__file__).resolve().parents[2]
 # Overrides that do not change what a stage learns: a rerun may differ in them (stage 0 runs in chunks; the
 # tokenizer-dynamics diagnostics only add columns to metrics.jsonl).
@@ -29,13 +31,13 @@ def _kept(overrides: list[str]) -> list[str]:
 
 
 def step_folder(run_dir: Path, step: int) -> Path | None:
-    folder = run_dir / "checkpoints" / f"step_{step:08d}"
-    return folder if (folder / "complete").is_file() else None
+    folder = run_dir / "checkpoints" / step_tag(step)
+    return folder if is_complete(folder) else None
 
 
 def latest_step(run_dir: Path) -> int:
-    steps = [int(p.name.split("_")[1]) for p in (run_dir / "checkpoints").glob("step_*") if (p / "complete").is_file()]
-    return max(steps, default=0)
+    folder = latest(run_dir / "checkpoints")
+    return int(folder.name.split("_")[1]) if folder is not None else 0
 
 
 def metrics_rows(run_dir: Path) -> list[dict]:
@@ -129,7 +131,7 @@ class Stages:
 
     def evaluate(self, ckpt: Path, data: Path, out: Path, tasks: str, samples: int) -> dict:
         """Held-out metrics JSON (and ``<stem>_samples.jsonl``) of ``ckpt``; reused when newer than it."""
-        if out.is_file() and out.stat().st_mtime >= (ckpt / "complete").stat().st_mtime:
+        if out.is_file() and out.stat().st_mtime >= (ckpt / MARKER).stat().st_mtime:
             return json.loads(out.read_text())
         from ett_ds.evaluate import main as eval_main
         t0 = time.time()

@@ -47,10 +47,7 @@ def pretrain(folder: Path, cfg, captions: list[str], corpus: list[str], *, steps
     import dataclasses
 
     import torch
-    try:  # the checkpoint package's home after issue 17; before it, ett_ds.loading
-        from ett_ds.checkpoint.loading import no_zero_init
-    except ImportError:
-        from ett_ds.loading import no_zero_init
+    from ett_ds.checkpoint.loading import no_zero_init
     from ett_ds.models.llm import build_llm, resize_for_vocab
     from ett_ds.models.text import TextTokenizer
 
