@@ -91,8 +91,7 @@ class RunLog:
             if k in present:
                 c = present[k].float()
                 v = torch.where(present[k], v, torch.zeros_like(v))  # an absent term may be 0/0
-            self.sums[k] = self.sums[k] + v if k in self.sums else v.clone()
-            self.counts[k] = self.counts[k] + c if k in self.counts else c
+            self._accumulate(k, v, c)
         idx = indices.flatten()
         if self.hist is None:
             self.hist = torch.zeros(codebook_size, dtype=torch.long, device=idx.device)
@@ -106,8 +105,12 @@ class RunLog:
     def add_scalars(self, values: dict[str, torch.Tensor]) -> None:
         """Per-step device scalars (not per micro-batch), averaged over the steps of the logging window."""
         for k, v in values.items():
-            self.sums[k] = self.sums[k] + v if k in self.sums else v.clone()
-            self.counts[k] = self.counts[k] + 1.0 if k in self.counts else 1.0
+            self._accumulate(k, v, 1.0)
+
+    def _accumulate(self, key: str, value: torch.Tensor, count) -> None:
+        """A term's running sum and how many micro-batches (or steps) it covers, until the next logged row."""
+        self.sums[key] = self.sums[key] + value if key in self.sums else value.clone()
+        self.counts[key] = self.counts[key] + count if key in self.counts else count
 
     def add_data_stats(self, stats: dict | None) -> None:
         if stats:

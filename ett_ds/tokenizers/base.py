@@ -26,6 +26,15 @@ from ..config import TokenizerConfig
 from .taming import Decoder, Encoder, FP32Conv2d
 
 
+def init_codebook(embedding: nn.Embedding, std: float | None) -> None:
+    """taming / IBQ's uniform(-1/K, 1/K) codebook, or normal(0, std) (``model.tokenizer.codebook_init_std``)."""
+    if std is None:
+        k = embedding.num_embeddings
+        nn.init.uniform_(embedding.weight, -1.0 / k, 1.0 / k)
+    else:
+        nn.init.normal_(embedding.weight, 0.0, std)
+
+
 @dataclass
 class QuantOutput:
     z_q: torch.Tensor  # (B, D, h, w) straight-through codebook embeddings (what the decoder and the LLM read)

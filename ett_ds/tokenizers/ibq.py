@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from ..config import TokenizerConfig
 from ..models.chunked import IBQChunked, auto_chunk_tokens, chunked_argmax
-from .base import VisionTokenizer
+from .base import VisionTokenizer, init_codebook
 
 
 def entropy_loss(logits: torch.Tensor, temperature: float, eps: float = 1e-5) -> torch.Tensor:
@@ -77,10 +77,7 @@ class IBQuantizer(nn.Module):
         self.beta, self.temperature, self.entropy_eps = beta, entropy_temperature, entropy_eps
         self.chunk_tokens = int(chunk_tokens) if chunk_tokens else auto_chunk_tokens(codebook_size)
         self.embedding = nn.Embedding(codebook_size, code_dim)
-        if init_std is None:
-            nn.init.uniform_(self.embedding.weight, -1.0 / codebook_size, 1.0 / codebook_size)
-        else:
-            nn.init.normal_(self.embedding.weight, 0.0, init_std)
+        init_codebook(self.embedding, init_std)
 
     def forward(self, z: torch.Tensor, losses: bool = True) -> tuple:
         """(z_q, indices, terms). ``losses=False`` (a frozen tokenizer, inference) computes only the argmax and

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from ..config import TokenizerConfig
 from ..models.chunked import auto_chunk_tokens, chunked_argmax
-from .base import VisionTokenizer
+from .base import VisionTokenizer, init_codebook
 
 
 def nearest_codes(zf: torch.Tensor, codebook: torch.Tensor, chunk: int) -> torch.Tensor:
@@ -37,10 +37,7 @@ class VectorQuantizer(nn.Module):
         self.codebook_size, self.code_dim, self.beta, self.l2_norm = codebook_size, code_dim, beta, l2_norm
         self.chunk_tokens = int(chunk_tokens) if chunk_tokens else auto_chunk_tokens(codebook_size, copies=2)
         self.embedding = nn.Embedding(codebook_size, code_dim)
-        if init_std is None:
-            nn.init.uniform_(self.embedding.weight, -1.0 / codebook_size, 1.0 / codebook_size)
-        else:
-            nn.init.normal_(self.embedding.weight, 0.0, init_std)
+        init_codebook(self.embedding, init_std)
 
     def _rows(self, e: torch.Tensor) -> torch.Tensor:
         return F.normalize(e, dim=-1) if self.l2_norm else e
