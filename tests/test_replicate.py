@@ -45,13 +45,29 @@ def test_splits_are_disjoint_by_family_and_string(tmp_path):
     fams = [{D.family(f) for f in fs} for fs in (train, val, heldout)]
     if len(fams[1] | fams[2]) > 1:
         assert not fams[1] & fams[2]
-    assert not fams[0] & (fams[1] | fams[2]) or train == held
+    # without a second type family installed (fonts-liberation2) held-out falls back to DejaVu styles, and says so
+    assert not fams[0] & (fams[1] | fams[2]) or D.shared_families(train, held) == ["DejaVu"]
     plan = D.build(tmp_path, task="numbers", image="16x32", digits=(3, 3), num={"train": 8, "val": 4, "heldout": 4},
-                   spm_vocab=300, seed=0)
+                   spm_vocab=300, seed=0, allow_shared_family=bool(D.shared_families(train, held)))
     lines = {s: set((tmp_path / "corpus" / f"{s}.txt").read_text().split()) for s in ("val", "heldout")}
     assert lines["val"] and lines["heldout"] and not lines["val"] & lines["heldout"]
     assert all(D.text_bucket(t) == "heldout" for t in lines["val"] | lines["heldout"])
     assert plan["fonts"]["val"] and plan["fonts"]["heldout"]
+
+
+def test_held_out_sharing_the_training_family_is_an_error_unless_asked(tmp_path, monkeypatch):
+    assert [D.collection(f) for f in ("/x/DejaVuSansMono-Bold.ttf", "DejaVuSerif.ttf", "LiberationSans-Regular.ttf",
+                                      "LiberationMono-Italic.ttf", "Foo.ttf")] == \
+        ["DejaVu", "DejaVu", "Liberation", "Liberation", "Foo"]
+    dejavu = [f for f in D.find_fonts()[0] + D.find_fonts()[1] if D.collection(f) == "DejaVu"]
+    if len(dejavu) < 2:
+        pytest.skip("needs two DejaVu fonts")
+    monkeypatch.setattr(D, "find_fonts", lambda: (dejavu[1:], dejavu[:1]))  # what a machine without Liberation sees
+    kw = dict(task="numbers", image="16x32", digits=(3, 3), num={"train": 4, "val": 2, "heldout": 2}, spm_vocab=300,
+              seed=0)
+    with pytest.raises(D.UsageError, match="share the type family DejaVu.*fonts-liberation2.*--allow-shared-family"):
+        D.build(tmp_path, **kw)
+    assert D.build(tmp_path, **kw, allow_shared_family=True)["shared_family"] == ["DejaVu"]
 
 
 @pytest.mark.parametrize("argv, msg", [(["--seeds", "0"], "--seeds must be >= 1"),
@@ -71,7 +87,7 @@ def test_bad_arguments_are_one_line_errors(argv, msg, tmp_path, capsys):
 def test_tiny_run_every_phase_then_reuse_and_refuse(tmp_path):
     out = tmp_path / "rep"
     argv = ["--size", "tiny", "--out", str(out), "--seeds", "2", "--grid-alphas", "0.1,0.25", "--grid-ratios", "0.3",
-            "--text-pretrain", "--und-ratios", "1"]
+            "--text-pretrain", "--und-ratios", "1", "--allow-shared-family"]
     assert replicate(argv) == 0
     res = json.loads((out / "results.json").read_text())
     for f in ("results.md", "em_vs_dpsnr.png", "stage0_curve.png"):

@@ -100,6 +100,9 @@ def parse_args(argv):
     ap.add_argument("--index", action="store_true", help="also the index arm (codes through a free embedding)")
     ap.add_argument("--text-pretrain", action="store_true", help="also the text-pretrained LLM arms")
     ap.add_argument("--text-lr", type=float, default=1e-3)
+    ap.add_argument("--allow-shared-family", action="store_true",
+                    help="accept validation/held-out fonts of the training type family (when no second family, "
+                         "fonts-liberation2, is installed); without it that is an error")
     ap.add_argument("--gan", action="store_true", help="keep the GAN term (default off: L_vq = L1 + quant + entropy)")
     ap.add_argument("--launcher", default="inprocess", help="inprocess | python | a command such as launchers/train.sh")
     ap.add_argument("--workers", type=int, default=1, help="data_tools processes")
@@ -212,12 +215,14 @@ class Runner:
         try:
             self.plan = D.build(self.root, task=args.task, image=o["image"], digits=o["digits"],
                                 num={"train": o["num_train"], "val": o["num_val"], "heldout": o["num_heldout"]},
-                                spm_vocab=o["spm_vocab"], seed=args.seed, workers=args.workers)
+                                spm_vocab=o["spm_vocab"], seed=args.seed, workers=args.workers,
+                                allow_shared_family=args.allow_shared_family)
         except UsageError as e:
             raise SystemExit(f"error: data: {e}") from None
         summary = {"command": "python -m experiments.replicate " + " ".join(map(shlex.quote, args.argv)),
                    "size": args.size, "options": {k: v for k, v in o.items() if k != "model"},
                    "model_overrides": o["model"], "fonts": self.plan["fonts"], "seeds": seeds,
+                   "shared_family": self.plan.get("shared_family", []),
                    "paper_alpha": args.paper_alpha,
                    "timings_s": self.stages.timings}
         if args.stop_after == "data":

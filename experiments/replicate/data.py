@@ -11,11 +11,13 @@
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import asdict, replace
 from pathlib import Path
 
 from data_tools.demo import DemoOptions, find_corpus, find_fonts, numbers_corpus
 from data_tools.spm import train_spm
+from data_tools.errors import UsageError
 from data_tools.synth_text import SynthConfig, load_corpus, synth_text, text_bucket
 
 SPLITS = ("train", "val", "heldout")
@@ -23,6 +25,32 @@ SPLITS = ("train", "val", "heldout")
 
 def family(font: str) -> str:
     return Path(font).stem.split("-")[0]
+
+
+def collection(font: str) -> str:
+    """The type family a font file belongs to, across its styles and widths: ``DejaVuSansMono-Bold.ttf`` and
+    ``DejaVuSerif.ttf`` are both ``DejaVu``, ``LiberationSans-Regular.ttf`` is ``Liberation``."""
+    fam = family(font)
+    m = re.match(r"(.+?)(Sans|Serif|Mono|Condensed|Narrow)", fam)
+    return m.group(1) if m else fam
+
+
+HELDOUT_PACKAGE = "fonts-liberation2"
+
+
+def shared_families(train_fonts: list[str], other_fonts: list[str]) -> list[str]:
+    """Type families (``collection``) that ``other_fonts`` share with ``train_fonts``."""
+    return sorted({collection(f) for f in train_fonts} & {collection(f) for f in other_fonts})
+
+
+def check_families(train_fonts: list[str], held_fonts: list[str], allow_shared: bool) -> list[str]:
+    """The shared families; a UsageError naming the package to install unless ``allow_shared``."""
+    shared = shared_families(train_fonts, held_fonts)
+    if shared and not allow_shared:
+        raise UsageError(f"validation/held-out fonts share the type family {', '.join(shared)} with training "
+                         f"(no second family installed): apt-get install -y {HELDOUT_PACKAGE}, or pass "
+                         f"--allow-shared-family")
+    return shared
 
 
 def split_fonts(heldout_fonts: list[str]) -> tuple[list[str], list[str]]:
@@ -41,17 +69,23 @@ def val_string(text: str) -> bool:
 
 
 def build(root: Path, *, task: str, image: str, digits: tuple[int, int], num: dict, spm_vocab: int, seed: int,
-          workers: int = 1) -> dict:
-    """Render the splits into ``root`` (skipped when ``root/data.json`` records the same plan); returns the plan."""
+          workers: int = 1, allow_shared_family: bool = False) -> dict:
+    """Render the splits into ``root`` (skipped when ``root/data.json`` records the same plan); returns the plan.
+
+    Validation and held-out must come from another type family than training (``check_families``); with
+    ``allow_shared_family`` a shared one is accepted and recorded in the plan (``shared_family``)."""
     h, w = (int(v) for v in image.split("x"))
     opts = DemoOptions.for_task(task, height=h, width=w, min_digits=digits[0], max_digits=digits[1], seed=seed)
     train_fonts, held = find_fonts()
+    shared = check_families(train_fonts, held, allow_shared_family)
     val_fonts, held_fonts = split_fonts(held)
     numbers = task == "numbers"
     corpus = (numbers_corpus(root / "corpus" / "numbers.txt", *digits) if numbers else find_corpus())
     plan = {"task": task, "options": asdict(opts), "num": num, "spm_vocab": spm_vocab, "corpus": corpus,
             "fonts": {"train": [Path(f).name for f in train_fonts], "val": [Path(f).name for f in val_fonts],
                       "heldout": [Path(f).name for f in held_fonts]}, "version": 1}
+    if shared:
+        plan["shared_family"] = shared
     record = root / "data.json"
     if record.is_file() and json.loads(record.read_text()).get("plan") == plan:
         return plan

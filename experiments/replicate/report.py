@@ -105,6 +105,9 @@ def markdown(summary: dict) -> str:
              f"Fonts: train {len(summary['fonts']['train'])} ({summary['fonts']['train'][0]} ...), validation "
              f"{', '.join(summary['fonts']['val'])}, held-out {', '.join(summary['fonts']['heldout'])}; "
              "validation and held-out captions come from the held-out string bucket, split again in two.", ""]
+    if summary.get("shared_family"):
+        lines += [f"**Warning: validation and held-out share the type family {', '.join(summary['shared_family'])} "
+                  "with training (--allow-shared-family); held-out is not another family.**", ""]
     s0 = summary.get("stage0")
     if s0:
         pts = ", ".join(f"{k}: {v:.2f}" for k, v in sorted(s0["curve"].items()))
