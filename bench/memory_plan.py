@@ -40,12 +40,12 @@ MICRO_BATCHES = (1, 2, 4, 8, 16, 32)  # divisors of the recipes' global batches
 
 
 def build_config(recipe: str, overrides: list[str]):
-    from step_bench import PRESETS, QWEN25_15B, _flow_yaml  # the Qwen2.5-1.5B shape, randomly initialised
+    from stepbench.setup import PRESETS, QWEN25_15B, flow_yaml  # the Qwen2.5-1.5B shape, randomly initialised
     from ett_ds.config import load_config
     if recipe in PRESETS:  # a step-bench preset: its recipe and overrides (what a GPU step bench ran)
         preset = PRESETS[recipe]
         return load_config(preset["recipe"], preset["overrides"] + overrides), preset
-    base = ["model.llm.path=null", "model.llm.init_config=" + _flow_yaml(QWEN25_15B), "model.tokenizer.checkpoint=null"]
+    base = ["model.llm.path=null", "model.llm.init_config=" + flow_yaml(QWEN25_15B), "model.tokenizer.checkpoint=null"]
     return load_config(recipe, base + overrides), None
 
 

@@ -102,7 +102,10 @@ def test_quantizer_memory_bench_runs_every_variant_in_a_child_and_ends_with_the_
         if r["tokens"] == 2048 and r["variant"].endswith(("_unchunked", "_pair")):
             assert "max-unchunked-gb" in r["skipped"]
         else:
-            assert r.get("s", r.get("ratio", 0)) > 0 and r.get("growth_gb", 0) >= 0 and r.get("peak_reset", True) in (True, False), r
+            if r["variant"].endswith("_pair"):
+                assert r["ratio"] > 0, r
+            else:  # a memory variant: its time and its peak-RSS growth were measured (growth may be 0 at a toy size)
+                assert r["s"] > 0 and r["growth_gb"] >= 0 and isinstance(r["peak_reset"], bool), r
     assert {"ibq_growth_gb@64", "ibq_time_ratio@64", "head_growth_gb@2048", "ibq_growth_gb@2048"} <= set(last["summary"])
     assert last["summary"]["ibq_time_ratio@64"] > 0 and "targets" in last
 

@@ -2,7 +2,7 @@
 
 Precision (`engine.precision`):
 - ``autocast_bf16``: parameters and master weights stay fp32; the engine's forward runs under torch.autocast(bf16)
-  (DeepSpeed's ``torch_autocast`` section). The decoder is an fp32 island (vq.FP32Conv2d + autocast disabled), and
+  (DeepSpeed's ``torch_autocast`` section). The decoder is an fp32 island (tokenizers/taming.FP32Conv2d + autocast disabled), and
   its FP32Conv2d class is not in ``lower_precision_safe_modules`` (exact-class match), so even on 2+ ranks its weights
   are all-gathered in fp32. DeepSpeed's plain ``bf16`` mode is not offered: it casts every parameter, the decoder's too.
 - ``fp32``: everything in fp32 (debugging, exactness tests).
