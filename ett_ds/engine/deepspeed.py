@@ -19,7 +19,9 @@ import torch
 
 from ..config import Config, ConfigError
 
-DS_CONFIGS = Path(__file__).resolve().parents[2] / "ds_configs"
+import ds_configs  # the templates: a package of JSON files beside ett_ds, installed with it (pyproject package-data)
+
+DS_CONFIGS = Path(ds_configs.__file__).resolve().parent
 # Modules DeepSpeed's torch_autocast may all-gather in bf16 (it matches exact classes): the visual-code head is an
 # nn.Linear subclass computing its chunked loss inside its own call, so it is named too. FP32Conv2d (the decoder) is
 # deliberately absent.
