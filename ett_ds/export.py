@@ -97,9 +97,84 @@ def export(ckpt: str | Path, out: str | Path, dtype: torch.dtype = torch.float32
         if verify:
             check_llm(out / "llm", llm)
             text.check_hf(open_tokenizer(out / "llm"))
+        write_hf_model(out, model, cfg, text, dtype, layout)
     cfg.train.init_from = None
     save_config(cfg, out / EXPORT_CONFIG)
     return out
+
+
+def write_hf_model(out: Path, model, cfg, text, dtype: torch.dtype, layout: dict) -> None:
+    """Make ``out`` one transformers model with its own code (``trust_remote_code``; see ``ett_ds/hf``).
+
+    Writes the remote code, ``config.json`` (ETTConfig, auto_map), ``generation_config.json``,
+    ``vision.safetensors`` (vision tokenizer in float32, projector / index embedding / visual head in ``dtype``),
+    ``model.safetensors.index.json`` (the LLM's tensors are read from ``llm/``'s safetensors, not written twice),
+    ``processor_config.json`` (image fitting, prompt layout) and ``text_tokenizer.json`` (which text tokenizer);
+    the vision layout in ``tokenizer_config.json`` gains the ``auto_map`` that sends ``AutoTokenizer`` there."""
+    from safetensors import safe_open
+
+    from .hf import FILES, HERE
+    for name in FILES:
+        shutil.copyfile(HERE / name, out / name)
+        umask_mode(out / name)
+    llm_dir = out / "llm"
+    index = llm_dir / "model.safetensors.index.json"
+    if index.is_file():
+        llm_map = {k: f"llm/{v}" for k, v in json.loads(index.read_text())["weight_map"].items()}
+    else:
+        with safe_open(str(llm_dir / "model.safetensors"), "pt") as f:
+            llm_map = {k: "llm/model.safetensors" for k in f.keys()}
+    odd = [k for k in llm_map if not k.startswith(("model.", "lm_head."))]
+    if odd or not isinstance(model.llm.get_output_embeddings(), torch.nn.Linear) or \
+            model.llm.get_output_embeddings().bias is not None or model.llm.base_model_prefix != "model":
+        raise CheckpointError(f"{llm_dir}: the LLM is not laid out as model.* + a bias-free lm_head "
+                              f"(e.g. {odd[:2]}); the transformers wrapper (ett_ds/hf) cannot hold it")
+    parts = {"vision_tokenizer": (model.tokenizer, torch.float32), "projector": (model.projector, dtype),
+             "index_embed": (model.index_embed, dtype), "visual_head": (model.visual_head, dtype)}
+    tensors = {}
+    for prefix, (module, dt) in parts.items():
+        if module is not None:
+            for k, v in module.state_dict().items():
+                tensors[f"{prefix}.{k}"] = (v.to(dt) if v.is_floating_point() else v).contiguous()
+    save_safetensors(tensors, out / "vision.safetensors", {"format": "pt"})
+    weight_map = {**llm_map, **{k: "vision.safetensors" for k in tensors}}
+    (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map},
+                                                                  indent=1))
+    text_config = json.loads((llm_dir / "config.json").read_text())
+    vision = dict(layout, chunk_tokens=int(model.tokenizer.quantize.chunk_tokens))
+    tokenizer_map = ["tokenization_ett.ETTTokenizer", None]
+    config = {"model_type": "ett", "architectures": ["ETTForConditionalGeneration"],
+              "auto_map": {"AutoConfig": "configuration_ett.ETTConfig",
+                           "AutoModel": "modeling_ett.ETTForConditionalGeneration",
+                           "AutoModelForImageTextToText": "modeling_ett.ETTForConditionalGeneration",
+                           "AutoModelForCausalLM": "modeling_ett.ETTForConditionalGeneration",
+                           "AutoProcessor": "processing_ett.ETTProcessor", "AutoTokenizer": tokenizer_map},
+              "text_config": text_config, "vision_config": vision, "projector_depth": cfg.model.projector_depth,
+              "visual_input": cfg.model.visual_input, "has_visual_head": model.visual_head is not None,
+              "image_token_id": text.image_id, "boi_token_id": text.boi_id, "eoi_token_id": text.eoi_id,
+              "bos_token_id": text.bos_id, "eos_token_id": text.eos_id, "pad_token_id": text.pad_id,
+              "text_vocab_size": text.vocab_size, "image_size": list(cfg.data.image_size), "stage": cfg.stage,
+              "tie_word_embeddings": bool(text_config.get("tie_word_embeddings", False)),
+              "dtype": str(dtype).removeprefix("torch.")}
+    (out / "config.json").write_text(json.dumps(config, indent=1))
+    model.llm.generation_config.save_pretrained(str(out))
+    processor = {"auto_map": {"AutoProcessor": "processing_ett.ETTProcessor"},
+                 "image_size": list(cfg.data.image_size), "resize_mode": cfg.data.resize_mode,
+                 "num_image_tokens": cfg.num_image_tokens, "caption_prompt": cfg.data.caption_prompts[0],
+                 "turn_template": cfg.data.chat_template, "layout": "chat" if cfg.stage == "sft" else "caption",
+                 "max_text_tokens": cfg.data.max_text_tokens}
+    (out / "processor_config.json").write_text(json.dumps(processor, indent=1))
+    if text.kind == "hf":
+        settings = {"kind": "hf", "folder": "llm"}
+    else:
+        settings = {"kind": "sentencepiece", "model_file": "spm.model",
+                    "chat_template": chat_template_jinja(cfg.data.chat_template, cfg.num_image_tokens)}
+    (out / "text_tokenizer.json").write_text(json.dumps(settings, indent=1))
+    (out / "tokenizer_config.json").write_text(json.dumps(dict(layout, auto_map={"AutoTokenizer": tokenizer_map}),
+                                                          indent=1))
+    for f in out.iterdir():
+        if f.is_file():
+            umask_mode(f)
 
 
 def set_generation_config(llm: torch.nn.Module, text) -> None:
