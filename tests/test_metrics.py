@@ -236,3 +236,20 @@ def test_ocr_page_photo_anchor():
     got = ocr.OCRReader(num_threads=1, upscale_to=384).read(data.page())
     assert got.startswith("Region-based segmentation Let us first determine markers")
     assert M.char_error_rate(got, PAGE_TRANSCRIPT, normalize=True) <= 0.3
+
+
+def test_grid_captions_wrap_between_words_and_cut_only_words_wider_than_a_line():
+    """Caption grids break lines at spaces ("also c alled" was a word cut mid-way); a word wider than a whole line
+    is the only thing cut by character, and every line fits the cell."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    from ett_ds.eval.metrics import _wrap
+    draw, font = ImageDraw.Draw(Image.new("L", (1, 1))), ImageFont.load_default()
+    width = int(draw.textlength("a penguin also", font=font))
+    lines = _wrap("a penguin also called the emperor", draw, font, width)
+    assert lines == ["a penguin also", "called the", "emperor"]
+    assert all(draw.textlength(x, font=font) <= width for x in lines)
+    long = _wrap("x" * 40, draw, font, width)
+    assert "".join(long) == "x" * 40 and len(long) > 1
+    assert all(draw.textlength(x, font=font) <= width for x in long)
+    assert _wrap("one\ntwo", draw, font, width) == ["one", "two"]

@@ -183,15 +183,26 @@ def to_uint8_images(x: torch.Tensor) -> list[np.ndarray]:
 
 
 def _wrap(text: str, draw, font, width: int) -> list[str]:
-    """``text`` as lines no wider than ``width`` pixels (explicit newlines kept; long words cut by character)."""
+    """``text`` as lines no wider than ``width`` pixels: broken between words (explicit newlines kept); only a word
+    wider than a whole line is cut, by character."""
+    def fits(s: str) -> bool:
+        return draw.textlength(s, font=font) <= width
+
     lines = []
     for para in str(text).split("\n"):
         cur = ""
-        for ch in para:
-            if cur and draw.textlength(cur + ch, font=font) > width:
+        for word in para.split(" "):
+            candidate = f"{cur} {word}" if cur else word
+            if fits(candidate):
+                cur = candidate
+                continue
+            if cur:
                 lines.append(cur)
-                cur = ch.lstrip()
-            else:
+            cur = ""
+            for ch in word:  # the word alone: cut by character only when it is wider than a line
+                if cur and not fits(cur + ch):
+                    lines.append(cur)
+                    cur = ""
                 cur += ch
         lines.append(cur)
     return lines
