@@ -24,7 +24,7 @@ import torch
 from torch.utils.data import IterableDataset
 
 from .decode import count_samples, is_url, iter_tar_samples, open_shard
-from .shards import _examples, _finish, _loader, _rank_world, _worker, _worker_init, expand_urls, stream_seed
+from .shards import _examples, _finish, _iterate, _loader, _rank_world, _worker, _worker_init, expand_urls, stream_seed
 
 __all__ = ["eval_batches", "eval_plan", "shard_counts"]
 
@@ -155,7 +155,7 @@ def eval_batches(urls, *, batch_size: int, make_example, collate, rank=None, wor
     n, last = 0, None
     if mine and target > 0:
         loader = _loader(dataset, num_workers if len(mine) > 0 else 0, init, multiprocessing_context)
-        for batch in loader:
+        for batch in _iterate(loader):
             if n >= target:
                 break
             yield batch

@@ -23,6 +23,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from ..engine import preempt
 from .decode import DataErrorRateExceeded, check_error_rate, decode_sample, is_url, iter_tar_samples
 from .format import IMAGE_EXTS, SampleError
 
@@ -229,10 +230,33 @@ class _TrainStream(IterableDataset):
 def _loader(dataset, num_workers: int, worker_init, multiprocessing_context=None) -> DataLoader:
     kwargs = {}
     if num_workers > 0:
-        kwargs = dict(persistent_workers=True, worker_init_fn=worker_init, prefetch_factor=4,
-                      multiprocessing_context=multiprocessing_context)
+        main_pid = os.getpid() if preempt.active() else None  # a training process that checkpoints on a signal
+        kwargs = dict(persistent_workers=True, worker_init_fn=functools.partial(_init_worker, worker_init, main_pid),
+                      prefetch_factor=4, multiprocessing_context=multiprocessing_context)
     return DataLoader(dataset, batch_size=None, num_workers=num_workers, pin_memory=torch.cuda.is_available(),
                       **kwargs)
+
+
+def _init_worker(worker_init, main_pid: int | None, worker_id: int) -> None:
+    if main_pid is not None:
+        preempt.worker_init(main_pid)  # SIGTERM / SIGUSR1 are the training process's to act on, not a worker's
+    worker_init(worker_id)
+
+
+def _iterate(loader: DataLoader) -> Iterator:
+    """The loader's batches. Its workers start with the preemption signals deferred (engine/preempt.py) and are shut
+    down (joined, terminated if need be) when the iteration ends: exhausted, closed, or failed."""
+    if loader.num_workers == 0:
+        yield from loader
+        return
+    with preempt.deferred():
+        it = iter(loader)  # forks the workers
+    try:
+        yield from it
+    finally:
+        shutdown = getattr(it, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
 
 
 def train_batches(urls, *, batch_size: int, make_example, collate, seed: int = 0, segment: int = 0,
@@ -257,7 +281,7 @@ def train_batches(urls, *, batch_size: int, make_example, collate, seed: int = 0
                            max_pixels, max_error_rate, min_samples_for_error_rate, decode_size, initial)
     init = functools.partial(_worker_init, seed, segment, rank, max_pixels)
     totals: Counter = Counter()
-    for batch in _loader(dataset, num_workers, init, multiprocessing_context):
+    for batch in _iterate(_loader(dataset, num_workers, init, multiprocessing_context)):
         totals.update(batch["data_stats"])
         check_error_rate(totals, max_error_rate, min_samples_for_error_rate, f"rank {rank}")
         yield batch

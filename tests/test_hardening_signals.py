@@ -1,0 +1,191 @@
+"""Issue 21 item 1: SIGTERM (scancel, preemption) sent to the whole process group while DataLoader workers run.
+
+SLURM signals every process of a job step, so the loader workers get the signal too. They must leave it to their
+training process (which stops at the next step boundary, writes one complete checkpoint and exits 75), and that
+process must shut them down as it exits: no process of the group is left.
+"""
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.tiny import build_demo, demo_train_args, subprocess_env
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    return build_demo(tmp_path_factory.mktemp("demo"), 64, 8, 16)
+
+
+def group_members(pgid: int) -> list[str]:
+    """'pid state cmdline' of every process whose process group is ``pgid``."""
+    found = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            stat = (d / "stat").read_text()
+            fields = stat[stat.rindex(")") + 2:].split()
+            if int(fields[2]) == pgid:
+                cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")[:150]
+                found.append(f"{d.name} {fields[0]} {cmd}")
+        except (OSError, ValueError, IndexError):
+            continue
+    return found
+
+
+def left_in_group(pgid: int, grace: float = 2.0) -> list[str]:
+    """Members of the group still there ``grace`` seconds after its leader exited (zombies included)."""
+    deadline = time.monotonic() + grace
+    while True:
+        left = group_members(pgid)
+        if not left or time.monotonic() > deadline:
+            return left
+        time.sleep(0.1)
+
+
+def start_signal_wait(cmd, env, cwd, ready, sig, timeout=300) -> tuple[int, str, list[str], list[str]]:
+    """Start ``cmd`` in its own session; once ``ready()`` holds, send ``sig`` to the whole group (as SLURM does).
+    Returns (exit code, output, group members when the signal was sent, members left after the exit)."""
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    deadline = time.monotonic() + timeout
+    members: list[str] = []
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            if ready():
+                members = group_members(proc.pid)
+                os.killpg(proc.pid, sig)
+                break
+            time.sleep(0.05)
+        out, _ = proc.communicate(timeout=max(1.0, deadline - time.monotonic()))
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        pytest.fail(f"no exit after {sig!r}; output tail:\n{out[-3000:]}")
+    left = left_in_group(proc.pid)
+    if left:
+        os.killpg(proc.pid, signal.SIGKILL)
+    return proc.returncode, out, members, left
+
+
+# ------------------------------------------------------------------------------------------------ the loader alone
+LOADER_SCRIPT = textwrap.dedent("""
+    import sys, time
+    from ett_ds.engine import preempt
+    preempt.install()
+    from ett_ds.data.shards import train_batches
+
+    def make_example(sample):
+        return sample["__key__"]
+
+    def collate(keys):
+        return {"keys": keys}
+
+    n = 0
+    for batch in train_batches(sys.argv[1], batch_size=4, make_example=make_example, collate=collate,
+                               num_workers=2, shuffle_buffer=8):
+        n += 1
+        print("batch", n, flush=True)
+        if n >= 3 and preempt.received():
+            break
+        time.sleep(0.3)
+    print("stopped on", preempt.received(), flush=True)
+    sys.exit(preempt.REQUEUE_EXIT if preempt.received() else 0)
+""")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
+def test_loader_workers_leave_the_signal_to_the_main_process(demo, tmp_path, sig):
+    """train_batches with 2 workers: the signal to the group is the main process's; the workers survive it (no
+    'DataLoader worker ... is killed by signal') and are gone when the main process exits."""
+    script = tmp_path / "loader.py"
+    script.write_text(LOADER_SCRIPT)
+    log = tmp_path / "log"
+    out_f = open(log, "w")
+    proc = subprocess.Popen([sys.executable, str(script), str(demo / "train")], cwd=REPO, env=subprocess_env(),
+                            stdout=out_f, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while "batch 1" not in log.read_text() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        members = group_members(proc.pid)
+        os.killpg(proc.pid, sig)
+        rc = proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        out_f.close()
+    out = log.read_text()
+    left = left_in_group(proc.pid)
+    assert len(members) == 3, members  # the main process and its 2 workers were there when the signal came
+    assert rc == 75, out[-3000:]
+    assert f"stopped on {sig.name}" in out and "killed by signal" not in out, out[-3000:]
+    assert not left, f"processes left behind: {left}"
+
+
+# ------------------------------------------------------------------------------------------------ real trainings
+STEPS = 200  # never reached: the signal comes after step 2
+
+
+def metrics_reached(metrics: Path, step: int):
+    def ready():
+        return metrics.is_file() and any(json.loads(x).get("step", 0) >= step
+                                         for x in metrics.read_text().splitlines() if x.endswith("}"))
+    return ready
+
+
+def check_preempted(run: Path, rc: int, out: str, left: list[str], ranks: int) -> None:
+    assert rc == 75, out[-4000:]
+    assert "killed by signal" not in out, out[-4000:]
+    assert "[ett_ds] received SIGTERM" in out and "exit 75 (requeue)" in out, out[-3000:]
+    steps = [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()
+             if x.endswith("}") and "step" in json.loads(x) and "eval" not in json.loads(x)]
+    stop = steps[-1]
+    assert 2 <= stop < STEPS, out[-3000:]
+    ckpt = run / "checkpoints" / f"step_{stop:08d}"
+    assert (ckpt / "complete").is_file(), sorted(p.name for p in (run / "checkpoints").glob("*/*"))
+    assert sorted(p.name for p in ckpt.glob("extra_rank*.pt")) == [f"extra_rank{r}.pt" for r in range(ranks)]
+    assert not left, f"processes left behind: {left}"
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_group_with_loader_workers_one_process(demo, tmp_path):
+    """`python -m ett_ds.train` with data.num_workers=2; SIGTERM to its whole process group after step 2: exit 75,
+    a complete checkpoint, no process left (before the fix: exit 1, 'DataLoader worker (pid N) is killed by
+    signal: Terminated', no checkpoint)."""
+    args = demo_train_args(demo, tmp_path, "name=t1", "stage=tokenizer", f"train.max_steps={STEPS}",
+                           "train.save_every=1000", "train.log_every=1", "train.image_every=0",
+                           "data.num_workers=2")
+    cmd = [sys.executable, "-m", "ett_ds.train", *args]
+    run = tmp_path / "t1"
+    rc, out, members, left = start_signal_wait(cmd, subprocess_env(), REPO, metrics_reached(run / "metrics.jsonl", 2),
+                                               signal.SIGTERM)
+    assert len(members) >= 3, members  # the training process and its two loader workers
+    check_preempted(run, rc, out, left, 1)
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_group_with_loader_workers_two_ranks_through_train_sh(demo, tmp_path):
+    """The same with 2 ranks started by launchers/train.sh (deepspeed launcher behind the signal guard), each rank
+    with 2 loader workers: exit 75 (what launchers/slurm.sbatch requeues on), a complete 2-rank checkpoint, no
+    process left."""
+    args = demo_train_args(demo, tmp_path, "name=t2", "stage=tokenizer", f"train.max_steps={STEPS}",
+                           "train.save_every=1000", "train.log_every=1", "train.image_every=0",
+                           "data.num_workers=2")
+    env = subprocess_env(ETT_NO_SETUP="1", ETT_NUM_PROCS="2",
+                         PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+    cmd = ["bash", str(REPO / "launchers" / "train.sh"), "tiny", *args[2:]]
+    run = tmp_path / "t2"
+    rc, out, members, left = start_signal_wait(cmd, env, tmp_path, metrics_reached(run / "metrics.jsonl", 2),
+                                               signal.SIGTERM)
+    assert len(members) >= 6, members  # launchers + 2 ranks + 4 loader workers
+    check_preempted(run, rc, out, left, 2)
