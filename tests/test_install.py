@@ -1,6 +1,7 @@
 """A non-editable install works on its own: `pip install .` copies every file a run reads (recipes, DeepSpeed
 templates, data_tools assets), so the tiny recipe's stage ett trains from another directory with no checkout in
 sight."""
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,9 +15,12 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.mark.slow
 def test_pip_install_dot_then_two_ett_steps_from_another_directory(tmp_path):
-    site = tmp_path / "site"
+    site, src = tmp_path / "site", tmp_path / "src"
+    # built from a copy: setuptools writes build/ and *.egg-info beside the sources it builds
+    shutil.copytree(REPO, src, ignore=shutil.ignore_patterns(".git", ".venv", ".cache", "data", "runs", "build",
+                                                             "*.egg-info", "__pycache__", "bench", "experiments"))
     res = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
-                          "--no-compile", "--target", str(site), str(REPO)], capture_output=True, text=True,
+                          "--no-compile", "--target", str(site), str(src)], capture_output=True, text=True,
                          timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     assert sorted(p.name for p in (site / "ds_configs").glob("*.json")) == ["zero2.json", "zero3.json",
