@@ -10,10 +10,12 @@ import dataclasses
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Annotated
 
 import yaml
 
 from .typed_tree import ConfigError, build, field_docs, markdown_table, parse_value, set_path  # noqa: F401
+from .typed_tree import Decay, Fraction, Len, NonNegFloat, NonNegInt, OneOf, PosFloat, PosInt
 
 RECIPES = Path(__file__).resolve().parent / "recipes"
 
@@ -25,37 +27,37 @@ STAGES = ("tokenizer", "align", "ett", "frozen", "sft", "t2i")
 class TokenizerConfig:
     type: str = "ibq"
     "Which tokenizer (ett_ds/tokenizers): `ibq` (the paper's, index backpropagation) or `vqgan` (taming VQGAN, nearest-neighbour codes with a straight-through estimator)."
-    ch: int = 128
+    ch: PosInt = 128
     "Base channel count of the VQGAN encoder/decoder."
-    ch_mult: list[int] = field(default_factory=lambda: [1, 1, 2, 2, 4])
+    ch_mult: Annotated[list[PosInt], Len(1)] = field(default_factory=lambda: [1, 1, 2, 2, 4])
     "Channel multiplier per resolution level; len(ch_mult)-1 downsamplings (5 levels = 16x)."
-    num_res_blocks: int = 4
+    num_res_blocks: PosInt = 4
     "ResNet blocks per encoder level (the decoder uses one more, as in taming/IBQ)."
-    attn_resolutions: list[int] = field(default_factory=lambda: [16])
+    attn_resolutions: list[PosInt] = field(default_factory=lambda: [16])
     "Feature-map sides (relative to `resolution`) that get a self-attention block."
-    resolution: int = 256
+    resolution: PosInt = 256
     "Nominal input side used to place `attn_resolutions` (IBQ's `resolution`); inputs may be other sizes."
-    z_channels: int = 256
+    z_channels: PosInt = 256
     "Channels of the encoder output before `quant_conv`."
-    in_channels: int = 3
+    in_channels: PosInt = 3
     "Image channels."
-    dropout: float = 0.0
+    dropout: Decay = 0.0
     "Dropout inside ResNet blocks."
-    codebook_size: int = 131072
+    codebook_size: PosInt = 131072
     "K, the number of codes (paper: 131,072)."
-    code_dim: int = 256
+    code_dim: PosInt = 256
     "Dimension of each code (paper: 256)."
-    codebook_init_std: float | None = None
+    codebook_init_std: PosFloat | None = None
     "None: IBQ's uniform(-1/K, 1/K) codebook init; a number: normal(0, std) (keeps more codes alive in short runs)."
-    beta: float = 0.25
+    beta: NonNegFloat = 0.25
     "`ibq`: weight of the codebook term in the double quantization loss (IBQ's placement); `vqgan`: the commitment weight."
-    entropy_temperature: float = 0.01
+    entropy_temperature: PosFloat = 0.01
     "`ibq`: softmax temperature of the entropy loss."
-    entropy_eps: float = 1e-5
+    entropy_eps: PosFloat = 1e-5
     "`ibq`: eps inside the log of the entropy loss's batch distribution, log(mean p + eps) (the IBQ / MAGVIT-v2 reference's 1e-5)."
     l2_norm_codes: bool = False
     "`vqgan`: l2-normalise encoder outputs and codebook rows before the nearest-neighbour search (LlamaGen's VQ-16)."
-    quantizer_chunk_tokens: int | None = None
+    quantizer_chunk_tokens: PosInt | None = None
     "Tokens per chunk of the quantizer's K-wide logits/softmax/entropy (recomputed in backward); None: from a 256 MiB budget (128 at K = 131,072)."
     checkpoint: str | None = None
     "Local path to a tokenizer to start from: a SEED-Voken IBQ or taming VQGAN Lightning .ckpt, or an ett_ds export's tokenizer.safetensors."
@@ -92,9 +94,9 @@ class ModelConfig:
     "The vision tokenizer (`type` picks IBQ or VQGAN)."
     llm: LLMConfig = field(default_factory=LLMConfig)
     "The language model."
-    projector_depth: int = 2
+    projector_depth: PosInt = 2
     "Linear layers in the MLP-GELU projector from code_dim to the LLM hidden size."
-    visual_input: str = "embed"
+    visual_input: Annotated[str, OneOf("embed", "index")] = "embed"
     "`embed` (ETT: codebook embeddings -> projector) or `index` (baseline: ids -> a new embedding table)."
 
 
@@ -104,21 +106,21 @@ class DataConfig:
     "Training shards: a brace pattern (`dir/x-{000000..000099}.tar`), a directory, or several joined by `::`."
     eval: str = ""
     "Held-out shards for evaluation and image logging (optional)."
-    image_size: list[int] = field(default_factory=lambda: [512, 512])
+    image_size: Annotated[list[PosInt], Len(2, 2)] = field(default_factory=lambda: [512, 512])
     "Training resolution as [height, width]; both must be multiples of the tokenizer's downsampling."
-    resize_mode: str = "crop"
+    resize_mode: Annotated[str, OneOf("crop", "pad", "stretch")] = "crop"
     "How images of another aspect ratio are fitted to `image_size`, in training, `evaluate` and `infer` alike: `crop` (cover, then cut the centre; a random offset in training), `pad` (letterbox on mid grey (128, 128, 128)), or `stretch` (plain resize). One warning line per process when inputs' aspect ratio differs from `image_size`'s by more than 10%."
-    max_text_tokens: int = 256
+    max_text_tokens: PosInt = 256
     "Caption tokens kept per sample (longer captions are truncated)."
-    caption_prompts: list[str] = field(default_factory=lambda: ["Describe the image."])
+    caption_prompts: Annotated[list[str], Len(1)] = field(default_factory=lambda: ["Describe the image."])
     "Prompts placed after the image for captioning; one is drawn per sample."
     chat_template: str = "{role}: {content}\n"
     "Format of one chat turn for `sft` (roles `user` and `assistant`)."
-    num_workers: int = 2
+    num_workers: NonNegInt = 2
     "DataLoader worker processes per rank."
-    shuffle_buffer: int = 1000
-    "Samples held in the shuffle buffer (raw bytes)."
-    max_error_rate: float = 0.1
+    shuffle_buffer: NonNegInt = 1000
+    "Samples held in the shuffle buffer (raw bytes); 0 or 1: no shuffling."
+    max_error_rate: Fraction = 0.1
     "Stop the run when more than this fraction of samples fail to decode."
     demo_dir: str | None = None
     "If set and `train` matches no shard, build the built-in demo data here first (`python -m data_tools demo`)."
@@ -126,95 +128,95 @@ class DataConfig:
 
 @dataclass
 class LossConfig:
-    alpha: float = 0.25
+    alpha: NonNegFloat = 0.25
     "Weight of L_vq in `ett` (L = L_cap + alpha L_vq); stage `tokenizer` trains on L_vq alone."
-    l1_weight: float = 1.0
+    l1_weight: NonNegFloat = 1.0
     "Pixel L1 reconstruction weight."
-    perceptual_weight: float = 1.0
+    perceptual_weight: NonNegFloat = 1.0
     "Perceptual (VGG feature) loss weight; only active when `perceptual_weights` is given."
     perceptual_weights: str | None = None
     "Local path to VGG16 weights (torchvision layout). No download: without it the perceptual term is off."
-    quant_weight: float = 1.0
+    quant_weight: NonNegFloat = 1.0
     "Double quantization loss weight."
-    entropy_weight: float = 0.05
+    entropy_weight: NonNegFloat = 0.05
     "Entropy loss weight (lambda_E)."
-    gan_weight: float = 0.1
+    gan_weight: NonNegFloat = 0.1
     "Fixed non-saturating generator loss weight (lambda_G)."
-    gan_start_step: int = 0
+    gan_start_step: NonNegInt = 0
     "Step from which the GAN terms count; before it they run with weight 0 (never a skipped branch)."
-    lecam_weight: float = 0.05
+    lecam_weight: NonNegFloat = 0.05
     "LeCAM regulariser weight on the discriminator."
-    lecam_decay: float = 0.999
+    lecam_decay: Decay = 0.999
     "EMA decay of the LeCAM logit anchors."
-    disc_channels: int = 64
+    disc_channels: PosInt = 64
     "PatchGAN base channels."
-    disc_layers: int = 3
+    disc_layers: PosInt = 3
     "PatchGAN strided layers."
-    disc_lr: float = 1e-4
+    disc_lr: PosFloat = 1e-4
     "Discriminator Adam learning rate."
-    disc_betas: list[float] = field(default_factory=lambda: [0.5, 0.9])
+    disc_betas: Annotated[list[Decay], Len(2, 2)] = field(default_factory=lambda: [0.5, 0.9])
     "Discriminator Adam betas."
 
 
 @dataclass
 class OptimConfig:
-    lr: float = 4e-5
+    lr: PosFloat = 4e-5
     "Peak learning rate of the LLM."
-    projector_lr: float | None = None
+    projector_lr: PosFloat | None = None
     "Peak learning rate of the projector / index table / visual head (default: `lr`)."
-    tokenizer_lr: float | None = None
+    tokenizer_lr: PosFloat | None = None
     "Peak learning rate of the vision tokenizer (default: `lr`)."
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    betas: Annotated[list[Decay], Len(2, 2)] = field(default_factory=lambda: [0.9, 0.999])
     "Adam betas of the LLM and projector."
-    tokenizer_betas: list[float] = field(default_factory=lambda: [0.5, 0.9])
+    tokenizer_betas: Annotated[list[Decay], Len(2, 2)] = field(default_factory=lambda: [0.5, 0.9])
     "Adam betas of the tokenizer (IBQ's)."
-    weight_decay: float = 0.0
+    weight_decay: NonNegFloat = 0.0
     "Decoupled weight decay (AdamW) on matrices; biases and norms never decay."
-    warmup_ratio: float = 0.03
+    warmup_ratio: Decay = 0.03
     "Fraction of `train.max_steps` spent in linear warm-up."
-    schedule: str = "cosine"
+    schedule: Annotated[str, OneOf("cosine", "constant")] = "cosine"
     "`cosine` (decay to `min_lr_ratio` x peak) or `constant` after warm-up."
-    min_lr_ratio: float = 0.0
+    min_lr_ratio: Fraction = 0.0
     "Final learning rate as a fraction of the peak."
-    grad_clip: float = 1.0
+    grad_clip: NonNegFloat = 1.0
     "Global gradient-norm clipping (0 disables)."
 
 
 @dataclass
 class TrainConfig:
-    max_steps: int = 1000
+    max_steps: PosInt = 1000
     "Optimizer steps to run."
-    micro_batch_size: int = 8
+    micro_batch_size: PosInt = 8
     "Samples per rank per forward."
-    global_batch_size: int | None = None
+    global_batch_size: PosInt | None = None
     "Samples per optimizer step; gradient accumulation = global / (micro x ranks). Default: no accumulation."
-    ema_decay: float = 0.999
+    ema_decay: Decay = 0.999
     "EMA decay of the tokenizer weights in stage `tokenizer` (0 disables)."
-    prompt_dropout: float = 0.1
+    prompt_dropout: Fraction = 0.1
     "`t2i`: probability of dropping the prompt (for classifier-free guidance)."
     init_from: str | None = None
     "Checkpoint (a step folder of a previous stage) whose weights initialise this run."
     resume: str = "auto"
     "`auto` continues from the newest complete checkpoint of this run, `never` starts fresh, or a step folder."
-    stop_at: int | None = None
+    stop_at: PosInt | None = None
     "Stop this job (after saving) at this step although `max_steps` is later: for jobs with a time limit; the schedule still spans `max_steps` and `resume=auto` continues."
-    log_every: int = 10
+    log_every: PosInt = 10
     "Steps between metric lines."
-    save_every: int = 500
+    save_every: PosInt = 500
     "Steps between checkpoints (the last step is always saved)."
-    keep_last: int = 2
-    "Checkpoints kept (older ones are deleted once a newer one is complete; the newest one known to be good, i.e. followed by a finite step, is never deleted)."
-    max_bad_steps: int = 5
+    keep_last: NonNegInt = 2
+    "Checkpoints kept (older ones are deleted once a newer one is complete; the newest one known to be good, i.e. followed by a finite step, is never deleted); 0 keeps every one."
+    max_bad_steps: PosInt = 5
     "Steps in a row whose loss or gradient norm is not finite (each skipped: no update) before the run stops with an error."
-    image_every: int = 0
+    image_every: NonNegInt = 0
     "Steps between image grids (input vs reconstruction, samples); 0 disables."
     log_tokenizer_dynamics: bool = False
     "Stages that tune the tokenizer with an LLM: log `code_drift` (relative change of the used codebook rows per step) and `grad_ratio` (caption vs alpha L_vq gradient norm at the codebook embeddings) in metrics.jsonl."
-    eval_every: int = 0
+    eval_every: NonNegInt = 0
     "Steps between held-out validations on `data.eval` (loss terms, greedy captions with exact match and CER, PSNR, t2i samples; rows with an `eval` key in metrics.jsonl, TensorBoard `eval/...`, grids in images/); 0 disables."
-    eval_samples: int = 64
+    eval_samples: PosInt = 64
     "Held-out samples (the first ones of `data.eval`, the same at every validation, split across ranks) whose loss terms and PSNR are computed."
-    eval_images: int = 8
+    eval_images: NonNegInt = 8
     "Of those, how many are captioned greedily and drawn in the validation grids (stage `t2i`: prompts sampled)."
 
 
@@ -222,11 +224,11 @@ class TrainConfig:
 class EngineConfig:
     ds_config: str = "zero3"
     "DeepSpeed template: a name in ds_configs/ (`zero3`, `zero3_offload`, `zero2`) or a path to your own JSON."
-    precision: str = "auto"
+    precision: Annotated[str, OneOf("auto", "autocast_bf16", "fp32")] = "auto"
     "`autocast_bf16` (fp32 params, bf16 compute, fp32 decoder), `fp32`, or `auto` (autocast_bf16 on GPU, fp32 on CPU, where bf16 is emulated and slower)."
-    persistence_threshold: int | None = None
+    persistence_threshold: NonNegInt | None = None
     "ZeRO-3 `stage3_param_persistence_threshold`; default derived from the LLM hidden size."
-    bucket_size: int | None = None
+    bucket_size: PosInt | None = None
     "ZeRO reduce and prefetch bucket size in elements; default derived from the LLM hidden size."
     fused_optimizer: bool | None = None
     "Use PyTorch's fused AdamW (default: on for CUDA)."
@@ -238,9 +240,9 @@ class EngineConfig:
 class Config:
     name: str = "ett"
     "Run name; the run folder is `{out_dir}/{name}`."
-    stage: str = "ett"
-    "tokenizer | align | ett | frozen | sft | t2i (see README, 'Stages')."
-    seed: int = 0
+    stage: Annotated[str, OneOf(*STAGES)] = "ett"
+    "What this run trains (see README, 'Stages')."
+    seed: NonNegInt = 0
     "Seed of model init, data order and sampling."
     out_dir: str = "runs"
     "Parent folder of run folders."
@@ -266,30 +268,17 @@ class Config:
             if not ok:
                 raise ConfigError(msg)
 
-        need(self.stage in STAGES, f"stage: '{self.stage}' is not one of {', '.join(STAGES)}")
         m, t = self.model, self.model.tokenizer
-        need(m.visual_input in ("embed", "index"), f"model.visual_input: '{m.visual_input}' must be embed or index")
         need(not (m.visual_input == "index" and self.stage in ("ett", "t2i")),
              f"stage {self.stage} needs model.visual_input=embed (the index baseline keeps the tokenizer frozen)")
         need(self.stage == "tokenizer" or m.llm.path or m.llm.init_config,
              "model.llm: set `path` (a local HF model folder) or `init_config`")
-        need(len(self.data.image_size) == 2, "data.image_size: expected [height, width]")
-        need(self.data.resize_mode in ("crop", "pad", "stretch"),
-             f"data.resize_mode: '{self.data.resize_mode}' must be crop, pad or stretch")
         from .tokenizers import REGISTRY  # the registry imports this module: resolved here, at validation
         need(t.type in REGISTRY, f"model.tokenizer.type: '{t.type}' is not one of {', '.join(REGISTRY)}")
         need(not t.l2_norm_codes or t.type == "vqgan", "model.tokenizer.l2_norm_codes applies to type vqgan only")
         f = t.downsample
         for side in self.data.image_size:
             need(side % f == 0, f"data.image_size: {side} is not a multiple of the tokenizer downsampling {f}")
-        need(self.engine.precision in ("auto", "autocast_bf16", "fp32"),
-             f"engine.precision: '{self.engine.precision}' must be auto, autocast_bf16 or fp32")
-        need(self.optim.schedule in ("cosine", "constant"), "optim.schedule: must be cosine or constant")
-        need(self.train.max_steps > 0 and self.train.micro_batch_size > 0, "train: max_steps and micro_batch_size must be > 0")
-        need(0 <= self.optim.warmup_ratio < 1, "optim.warmup_ratio: must be in [0, 1)")
-        need(self.train.max_bad_steps >= 1, "train.max_bad_steps: must be >= 1")
-        need(self.train.eval_every >= 0 and self.train.eval_samples >= 1 and self.train.eval_images >= 0,
-             "train: eval_every and eval_images must be >= 0, eval_samples >= 1")
         need(not self.train.eval_every or bool(self.data.eval), "train.eval_every needs data.eval (held-out shards)")
         return self
 
