@@ -5,6 +5,17 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 # shellcheck source=launchers/setup_env.sh
 source launchers/setup_env.sh
+# test-only packages (requirements-test.txt), with requirements.txt in the same resolve so its torch pin holds
+_tstamp="$(python -c 'import sys; print(sys.prefix)')/.ett_ds_test_installed"
+_twant="$(cat requirements.txt requirements-test.txt | sha1sum | cut -d' ' -f1)"
+if [ "$(cat "$_tstamp" 2>/dev/null)" != "$_twant" ]; then
+    echo "[tests] installing test-only requirements (pip)"
+    if python -m pip install -q --disable-pip-version-check -r requirements.txt -r requirements-test.txt; then
+        echo "$_twant" > "$_tstamp"
+    else
+        echo "[tests] pip failed; tests that need requirements-test.txt will skip"
+    fi
+fi
 if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then
     pkgs=$(grep -v '^#' tests/apt-packages.txt | tr '\n' ' ')
     missing=$(for p in $pkgs; do dpkg -s "$p" >/dev/null 2>&1 || echo "$p"; done)

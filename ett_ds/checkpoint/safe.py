@@ -8,6 +8,10 @@ DeepSpeed's own readers (``engine.load_checkpoint``, ``zero_to_fp32``, ``ds_to_u
 ``torch.load(weights_only=False)``; :func:`make_loads_safe` and :func:`reads_safely` route them through
 :func:`safe_load`. Tensors that leave ett_ds are safetensors files (:func:`read_safetensors`,
 :func:`save_safetensors`).
+
+Foreign checkpoints that pickle arbitrary objects (PyTorch-Lightning ``.ckpt`` files with omegaconf hyper-parameters,
+e.g. SEED-Voken's IBQ) are read by :mod:`.inert_unpickle` instead: tensors and plain data are rebuilt and every other
+object becomes an inert placeholder that is never called. No error message of ett_ds advises ``weights_only=False``.
 """
 from __future__ import annotations
 

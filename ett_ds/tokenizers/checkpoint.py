@@ -6,11 +6,14 @@ A taming VQGAN (``VQModel`` with ``VectorQuantizer2``) or SEED-Voken IBQ checkpo
 (LitEma buffers: the parameter name with its dots removed, plus ``decay``/``num_updates``). Its architecture lives
 in a YAML (``model.params`` or ``model.init_args``: ``ddconfig`` / ``n_embed`` / ``embed_dim``). Both tokenizer
 types here use that layout, so one importer serves both; ``model.tokenizer.type`` says which quantizer to build.
+
+Such a ``.ckpt`` also pickles omegaconf ``hyper_parameters``, callback and optimizer states, which
+``torch.load(weights_only=True)`` refuses. It is read with ``checkpoint.inert_unpickle``: tensors and plain data are
+rebuilt, every other pickled object becomes an inert placeholder that is never called, so nothing in the file runs
+(a crafted ``__reduce__`` included) and no ``weights_only=False`` is ever needed.
 """
 from __future__ import annotations
 
-import pickle
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +21,7 @@ import torch
 import yaml
 
 from ..checkpoint import CheckpointError, read_safetensors
+from ..checkpoint.inert_unpickle import read_untrusted
 from ..config import TokenizerConfig
 
 TOKENIZER_PREFIXES = ("encoder.", "decoder.", "quant_conv.", "post_quant_conv.", "quantize.")
@@ -54,6 +58,11 @@ def tokenizer_config_from_yaml(path: str | Path, base: TokenizerConfig | None = 
     depth; an export's ``tokenizer_config.json`` reads the same way)."""
     with open(path) as fh:
         tree = yaml.safe_load(fh)
+    return tokenizer_config_from_tree(tree, path, base)
+
+
+def tokenizer_config_from_tree(tree: Any, path: str | Path, base: TokenizerConfig | None = None) -> TokenizerConfig:
+    """:func:`tokenizer_config_from_yaml` on already parsed data (``path`` names its source in errors)."""
     dd = _find(tree, "ddconfig")
     if not isinstance(dd, dict):
         raise CheckpointError(f"{path}: no 'ddconfig' section found (is this a taming / IBQ config?)")
@@ -76,28 +85,42 @@ def tokenizer_config_from_yaml(path: str | Path, base: TokenizerConfig | None = 
     return cfg
 
 
+def read_checkpoint(path: str | Path) -> tuple[Any, list[str]]:
+    """A .ckpt/.pt file's content as plain data, with nothing in it run (``checkpoint.inert_unpickle``): tensors,
+    containers, omegaconf configs as dicts/lists, every other pickled object a ``NotLoaded``; plus the names of the
+    globals it pickles that were not loaded."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"tokenizer checkpoint not found: {path}")
+    return read_untrusted(path)
+
+
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """Load a .ckpt/.pt (weights_only) or .safetensors file and return its flat state dict."""
+    """The flat state dict (its tensors) of a .safetensors file or a .ckpt/.pt (a Lightning checkpoint's
+    ``state_dict``, or the top level), read without running anything from it."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"tokenizer checkpoint not found: {path}")
     if path.suffix == ".safetensors":
         return read_safetensors(path)
-    if not zipfile.is_zipfile(path):
-        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint (expected a torch.save zip archive)")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        raise CheckpointError(
-            f"{path}: refuses to load with weights_only=True because the file pickles Python objects. If you trust "
-            "it, re-save only its tensors: python -c \"import torch; c=torch.load('IN', weights_only=False); "
-            "torch.save({'state_dict': c['state_dict']}, 'OUT')\"") from None
-    except Exception as e:  # corrupt archive
-        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}: {e})") from None
+    obj, skipped = read_checkpoint(path)
     sd = obj.get("state_dict", obj) if isinstance(obj, dict) else None
-    if not isinstance(sd, dict):
-        raise CheckpointError(f"{path}: no state_dict inside")
-    return sd
+    tensors = {k: v for k, v in sd.items() if isinstance(k, str) and isinstance(v, torch.Tensor)} \
+        if isinstance(sd, dict) else {}
+    if not tensors:
+        also = f" (its other objects, e.g. '{skipped[0]}', were not loaded and nothing was run)" if skipped else ""
+        raise CheckpointError(f"{path}: no tensors in its state_dict{also}")
+    return tensors
+
+
+def tokenizer_config_from_checkpoint(path: str | Path, base: TokenizerConfig | None = None) -> TokenizerConfig:
+    """Fill a TokenizerConfig from the ``hyper_parameters`` a Lightning checkpoint keeps (SEED-Voken's IBQ saves its
+    ``ddconfig`` / ``n_embed`` / ``embed_dim`` there, often as omegaconf objects, read as plain data)."""
+    obj, _ = read_checkpoint(path)
+    hp = obj.get("hyper_parameters") if isinstance(obj, dict) else None
+    if not isinstance(hp, dict):
+        raise CheckpointError(f"{path}: no hyper_parameters to read the architecture from (give a YAML instead)")
+    return tokenizer_config_from_tree(hp, path, base)
 
 
 def tokenizer_weights(sd: dict[str, torch.Tensor], expected: list[str], use_ema: bool = True,
