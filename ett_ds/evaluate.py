@@ -54,7 +54,14 @@ from pathlib import Path
 
 import torch
 
-TASKS = ("recon", "caption", "t2i", "vqa")
+from .data.batch import Batcher
+from .data.decode import DataErrorRateExceeded, check_error_rate
+from .data.eval_stream import eval_batches
+from .data.shards import expand_urls
+from .eval.tasks import (TASKS, CaptionTask, EvalTask, ReconTask, T2ITask, VQATask, caption_diversity,  # noqa: F401
+                         result_warnings)
+from .models.ett import STAGE_SPECS
+
 
 
 class EvalError(Exception):
@@ -132,99 +139,6 @@ def _load(ckpt: str, tasks: list[str], device):
         raise EvalError(str(e).splitlines()[0]) from None
 
 
-def _mean(xs):
-    xs = [x for x in xs if x is not None and math.isfinite(x)]
-    return sum(xs) / len(xs) if xs else None
-
-
-@torch.no_grad()
-def evaluate_batch(model, text, batch, tasks, reader, device, max_new_tokens) -> tuple[list[dict], torch.Tensor, dict]:
-    """Records of the batch's valid rows, the codebook histogram of those rows, and the first reconstructions."""
-    from .data.transforms import to_unit_range
-    from .eval import metrics as M
-    from .generation import caption
-    valid = batch["valid"].bool()
-    pixels = to_unit_range(batch["pixels"][valid].to(device))
-    refs = [t for t, v in zip(batch["text"], valid.tolist()) if v]
-    recs = [{"ref": r} for r in refs]
-    hist = torch.zeros(model.tokenizer.codebook_size, dtype=torch.long)
-    pics = {}
-    if not len(refs):
-        return recs, hist, pics
-    if "recon" in tasks:
-        tok = model.tokenizer
-        q = tok.encode(pixels, losses=False)
-        recon = tok.decode(q.z_q).float().clamp(-1, 1)
-        hist += M.histogram(q.indices.cpu(), tok.cfg.codebook_size)
-        for r, p, s in zip(recs, M.psnr(recon, pixels).tolist(), M.ssim(recon.cpu(), pixels.cpu()).tolist()):
-            r.update(psnr=p, ssim=s)
-        if reader is not None:
-            for r, orig, rec in zip(recs, M.to_uint8_images(pixels), M.to_uint8_images(recon)):
-                r["ocr_original"], r["ocr_recon"] = reader.read(orig), reader.read(rec)
-        pics = {"input": pixels.cpu(), "recon": recon.cpu()}
-    if "caption" in tasks:
-        for r, c in zip(recs, caption(model, text, pixels, max_new_tokens=max_new_tokens)):
-            r["caption"] = c
-    return recs, hist, pics
-
-
-def t2i_images(model, text, prompts, args, device) -> torch.Tensor:
-    from .generation import generate_images
-    if not prompts:
-        return torch.zeros(0, 3, *model.cfg.data.image_size)
-    return generate_images(model, text, prompts, cfg_scale=args.cfg_scale, temperature=args.t2i_temperature,
-                           top_k=args.t2i_top_k, seed=args.seed).cpu()
-
-
-def summarize(recs: list[dict], hist: torch.Tensor, tasks: list[str], reader_on: bool) -> dict:
-    from .eval import metrics as M
-    out: dict = {"num_samples": len(recs)}
-    refs = [r["ref"] for r in recs]
-    if "recon" in tasks:
-        cb = M.stats_from_histogram(hist)
-        rec = {"psnr": _mean([r["psnr"] for r in recs]), "ssim": _mean([r["ssim"] for r in recs]),
-               "codebook_usage": cb["usage"], "codebook_perplexity": cb["perplexity"], "codes_used": cb["used"],
-               "codebook_size": cb["codebook_size"]}
-        if reader_on:
-            rec["ocr_cer_recon"] = M.corpus_cer([r["ocr_recon"] for r in recs], refs, normalize=True)
-            rec["ocr_cer_original"] = M.corpus_cer([r["ocr_original"] for r in recs], refs, normalize=True)
-            rec["ocr_em_recon"] = M.mean_exact_match([r["ocr_recon"] for r in recs], refs)
-            rec["ocr_em_original"] = M.mean_exact_match([r["ocr_original"] for r in recs], refs)
-        else:
-            rec["ocr"] = "skipped: RapidOCR not installed or --ocr off"
-        out["recon"] = rec
-    if "caption" in tasks:
-        hyps = [r["caption"] for r in recs]
-        out["caption"] = {"exact_match": M.mean_exact_match(hyps, refs),
-                          "cer": M.corpus_cer(hyps, refs, normalize=True),
-                          "mean_cer": _mean([M.char_error_rate(h, r, normalize=True) for h, r in zip(hyps, refs)]),
-                          **caption_diversity(hyps, refs)}
-    return out
-
-
-DIVERSITY_WARN = 0.2
-
-
-def caption_diversity(hyps: list[str], refs: list[str]) -> dict:
-    """``diversity`` = distinct predictions / distinct references (after case and whitespace normalisation;
-    None without references), with both counts. A model that ignores the image writes a few captions for every
-    input, and its diversity falls towards 1 / distinct references."""
-    from .eval.metrics import normalize_text
-    n_hyp, n_ref = len({normalize_text(h) for h in hyps}), len({normalize_text(r) for r in refs})
-    return {"diversity": n_hyp / n_ref if n_ref else None, "distinct_predictions": n_hyp,
-            "distinct_references": n_ref}
-
-
-def result_warnings(result: dict) -> list[str]:
-    """One-line warnings about a summary (low caption diversity)."""
-    cap = result.get("caption") or {}
-    d = cap.get("diversity")
-    if d is not None and d < DIVERSITY_WARN:
-        return [f"caption diversity {d:.3f} < {DIVERSITY_WARN}: {cap['distinct_predictions']} distinct predictions "
-                f"for {cap['distinct_references']} distinct references -- captions ignore the image?"]
-    return []
-
-
 def print_table(result: dict) -> None:
     rows = [("samples", result["num_samples"])]
     for task in TASKS:
@@ -237,28 +151,16 @@ def print_table(result: dict) -> None:
 
 
 # -- main ----------------------------------------------------------------------------------------------------------
-def run(args) -> dict | None:
-    from .data.batch import Batcher
-    from .data.decode import DataErrorRateExceeded, check_error_rate
-    from .data.eval_stream import eval_batches
-    from .data.shards import expand_urls
-    from .eval import metrics as M
-    from .models.ett import STAGE_SPECS
-
-    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+def _parse_tasks(text: str) -> list[str]:
+    tasks = [t.strip() for t in text.split(",") if t.strip()]
     bad = [t for t in tasks if t not in TASKS]
     if bad or not tasks:
         raise EvalError(f"--tasks: unknown task(s) {', '.join(bad) or '(none)'}; choose from {', '.join(TASKS)}")
-    if not Path(args.ckpt).exists():
-        raise EvalError(f"checkpoint not found: {args.ckpt}")
-    rank, world = _dist_setup()
-    local = int(os.environ.get("LOCAL_RANK", 0))
-    device = torch.device(args.device or (f"cuda:{local}" if torch.cuda.is_available() else "cpu"))
-    loaded = _load(args.ckpt, tasks, device)
-    model, text, cfg = loaded.model, loaded.text, loaded.cfg
-    if args.resize_mode is not None:
-        cfg.data.resize_mode = args.resize_mode
-    data = args.data or cfg.data.eval
+    return tasks
+
+
+def _check_data(data, tasks: list[str], args) -> bool:
+    """Whether ``data`` is a VQA JSONL; one-line errors for data the tasks cannot read."""
     if not data:
         raise EvalError("no --data given and the checkpoint's config has no data.eval")
     jsonl = str(data).endswith((".jsonl", ".ndjson"))
@@ -274,92 +176,98 @@ def run(args) -> dict | None:
             expand_urls(data)
     except FileNotFoundError as e:
         raise EvalError(str(e)) from None
-    notes = {}
-    if "t2i" in tasks and not STAGE_SPECS[cfg.stage].generate:
-        tasks.remove("t2i")
-        notes["t2i"] = {"skipped": f"stage={cfg.stage} checkpoint has no visual head (t2i needs a stage=t2i one)"}
-    reader = _ocr_reader(args.ocr) if ("recon" in tasks or "t2i" in tasks) else None
-    needs_text = text if ("caption" in tasks or "t2i" in tasks) else None
-    batcher = Batcher(cfg, text if STAGE_SPECS[cfg.stage].uses_llm else None, train=False)
-    max_batches = None
-    if args.max_samples:
-        max_batches = max(1, math.ceil(args.max_samples / (args.batch_size * world)))
-    t0 = time.time()
-    recs, hist, pics = [], torch.zeros(cfg.model.tokenizer.codebook_size, dtype=torch.long), {}
-    stats = Counter()
-    batches = [] if tasks == ["vqa"] else \
-        eval_batches(data, batch_size=args.batch_size, make_example=batcher.make_example, collate=batcher.collate,
-                     rank=rank, world_size=world, num_workers=args.num_workers, max_batches=max_batches)
-    for batch in batches:
+    return jsonl
+
+
+def build_tasks(names: list[str], loaded, reader, args, data, rank: int, world: int) -> list[EvalTask]:
+    model, text, cfg = loaded.model, loaded.text, loaded.cfg
+    make = {
+        "recon": lambda: ReconTask(model, reader),
+        "caption": lambda: CaptionTask(model, text, cfg.data.max_text_tokens + 1),
+        "t2i": lambda: T2ITask(model, text, reader, args.t2i_samples, world, args.cfg_scale, args.t2i_temperature,
+                               args.t2i_top_k, args.seed),
+        "vqa": lambda: VQATask(model, text, cfg, str(data), args.vqa_prompt, args.batch_size,
+                               args.vqa_max_new_tokens, rank, world, args.max_samples),
+    }
+    return [make[n]() for n in names]
+
+
+def _shared_pass(tasks: list[EvalTask], loaded, data, args, rank: int, world: int, device) -> tuple[list, Counter]:
+    """The one pass over the evaluation shards: each per-batch task fills the records of the batch's valid rows."""
+    from .data.transforms import to_unit_range
+    cfg = loaded.cfg
+    per_batch = [t for t in tasks if t.per_batch]
+    recs, stats = [], Counter()
+    if not per_batch and all(t.name == "vqa" for t in tasks):
+        return recs, stats
+    batcher = Batcher(cfg, loaded.text if STAGE_SPECS[cfg.stage].uses_llm else None, train=False)
+    max_batches = max(1, math.ceil(args.max_samples / (args.batch_size * world))) if args.max_samples else None
+    for batch in eval_batches(data, batch_size=args.batch_size, make_example=batcher.make_example,
+                              collate=batcher.collate, rank=rank, world_size=world, num_workers=args.num_workers,
+                              max_batches=max_batches):
         stats.update(batch.get("data_stats") or {})
-        r, h, p = evaluate_batch(model, needs_text, batch, tasks, reader, device, cfg.data.max_text_tokens + 1)
-        recs += r
-        hist += h
-        if not pics and p:
-            pics = {k: v[:8] for k, v in p.items()}
-    t2i = None
-    if "t2i" in tasks:  # each rank draws its share of the first --t2i-samples captions
-        mine = recs[: math.ceil(args.t2i_samples / world)]
-        imgs = t2i_images(model, text, [r["ref"] for r in mine], args, device)
-        gen = [M.to_uint8_images(im)[0] for im in imgs]
-        t2i = [{"prompt": r["ref"], "ocr": reader.read(g) if reader else None} for r, g in zip(mine, gen)], imgs
-    vqa = None
-    if "vqa" in tasks:
-        from .eval.vqa import run_vqa
-        per_rank = math.ceil(args.max_samples / world) if args.max_samples else None
-        vqa, vqa_stats = run_vqa(model, text, cfg, str(data), args.vqa_prompt, args.batch_size,
-                                 args.vqa_max_new_tokens, rank, world, per_rank)
-        stats.update(vqa_stats)
-    gathered = gather((recs, hist, t2i, pics, stats, vqa), world)
-    data_stats = sum((g[4] for g in gathered), Counter())
+        valid = batch["valid"].bool()
+        batch_recs = [{"ref": t} for t, v in zip(batch["text"], valid.tolist()) if v]
+        if batch_recs:
+            pixels = to_unit_range(batch["pixels"][valid].to(device))
+            for task in per_batch:
+                task.update(pixels, batch_recs)
+        recs += batch_recs
+    return recs, stats
+
+
+def run(args) -> dict | None:
+    names = _parse_tasks(args.tasks)
+    if not Path(args.ckpt).exists():
+        raise EvalError(f"checkpoint not found: {args.ckpt}")
+    rank, world = _dist_setup()
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    device = torch.device(args.device or (f"cuda:{local}" if torch.cuda.is_available() else "cpu"))
+    loaded = _load(args.ckpt, names, device)
+    cfg = loaded.cfg
+    if args.resize_mode is not None:
+        cfg.data.resize_mode = args.resize_mode
+    data = args.data or cfg.data.eval
+    _check_data(data, names, args)
+    notes = {}
+    if "t2i" in names and not STAGE_SPECS[cfg.stage].generate:
+        names.remove("t2i")
+        notes["t2i"] = {"skipped": f"stage={cfg.stage} checkpoint has no visual head (t2i needs a stage=t2i one)"}
+    reader = _ocr_reader(args.ocr) if ("recon" in names or "t2i" in names) else None
+    tasks = build_tasks(names, loaded, reader, args, data, rank, world)
+    t0 = time.time()
+    with torch.no_grad():
+        recs, stats = _shared_pass(tasks, loaded, data, args, rank, world, device)
+        for task in tasks:
+            task.after_pass(recs)
+            stats.update(getattr(task, "stats", None) or {})
+    gathered = gather((recs, stats, [t.state() for t in tasks]), world)
+    data_stats = sum((g[1] for g in gathered), Counter())
     try:  # every rank holds the same totals after the gather, so every rank stops alike (no hung collective)
         check_error_rate(data_stats, cfg.data.max_error_rate, min_samples=1, where=str(data))
     except DataErrorRateExceeded as e:
         raise EvalError(f"{e} (data.max_error_rate comes from the checkpoint's config)") from None
     if rank != 0:
         return None
-    all_recs = [r for g in gathered for r in g[0]]
-    if args.max_samples:
-        all_recs = all_recs[: args.max_samples]
-    total_hist = sum(g[1] for g in gathered)
+    all_recs = [r for g in gathered for r in g[0]][: args.max_samples or None]
     result = {"ckpt": str(loaded.source), "stage": cfg.stage, "visual_input": cfg.model.visual_input,
-              "data": str(data), "world_size": world, "tasks": tasks, "resize_mode": cfg.data.resize_mode,
+              "data": str(data), "world_size": world, "tasks": names, "resize_mode": cfg.data.resize_mode,
               "image_size": list(cfg.data.image_size), "data_stats": dict(sorted(data_stats.items())),
-              **summarize(all_recs, total_hist, tasks, reader is not None)}
+              "num_samples": len(all_recs)}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for i, task in enumerate(tasks):
+        states = [g[2][i] for g in gathered]
+        result[task.name] = task.summarize(all_recs, states)
+        task.write(out, result[task.name], states)
     result["warnings"] = result_warnings(result)
     for w in result["warnings"]:
         print(f"warning: {w}", file=sys.stderr, flush=True)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if t2i is not None:
-        items = [x for g in gathered for x in g[2][0]][: args.t2i_samples]
-        imgs = torch.cat([g[2][1] for g in gathered])[: args.t2i_samples]
-        grid = M.save_grid([imgs], out.with_name(out.stem + "_t2i.png"), labels=["t2i"], scale=2)
-        res = {"num": len(items), "grid": str(grid)}
-        if reader is not None:
-            res["ocr_cer"] = M.corpus_cer([x["ocr"] for x in items], [x["prompt"] for x in items], normalize=True)
-            res["ocr_exact_match"] = M.mean_exact_match([x["ocr"] for x in items], [x["prompt"] for x in items])
-        result["t2i"] = res
-        for x in items:
-            x["task"] = "t2i"
-    if vqa is not None:
-        from .eval.vqa import summarize_vqa
-        vqa_recs = [r for g in gathered for r in g[5]][: args.max_samples or None]
-        result["vqa"] = summarize_vqa(vqa_recs, args.vqa_prompt)
-        result["vqa"]["samples"] = str(out.with_name(out.stem + "_vqa.jsonl"))
-        with open(result["vqa"]["samples"], "w") as fh:
-            for i, r in enumerate(vqa_recs):
-                fh.write(json.dumps({"index": i, **r}) + "\n")
     result.update(notes)
-    pics = gathered[0][3]
-    if pics and "recon" in result:
-        result["recon"]["grid"] = str(M.save_grid([pics["input"], pics["recon"]], out.with_name(out.stem + "_recon.png"),
-                                                   labels=["input", "recon"], scale=2))
-    with open(out.with_name(out.stem + "_samples.jsonl"), "w") if tasks != ["vqa"] else open(os.devnull, "w") as fh:
-        for i, r in enumerate(all_recs):
-            fh.write(json.dumps({"index": i, **r}) + "\n")
-    if t2i is not None:
-        result["t2i"]["samples"] = items
+    if names != ["vqa"]:
+        with open(out.with_name(out.stem + "_samples.jsonl"), "w") as fh:
+            for i, r in enumerate(all_recs):
+                fh.write(json.dumps({"index": i, **r}) + "\n")
     result["seconds"] = round(time.time() - t0, 2)
     out.write_text(json.dumps(result, indent=1))
     return result

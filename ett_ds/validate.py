@@ -10,7 +10,7 @@ Every ``train.eval_every`` steps the trainer calls :meth:`Validator.run`, which 
   ``psnr_ema`` with the EMA weights in stage ``tokenizer``;
 - greedy captions of the first ``train.eval_images`` held-out images with exact match and CER (``align``, ``ett``,
   ``frozen``, ``sft``; ``sft`` prompts in its chat template), through ``ett_ds.generation`` and scored by
-  ``ett_ds.evaluate.summarize``;
+  ``ett_ds.eval.tasks.caption_summary`` (the numbers ``evaluate --tasks caption`` reports);
 - ``t2i``: one image sampled for each of the first ``train.eval_images`` held-out captions
   (``generation.generate_images``, classifier-free guidance 3, seed ``seed``).
 
@@ -34,6 +34,7 @@ import torch
 
 from .data.batch import batch_to_device
 from .engine import dist
+from .eval.tasks import caption_summary
 
 CAPTION_STAGES = ("align", "ett", "frozen", "sft")
 
@@ -200,7 +201,6 @@ class Validator:
         return metrics, {}, grids
 
     def _captions(self, metrics: dict, grids: dict) -> dict:
-        from .evaluate import summarize
         tr = self.tr
         rows = [i for i, t in enumerate(self.shown["text"]) if t.strip()]
         if not rows:
@@ -209,9 +209,8 @@ class Validator:
         pixels = batch_to_device({"pixels": shown["pixels"]}, tr.device)["pixels"]
         hyps = greedy_captions(tr.model, tr.text, pixels, self.cfg.data.max_text_tokens + 1)
         refs = [t.strip() for t in shown["text"]]
-        recs = [{"ref": r, "caption": h} for r, h in zip(refs, hyps)]
-        cap = summarize(recs, torch.zeros(1), ["caption"], False)["caption"]
-        cap["num"] = len(recs)
+        cap = caption_summary(hyps, refs)
+        cap["num"] = len(refs)
         cap["samples"] = [{"pred": h, "true": r} for h, r in zip(hyps, refs)]
         metrics["caption"] = cap
         grids["eval/captions"] = ([pixels], ["held-out"], [[f"pred: {h}\ntrue: {r}" for h, r in zip(hyps, refs)]])
