@@ -179,8 +179,9 @@ def poisoned(tmp_path, name, weights, protocol=2):
     """A Lightning-like checkpoint: the weights plus the payload (in hyper_parameters), and the marker path."""
     marker = tmp_path / f"code_ran_{name.replace(' ', '_')}"
     path = tmp_path / "evil.ckpt"
-    torch.save({"state_dict": weights, "hyper_parameters": {"cfg": payloads(marker)[name]}, "global_step": 1},
-               path, pickle_protocol=protocol)
+    payload = payloads(marker)[name]
+    torch.save({"state_dict": {**weights, "loss.payload": payload}, "hyper_parameters": {"cfg": payload},
+                "global_step": 1}, path, pickle_protocol=protocol)
     return path, marker
 
 
@@ -210,6 +211,24 @@ def test_a_payload_loads_the_tensors_and_runs_nothing(lightning_ckpt, tmp_path, 
         assert isinstance(data["hyper_parameters"]["cfg"], NotLoaded) and not_loaded
     assert not marker.exists(), "the checkpoint ran code"
     assert_probe_is_live(path, marker)
+
+
+def test_a_global_is_never_imported(tmp_path, monkeypatch):
+    """A module whose import runs a command (named by a pickled function) is never imported by the loader."""
+    import sys
+    marker = tmp_path / "imported"
+    (tmp_path / "runs_on_import.py").write_text(f"import pathlib\npathlib.Path({str(marker)!r}).touch()\n"
+                                                "def f():\n    pass\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import runs_on_import
+    path = tmp_path / "ref.ckpt"
+    torch.save({"state_dict": {"w": torch.ones(2)}, "fn": runs_on_import.f}, path)
+    del sys.modules["runs_on_import"]
+    marker.unlink()
+    assert torch.equal(read_state_dict(path)["w"], torch.ones(2))
+    assert "runs_on_import" not in sys.modules and not marker.exists()
+    assert_probe_is_live(path, marker)
+    del sys.modules["runs_on_import"]
 
 
 def rewritten(tmp_path, name, data_pkl: bytes | None = None, extra: dict | None = None):

@@ -240,11 +240,11 @@ def load_inert(path: str | Path) -> tuple[Any, list[str]]:
             if not zipfile.is_zipfile(fh):
                 raise CheckpointError(f"{path}: not a readable PyTorch checkpoint (expected a torch.save zip archive)")
             fh.seek(0)
-            names = zipfile.ZipFile(fh).namelist()
-            if any(n.endswith("constants.pkl") or "/code/" in n for n in names):
+            records = {n.split("/", 1)[-1] for n in zipfile.ZipFile(fh).namelist()}  # below the archive's folder
+            if "constants.pkl" in records or any(r.startswith("code/") for r in records):  # torch.load -> jit.load
                 raise CheckpointError(f"{path}: a TorchScript archive, not a checkpoint (refused: loading it could "
                                       "run code)")
-            if not any(n.endswith("/data.pkl") or n == "data.pkl" for n in names):
+            if "data.pkl" not in records:
                 raise CheckpointError(f"{path}: not a readable PyTorch checkpoint (no data.pkl in the archive)")
             fh.seek(0)
             obj = torch.load(fh, map_location="cpu", pickle_module=module, weights_only=False, mmap=False)
@@ -325,7 +325,10 @@ def _key(k):
 def read_untrusted(path: str | Path) -> tuple[Any, list[str]]:
     """:func:`load_inert` then :func:`to_plain`: the file's data with nothing run, and the globals not loaded."""
     obj, names = load_inert(path)
-    return to_plain(obj), names
+    try:
+        return to_plain(obj), names
+    except RecursionError:
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint (nested too deeply)") from None
 
 
 __all__ = ["Inert", "InertUnpickler", "NotLoaded", "allowed_callables", "load_inert", "read_untrusted", "to_plain"]
