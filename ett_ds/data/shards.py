@@ -27,11 +27,25 @@ from ..engine import preempt
 from .decode import DataErrorRateExceeded, check_error_rate, decode_sample, is_url, iter_tar_samples
 from .format import IMAGE_EXTS, SampleError
 
-__all__ = ["train_batches", "expand_urls", "DataErrorRateExceeded", "stream_seed"]
+__all__ = ["train_batches", "expand_urls", "list_shards", "local_shard", "DataErrorRateExceeded", "stream_seed"]
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # URLs
+
+
+def local_shard(path) -> str:
+    """A local file as a shard URL: its absolute path. Only a string the user typed may be ``pipe:CMD`` or a URL;
+    a name that comes from listing a folder or expanding a glob is a file, always, and webdataset's opener takes a
+    relative name such as ``pipe:touch X;cat y #.tar`` or ``http:x.tar`` for a scheme (it runs the command, or
+    curl). An absolute path starts with ``/``, which no scheme does, so the opener opens it as a file."""
+    return os.path.abspath(os.path.expanduser(os.fspath(path)))
+
+
+def list_shards(folder) -> list[str]:
+    """The ``*.tar`` files of a folder, sorted, as :func:`local_shard` paths: what every reader that lists a shard
+    folder (training, evaluation, ``data_tools verify``, ``data_tools instruct``) reads."""
+    return sorted(local_shard(t) for t in Path(os.path.expanduser(os.fspath(folder))).glob("*.tar"))
 
 
 def _expand_one(spec: str, missing: list[str]) -> list[str]:
@@ -44,19 +58,19 @@ def _expand_one(spec: str, missing: list[str]) -> list[str]:
             continue
         p = Path(os.path.expanduser(path))
         if p.is_dir():
-            tars = sorted(str(t) for t in p.glob("*.tar"))
+            tars = list_shards(p)
             if not tars:
                 images = [f for f in p.iterdir() if f.suffix.lower().lstrip(".") in IMAGE_EXTS][:1]
                 missing.append(f"{p}/*.tar" + (" (a folder of images: make shards with `python -m data_tools shard "
                                                 f"{p} --out SHARDS`)" if images else ""))
             out.extend(tars)
         elif glob.has_magic(str(p)):
-            hits = sorted(glob.glob(str(p)))
+            hits = sorted(local_shard(h) for h in glob.glob(str(p)))
             if not hits:
                 missing.append(str(p))
             out.extend(hits)
         elif p.is_file():
-            out.append(str(p))
+            out.append(local_shard(p))
         else:
             missing.append(str(p))
     return out
@@ -64,7 +78,8 @@ def _expand_one(spec: str, missing: list[str]) -> list[str]:
 
 def expand_urls(urls) -> list[str]:
     """Brace patterns, ``a::b`` joins, lists, directories (every ``*.tar`` inside), globs, ``pipe:CMD`` and
-    ``http(s)://`` (any scheme webdataset's ``gopen`` opens) -> shard URLs.
+    ``http(s)://`` (any scheme webdataset's ``gopen`` opens) -> shard URLs. Local files (listed, globbed or named)
+    become absolute paths (:func:`local_shard`): a file's name never runs a command or opens a URL.
 
     Raises a one-line FileNotFoundError naming what is missing (and how many paths are).
     """
