@@ -10,7 +10,8 @@ Nothing unchecked is copied: only whitelisted members (jpg, jpeg, png, webp, txt
 ``.pth``, is never read and is counted as ``ignored_member``) reach the output, and a sample is dropped and counted
 by reason when its key cannot be a shard key (``bad_key``: contains '/'; ``duplicate_key``), when it has no image
 (``missing_image``) or an image that does not fully decode (``unreadable``, ``truncated``, ``too_large`` above
-``--max-pixels``), or when its caption or json is unusable (``missing_caption``, ``empty_caption``,
+``--max-pixels``), a member over its size cap (``too_large_text`` above ``--max-text-bytes``, ``too_large_image``
+above ``--max-image-bytes``: never read), or when its caption or json is unusable (``missing_caption``, ``empty_caption``,
 ``non_utf8_caption``, ``bad_json``: the reasons the training loader counts).
 
     python -m data_tools.instruct --in data/demo/train --out data/demo_sft [--templates FILE] [--seed 0]
@@ -24,8 +25,9 @@ import tarfile
 from collections import Counter
 from pathlib import Path
 
-from ett_ds.data.format import (CAPTION_EXT, JSON_EXT, WHITELIST, SampleError, clean_caption, image_exts, key_problem,
-                                load_image, open_image, pixel_limit, read_json, sample_caption, split_name)
+from ett_ds.data.format import (CAPTION_EXT, JSON_EXT, MAX_IMAGE_BYTES, MAX_TEXT_BYTES, WHITELIST, SampleError,
+                                clean_caption, image_exts, key_problem, load_image, member_too_large, open_image,
+                                open_tar_stream, pixel_limit, read_json, sample_caption, split_name)
 
 from .errors import UsageError
 from .tario import ShardTarWriter, json_bytes
@@ -39,26 +41,36 @@ DEFAULT_TEMPLATES = (
 )
 
 
-def read_samples(path: Path, stats: Counter | None = None):
+def read_samples(path: Path, stats: Counter | None = None, max_text_bytes: int = MAX_TEXT_BYTES,
+                 max_image_bytes: int = MAX_IMAGE_BYTES):
     """(key, {ext: bytes}) in file order; members of one sample are adjacent (WebDataset's key rule), a repeated
-    extension starts a new sample. Members outside the whitelist are skipped unread (counted in ``stats``)."""
-    key, members = None, {}
-    with tarfile.open(path, mode="r|") as tar:
+    extension starts a new sample. Members outside the whitelist are skipped unread (counted in ``stats``); a
+    sample with a member over its size cap is dropped without reading it (``too_large_text`` /
+    ``too_large_image`` in ``stats``), so memory stays bounded by the caps."""
+    stats = Counter() if stats is None else stats
+    key, members, skip = None, {}, None
+    with open(path, "rb") as f, open_tar_stream(f) as tar:
         for info in tar:
             if not info.isfile():
                 continue
             k, ext = split_name(info.name)
             if ext not in WHITELIST:
-                if stats is not None:
-                    stats["ignored_member"] += 1
+                stats["ignored_member"] += 1
                 continue
             if members and (k != key or ext in members):
-                yield key, members
-                members = {}
+                if skip:
+                    stats[skip] += 1
+                else:
+                    yield key, members
+                members, skip = {}, None
             key = k
-            members[ext] = tar.extractfile(info).read()
+            skip = skip or member_too_large(ext, info.size, max_text_bytes, max_image_bytes)
+            members[ext] = None if skip else tar.extractfile(info).read()
     if members:
-        yield key, members
+        if skip:
+            stats[skip] += 1
+        else:
+            yield key, members
 
 
 def caption_of(members: dict) -> tuple[str | None, dict]:
@@ -102,17 +114,23 @@ def convert_sample(key: str, members: dict, templates: list[str], seed: int, sha
 
 
 def convert_shard(src: Path, dst: Path, templates: list[str], seed: int,
-                  max_pixels: int = 128_000_000) -> Counter:
+                  max_pixels: int = 128_000_000, max_text_bytes: int = MAX_TEXT_BYTES,
+                  max_image_bytes: int = MAX_IMAGE_BYTES) -> Counter:
     stats: Counter = Counter()
     seen: set[str] = set()
     with ShardTarWriter(dst) as writer:
-        for key, members in read_samples(src, stats):
+        for key, members in read_samples(src, stats, max_text_bytes, max_image_bytes):
             try:
                 if key in seen:
                     raise SampleError("duplicate_key")
                 out = convert_sample(key, members, templates, seed, src.name, max_pixels)
+                if len(out[JSON_EXT]) > max_text_bytes:  # the caption is stored twice: keep it readable
+                    raise SampleError("too_large_text")
             except SampleError as e:
                 stats[e.reason] += 1
+                continue
+            except (RecursionError, MemoryError, ValueError, TypeError) as e:  # one sample, never the whole shard
+                stats[f"error:{type(e).__name__}"] += 1
                 continue
             seen.add(key)
             writer.write(key, out)
@@ -128,6 +146,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--templates", help="a text file, one question per line (default: built-in OCR questions)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the question choice")
     ap.add_argument("--max-pixels", type=int, default=128_000_000, help="w*h above N -> too_large")
+    ap.add_argument("--max-text-bytes", type=int, default=MAX_TEXT_BYTES,
+                    help="a txt/json member above N bytes is not read; its sample -> too_large_text")
+    ap.add_argument("--max-image-bytes", type=int, default=MAX_IMAGE_BYTES,
+                    help="an image member above N bytes is not read; its sample -> too_large_image")
     try:
         args = ap.parse_args(argv)
         src = Path(args.inp)
@@ -150,7 +172,8 @@ def main(argv: list[str] | None = None) -> int:
         sizes = {}
         for shard in shards:
             try:
-                stats = convert_shard(shard, out / shard.name, templates, args.seed, args.max_pixels)
+                stats = convert_shard(shard, out / shard.name, templates, args.seed, args.max_pixels,
+                                      args.max_text_bytes, args.max_image_bytes)
             except (tarfile.TarError, EOFError, OSError) as e:
                 raise UsageError(f"{shard}: unreadable tar ({e})") from None
             sizes[shard.name] = stats["ok"]

@@ -3,8 +3,10 @@
 Checks per shard: the tar reads to the end; members of a sample are adjacent (a key never comes back after another
 key started); keys are unique within and across shards; every sample has exactly one image that fully decodes
 and a UTF-8, non-empty caption when it has one, and its json (if any) is a JSON object (the rules of
-``ett_ds.data.format``, which the loader applies); the count matches ``sizes.json``. Returns a report dict whose
-``problems`` list is empty when everything is fine.
+``ett_ds.data.format``, which the loader applies); no member is over its size cap (``format.MAX_TEXT_BYTES`` /
+``MAX_IMAGE_BYTES``: reported, never read, as the loader skips it); the count matches ``sizes.json``. Only
+whitelisted members within their cap are read, so memory stays bounded whatever a shard holds. Returns a report
+dict whose ``problems`` list is empty when everything is fine.
 """
 from __future__ import annotations
 
@@ -16,26 +18,29 @@ from pathlib import Path
 from PIL import Image
 
 from ett_ds.data.decode import CountingReader, open_shard
-from ett_ds.data.format import CAPTION_EXT, JSON_EXT, SampleError, clean_caption, image_exts, read_json, split_name
-from ett_ds.data.shards import list_shards
+from ett_ds.data.format import (CAPTION_EXT, JSON_EXT, WHITELIST, SampleError, clean_caption, image_exts,
+                                member_too_large, open_tar_stream, read_json, split_name)
 
 # what a reason of ett_ds.data.format means in verify's report
 PROBLEMS = {"empty_caption": "empty caption", "non_utf8_caption": "not UTF-8", "bad_json": "not a JSON object"}
 
 
-def check_sample(key: str, members: dict[str, bytes]) -> list[str]:
+def check_sample(key: str, members: dict[str, bytes | None]) -> list[str]:
+    """A member given as None was not read (not whitelisted, or over its size cap: reported where it was seen)."""
     problems = []
     images = image_exts(members)
     if len(images) != 1:
         problems.append(f"{key}: expected one image member, found {sorted(members)}")
     for ext in images:
+        if members[ext] is None:
+            continue
         try:
             with Image.open(io.BytesIO(members[ext])) as img:
                 img.load()
         except Exception as e:  # noqa: BLE001
             problems.append(f"{key}.{ext}: does not decode ({type(e).__name__}: {e})")
     for ext, check in ((CAPTION_EXT, clean_caption), (JSON_EXT, read_json)):
-        if ext in members:
+        if members.get(ext) is not None:
             try:
                 check(members[ext])
             except SampleError as e:
@@ -76,7 +81,7 @@ def verify_shard(path: Path | str, seen_keys: dict[str, str]) -> tuple[int, list
         path = _Name(path)
     try:
         stream = CountingReader(open_url(str(path)))
-        with stream, tarfile.open(fileobj=stream, mode="r|") as tar:
+        with stream, open_tar_stream(stream) as tar:
             for info in tar:
                 if not info.isfile():
                     continue
@@ -89,7 +94,12 @@ def verify_shard(path: Path | str, seen_keys: dict[str, str]) -> tuple[int, list
                     cur_key, cur = key, {}
                 if ext in cur:
                     problems.append(f"{path.name}: {key} has member .{ext} twice")
-                cur[ext] = tar.extractfile(info).read()
+                too_large = member_too_large(ext, info.size) if ext in WHITELIST else None
+                if too_large:  # never read: the loader drops this sample unread too
+                    problems.append(f"{path.name}: {key}.{ext}: {info.size} bytes, over the size cap "
+                                    f"(the loader skips the sample as {too_large})")
+                # only whitelisted members within their cap are read; the rest only count as present
+                cur[ext] = None if ext not in WHITELIST or too_large else tar.extractfile(info).read()
             # tarfile takes a header cut in half for the end of the archive; a complete tar has two zero blocks
             # after its last member, so a stream that ends before them was truncated
             if stream.drain() < tar.offset + 2 * tarfile.BLOCKSIZE:
@@ -160,7 +170,7 @@ def img2dataset_sizes(shards: list[Path]) -> dict | None:
 
 def verify_dir(root: str | Path) -> dict:
     root = Path(root)
-    shards = [Path(s) for s in list_shards(root)]  # absolute: a file's name never runs a command
+    shards = sorted(root.glob("*.tar"))
     report = {"dir": str(root), "shards": len(shards), "samples": 0, "problems": []}
     if not shards:
         report["problems"].append(f"no .tar shards in {root}")

@@ -112,6 +112,8 @@ class DataConfig:
     "How images of another aspect ratio are fitted to `image_size`, in training, `evaluate` and `infer` alike: `crop` (cover, then cut the centre; a random offset in training), `pad` (letterbox on mid grey (128, 128, 128)), or `stretch` (plain resize). One warning line per process when inputs' aspect ratio differs from `image_size`'s by more than 10%."
     max_text_tokens: PosInt = 256
     "Caption tokens kept per sample (longer captions are truncated)."
+    max_chat_tokens: PosInt = 2048
+    "Text tokens kept per `sft` conversation (the image's tokens not counted; LLaVA's model_max_length): a longer conversation is cut there, and one left with no assistant token is skipped as `too_long`."
     caption_prompts: Annotated[list[str], Len(1)] = field(default_factory=lambda: ["Describe the image."])
     "Prompts placed after the image for captioning; one is drawn per sample."
     chat_template: str = "{role}: {content}\n"

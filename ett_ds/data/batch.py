@@ -4,7 +4,7 @@ Layouts (N = image tokens of the configured resolution; [x] = one special token;
 
     caption  [bos] [boi] [img]*N [eoi] prompt caption [eos]        loss on caption + eos
     sft      [bos] turn... where the human turn's "<image>" becomes [boi] [img]*N [eoi]; loss on assistant
-             contents and the eos closing each assistant turn
+             contents and the eos closing each assistant turn; the text is cut at `data.max_chat_tokens`
     t2i      [bos] prompt [boi] [img]*N [eoi] [eos]                 loss on the N image positions (visual head);
              the prompt is dropped with probability `train.prompt_dropout` (classifier-free guidance)
 
@@ -25,6 +25,7 @@ from .format import SampleError, sample_caption
 from .transforms import image_to_uint8, to_unit_range
 
 IMAGE_MARK = "<image>"
+CHARS_PER_TOKEN = 64  # a token never spans more characters than this: what a chat turn is encoded from, per token
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 
 
@@ -93,40 +94,66 @@ class Batcher:
         return ids, [IGNORE] * len(ids)
 
     def chat_sequence(self, conversations: list[dict]) -> tuple[list[int], list[int]]:
+        """Token ids and labels of a conversation: the image block where the row put ``<image>`` (first when it put
+        none).
+
+        The text (every token but the image block's) is cut at ``data.max_chat_tokens``: turns past the cut are
+        dropped, the turn it falls in is cut short (an assistant turn then has no eos), and a turn's content is
+        encoded from at most :data:`CHARS_PER_TOKEN` characters per token of room left, so no conversation costs
+        more than the budget whatever its length. Raises ``SampleError("too_long")`` when the cut leaves no
+        supervised token."""
         template = self.cfg.data.chat_template
         if "{content}" not in template or "{role}" not in template:
             raise ValueError("data.chat_template must contain {role} and {content}")
+        budget = self.cfg.data.max_chat_tokens
         ids, labels = self._start(), [IGNORE] * len(self._start())
-        placed = False
+        placed, used, cut = False, 0, False
+
+        def encode(text: str) -> list[int]:  # at most the characters the room left can hold
+            nonlocal cut
+            room = max(budget - used, 0) * CHARS_PER_TOKEN
+            cut = cut or len(text) > room
+            return self.text.encode(text[:room]) if text and room else []
+
+        def add(tokens: list[int], supervised: bool) -> None:
+            nonlocal used, cut
+            if len(tokens) > budget - used:
+                tokens, cut = tokens[: budget - used], True
+            ids.extend(tokens)
+            labels.extend(tokens if supervised else [IGNORE] * len(tokens))
+            used += len(tokens)
+
         for turn in conversations:
+            if used >= budget:
+                cut = True
+                break
             role = ROLES.get(str(turn.get("from", turn.get("role", ""))).lower())
             if role is None:
                 raise ValueError(f"unknown chat role in {turn}")
             content = str(turn.get("value", turn.get("content", "")))
             pre, post = template.split("{content}", 1)
             pre, post = pre.format(role=role), post.format(role=role)
-            seg_ids, seg_labels = self.text.encode(pre), None
-            seg_labels = [IGNORE] * len(seg_ids)
+            add(encode(pre), False)
             if role == "assistant":
-                body = self.text.encode(content) + [self.text.eos_id]
-                seg_ids, seg_labels = seg_ids + body, seg_labels + body
+                add(encode(content) + [self.text.eos_id], True)
             else:
                 for k, piece in enumerate(content.split(IMAGE_MARK)):
                     if k > 0:
                         if placed:
                             raise ValueError("only one <image> per conversation is supported")
-                        seg_ids += self.image_ids()
+                        block = self.image_ids()  # not counted against the text budget
+                        ids.extend(block)
+                        labels.extend([IGNORE] * len(block))
                         placed = True
-                    seg_ids += self.text.encode(piece.strip("\n")) if piece.strip("\n") else []
-                seg_labels = [IGNORE] * len(seg_ids)
-            tail = self.text.encode(post) if post else []
-            ids += seg_ids + tail
-            labels += seg_labels + [IGNORE] * len(tail)
+                    add(encode(piece.strip("\n")), False)
+            add(encode(post), False)
         if not placed:  # the image goes first when the conversation does not place it
             img = self.image_ids()
             n0 = len(self._start())
             ids = ids[:n0] + img + ids[n0:]
             labels = labels[:n0] + [IGNORE] * len(img) + labels[n0:]
+        if cut and all(t == IGNORE for t in labels):
+            raise SampleError("too_long")
         return ids, labels
 
     # -- the two callables the input pipeline runs in its workers -------------------------------------------------

@@ -1,7 +1,9 @@
 """Reading shards safely: whitelisted members only, nothrow grouping, late decode with a header pixel cap.
 
 Nothing read from a shard is ever unpickled or executed: members whose extension is not in :data:`WHITELIST` are
-skipped from the tar stream without reading their data and counted as ``ignored_member``. Every failure becomes a
+skipped from the tar stream without reading their data and counted as ``ignored_member``; a whitelisted member above
+its size cap (``format.MAX_TEXT_BYTES`` / ``MAX_IMAGE_BYTES``, from the tar header) is not read either, and its
+sample is dropped as ``too_large_text`` / ``too_large_image``. Every failure becomes a
 counter bucket (see :data:`NON_ERRORS` for the buckets that do not count towards the error rate), never an
 exception that ends the stream.
 """
@@ -12,8 +14,9 @@ import tarfile
 from collections import Counter
 from typing import Iterator
 
-from .format import (CAPTION_EXT, IMAGE_EXTS, JSON_EXT, WHITELIST, SampleError, clean_caption, image_exts,
-                     load_image, open_image, pixel_limit, read_json, split_name, to_rgb)
+from .format import (CAPTION_EXT, IMAGE_EXTS, JSON_EXT, MAX_IMAGE_BYTES, MAX_TEXT_BYTES, WHITELIST, BoundedTarInfo,
+                     SampleError, clean_caption, image_exts, load_image, member_too_large, open_image, open_tar_stream,
+                     pixel_limit, read_json, split_name, to_rgb)
 from .transforms import decode_size_for
 
 # Counter buckets that are not data errors: delivered samples, harmless extra members, make_example's own filter.
@@ -67,14 +70,16 @@ class CountingReader:
         self.close()
 
 
-def iter_tar_samples(url: str, stats: Counter) -> Iterator[dict]:
+def iter_tar_samples(url: str, stats: Counter, max_text_bytes: int = MAX_TEXT_BYTES,
+                     max_image_bytes: int = MAX_IMAGE_BYTES) -> Iterator[dict]:
     """Raw samples ``{"__key__", "__url__", ext: bytes}`` of one shard (any :func:`open_shard` URL).
 
     A repeated extension starts a new sample (open_clip's nothrow grouping) instead of raising. A truncated or
     unreadable tar ends the shard (``truncated_tar`` / ``unreadable_shard``); the sample being assembled when the
-    data ran out is dropped, the ones before it are kept. (webdataset's own ``tar_file_iterator`` is not used: it
-    reads every member's data and raises on the first bad one, where this skips non-whitelisted members unread and
-    counts every failure by reason.)
+    data ran out is dropped, the ones before it are kept. A member above its size cap is passed over unread and its
+    sample dropped (``too_large_text`` / ``too_large_image``), so memory per sample is bounded by the caps.
+    (webdataset's own ``tar_file_iterator`` is not used: it reads every member's data and raises on the first bad
+    one, where this skips non-whitelisted and over-size members unread and counts every failure by reason.)
     """
     try:
         f = CountingReader(open_shard(url))
@@ -82,8 +87,15 @@ def iter_tar_samples(url: str, stats: Counter) -> Iterator[dict]:
         stats["unreadable_shard"] += 1
         return
     cur: dict | None = None
+
+    def done(sample: dict) -> Iterator[dict]:
+        if "__skip__" in sample:
+            stats[sample["__skip__"]] += 1
+        else:
+            yield sample
+
     try:
-        with contextlib.closing(f), tarfile.open(fileobj=f, mode="r|") as tar:
+        with contextlib.closing(f), open_tar_stream(f) as tar:
             for info in tar:
                 if not info.isfile():
                     continue
@@ -93,8 +105,13 @@ def iter_tar_samples(url: str, stats: Counter) -> Iterator[dict]:
                     continue
                 if cur is None or cur["__key__"] != key or ext in cur:
                     if cur is not None:
-                        yield cur
+                        yield from done(cur)
                     cur = {"__key__": key, "__url__": url}
+                too_large = member_too_large(ext, info.size, max_text_bytes, max_image_bytes)
+                if too_large or "__skip__" in cur:  # over its cap: passed over unread, the sample is dropped
+                    cur.setdefault("__skip__", too_large)
+                    cur[ext] = None
+                    continue
                 cur[ext] = tar.extractfile(info).read()
             # tarfile treats a header cut in half as the end of the archive; a complete tar is followed by two
             # zero blocks, so a file that ends before them was truncated and its last sample may be incomplete.
@@ -104,7 +121,7 @@ def iter_tar_samples(url: str, stats: Counter) -> Iterator[dict]:
         stats["truncated_tar" if cur is not None else "unreadable_shard"] += 1
         return
     if cur is not None:
-        yield cur
+        yield from done(cur)
 
 
 def decode_sample(raw: dict, max_pixels: int = 128_000_000, decode_size: tuple[int, int] | None = None,
@@ -158,8 +175,8 @@ def count_samples(url: str) -> int:
     a ``pipe:`` or remote shard is streamed once)."""
     keys: set[str] = set()
     try:
-        with (tarfile.open(url, mode="r:") if not is_url(url) else
-              tarfile.open(fileobj=open_shard(url), mode="r|")) as tar:
+        with (tarfile.open(url, mode="r:", tarinfo=BoundedTarInfo) if not is_url(url) else
+              open_tar_stream(open_shard(url))) as tar:
             for info in tar:
                 key, ext = split_name(info.name)
                 if info.isfile() and ext in IMAGE_EXTS:

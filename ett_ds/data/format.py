@@ -7,6 +7,11 @@ a sample without a ``txt``, and ``task`` / ``conversations`` choose the layout, 
 Members with any other extension are never read (:data:`WHITELIST`). Keys written by ett_ds's tools contain no
 '.' or '/' (:func:`key_problem`), so they split back to themselves.
 
+Nothing is read into memory before its size is checked: a text member above :data:`MAX_TEXT_BYTES` or an image
+member above :data:`MAX_IMAGE_BYTES` (the tar header gives the size) drops its sample unread
+(:func:`member_too_large`: ``too_large_text`` / ``too_large_image``), and a tar whose long-name or pax header claims
+more than :data:`MAX_HEADER_BYTES` is refused (:func:`open_tar_stream`).
+
 Every reason a sample cannot be used -- while writing, verifying or training -- is a :class:`SampleError` whose
 ``reason`` is the stats bucket it is counted in. An image is opened the same way on both sides (:func:`open_image`:
 the pixel count from the header is checked before anything decodes, ``max_pixels`` being the one limit;
@@ -18,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import tarfile
 import warnings
 
 from PIL import Image
@@ -28,6 +34,14 @@ JSON_EXT = "json"
 TEXT_EXTS = (CAPTION_EXT, JSON_EXT)
 WHITELIST = frozenset(IMAGE_EXTS + TEXT_EXTS)  # the members the loader reads; nothing else is read or copied
 CAPTION_FIELDS = ("caption", "text")  # json fields holding the caption of a sample without a txt member
+
+# Size caps, checked from the tar header before a member is read (every reader: training, evaluation, verify,
+# instruct). A caption or conversation json is KBs (LLaVA's longest rows are tens of KB; sft cuts conversations at
+# data.max_chat_tokens anyway), a shard image MBs; past these a sample is hostile or broken, and reading it could
+# exhaust memory (a shuffle buffer holds many samples).
+MAX_TEXT_BYTES = 1 << 20     # txt and json members
+MAX_IMAGE_BYTES = 64 << 20   # image members (the pixel cap, max_pixels, bounds the decode separately)
+MAX_HEADER_BYTES = 1 << 20   # GNU long names and pax headers, which tarfile reads whole
 
 ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
 BACKGROUND = (255, 255, 255)  # what transparency is composited on (stamps / clip-art are cut-outs)
@@ -56,6 +70,32 @@ def key_problem(key: str) -> str | None:
     if "." in key or "/" in key:
         return f"sample key must not contain '.' or '/': {key!r}"
     return None
+
+
+def member_too_large(ext: str, size: int, max_text_bytes: int = MAX_TEXT_BYTES,
+                     max_image_bytes: int = MAX_IMAGE_BYTES) -> str | None:
+    """The reason a whitelisted member of ``size`` bytes is not read (``too_large_text`` / ``too_large_image``), or
+    None when it is within its cap."""
+    if ext in IMAGE_EXTS:
+        return "too_large_image" if size > max_image_bytes else None
+    return "too_large_text" if size > max_text_bytes else None
+
+
+class BoundedTarInfo(tarfile.TarInfo):
+    """A TarInfo that refuses (``tarfile.ReadError``, i.e. an unreadable / truncated shard) a GNU long-name or pax
+    header above :data:`MAX_HEADER_BYTES`: tarfile reads those headers' data whole, before any member."""
+
+    def _proc_member(self, tarfile_):
+        if self.type in (tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK, tarfile.XHDTYPE, tarfile.XGLTYPE,
+                         tarfile.SOLARIS_XHDTYPE) and self.size > MAX_HEADER_BYTES:
+            raise tarfile.SubsequentHeaderError(f"tar header of {self.size} bytes (cap {MAX_HEADER_BYTES})")
+        return super()._proc_member(tarfile_)
+
+
+def open_tar_stream(fileobj=None, name=None) -> tarfile.TarFile:
+    """A tar read as a stream (``r|``: members in order, skipped ones are passed over without being kept) with
+    header sizes capped; member sizes are the caller's to check (:func:`member_too_large`) before reading."""
+    return tarfile.open(name=name, fileobj=fileobj, mode="r|", tarinfo=BoundedTarInfo)
 
 
 def image_exts(members) -> list[str]:
