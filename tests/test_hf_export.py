@@ -207,6 +207,26 @@ def test_sft_checkpoint_answers_in_its_chat_layout_without_ett_ds(env, capsys, m
                                rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow
+def test_hf_tokenizer_run_without_ett_ds(env, capsys):
+    """A run on an HF LLM folder with its own (byte-level BPE) tokenizer: AutoTokenizer / AutoProcessor on the export
+    give that tokenizer with the image tokens, at training's ids; the snippet's caption is infer's."""
+    from tests.test_llm_loading import make_hf_folder
+    make_hf_folder(env["root"] / "qwen")
+    out = exported(env, "frozen", 1, f"model.llm.path={env['root'] / 'qwen'}", "model.llm.init_config=null",
+                   "model.llm.text_tokenizer=null")
+    cli = infer_out(["caption", "--ckpt", str(out), "--image", str(env["image"]), "--prompt", PROMPT], capsys)
+    r = run_clean(env["python"], {"path": str(out), "image": str(env["image"]), "probes": TOKEN_PROBES},
+                  env["work"])
+    loaded = load_model(out)
+    assert loaded.text.kind == "hf"
+    assert r["caption"] == cli
+    assert r["ids"] == [loaded.text.encode(t) for t in TOKEN_PROBES] and r["len"] == loaded.text.vocab_size
+    assert r["prompt_ids"] == Batcher(loaded.cfg, loaded.text, train=False).caption_prompt(PROMPT)
+    torch.testing.assert_close(torch.tensor(r["logits"]), reference_logits(out, env["image"], r["prompt_ids"]),
+                               rtol=1e-4, atol=1e-4)
+
+
 def test_remote_code_imports_nothing_from_ett_ds():
     from ett_ds.hf import FILES, HERE
     for name in FILES:

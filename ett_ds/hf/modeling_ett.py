@@ -45,7 +45,8 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, 
 class ETTPreTrainedModel(PreTrainedModel):
     config_class = ETTConfig
     base_model_prefix = "ett"
-    _keep_in_fp32_modules = ["vision_tokenizer"]  # its decoder is an fp32 island, its code search precision-bound
+    # float32 whatever dtype the rest loads in: its decoder is an fp32 island, its code search precision-bound
+    _keep_in_fp32_modules = _keep_in_fp32_modules_strict = ["vision_tokenizer"]
     _supports_sdpa = True
     _supports_flash_attn = True
     _supports_attention_backend = True

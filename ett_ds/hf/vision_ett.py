@@ -212,11 +212,11 @@ class VisionTokenizer(nn.Module):
     def encode(self, pixels: torch.Tensor):
         """(B, 3, H, W) -> (codebook embeddings (B, D, h, w), codes (B, h, w))."""
         with torch.autocast(device_type=pixels.device.type, enabled=False):
-            return self.quantize(self.quant_conv(self.encoder(pixels.float())))
+            return self.quantize(self.quant_conv(self.encoder(pixels.to(self.quant_conv.weight.dtype))))
 
     def decode(self, z_q: torch.Tensor) -> torch.Tensor:
         with torch.autocast(device_type=z_q.device.type, enabled=False):
-            return self.decoder(self.post_quant_conv(z_q.float()))
+            return self.decoder(self.post_quant_conv(z_q.to(self.post_quant_conv.weight.dtype)))
 
     def lookup(self, codes: torch.Tensor) -> torch.Tensor:
         return self.quantize.lookup(codes)
