@@ -20,6 +20,7 @@ from PIL import Image
 from ett_ds.data.decode import CountingReader, open_shard
 from ett_ds.data.format import (CAPTION_EXT, JSON_EXT, WHITELIST, SampleError, clean_caption, image_exts,
                                 member_too_large, open_tar_stream, read_json, split_name)
+from ett_ds.data.shards import list_shards
 
 # what a reason of ett_ds.data.format means in verify's report
 PROBLEMS = {"empty_caption": "empty caption", "non_utf8_caption": "not UTF-8", "bad_json": "not a JSON object"}
@@ -170,7 +171,7 @@ def img2dataset_sizes(shards: list[Path]) -> dict | None:
 
 def verify_dir(root: str | Path) -> dict:
     root = Path(root)
-    shards = sorted(root.glob("*.tar"))
+    shards = [Path(s) for s in list_shards(root)]  # absolute: a file's name never runs a command
     report = {"dir": str(root), "shards": len(shards), "samples": 0, "problems": []}
     if not shards:
         report["problems"].append(f"no .tar shards in {root}")
