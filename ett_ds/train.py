@@ -13,7 +13,7 @@ import sys
 from . import checkpoint as ckpt
 from . import config as C
 from .checkpoint import CheckpointError
-from .engine import dist, preempt
+from .engine import dist, preempt, preflight
 from .trainer import Trainer, TrainingDiverged
 
 def parse_args(argv):
@@ -41,7 +41,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
         cfg = C.load_config(args.config, args.overrides)
-    except C.ConfigError as e:
+        preflight.check_inputs(cfg)  # every local path the run reads, before anything is built or written
+    except (C.ConfigError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     dist.init_distributed()

@@ -7,15 +7,82 @@ micro-batch x ranks) and prints one line::
 
     plan: stage=ett world_size=16 micro_batch=4 accumulation=2 global_batch=128 max_steps=1000 run_dir=runs/ett
 
+It also checks every local path the run will read (:func:`missing_inputs`: the LLM folder, the text tokenizer,
+the training and (with ``train.eval_every``) held-out shards, ``train.init_from``, ``train.resume``, the tokenizer
+checkpoint and its YAML, the VGG weights, a ``engine.ds_config`` file) and names each one that is missing.
+
 ``launchers/train.sh`` runs it before every launch (and in ``--dry-run``), so a typo fails on the submitting node in a
-second instead of on every node after the allocation started.
+second instead of on every node after the allocation started; ``ett_ds.train`` runs the path check too.
 """
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from .. import config as C
+
+
+def missing_inputs(cfg: C.Config) -> list[str]:
+    """One ``key: what is missing`` per local path the run would read and cannot. URLs and ``pipe:`` shards are left
+    alone, and so is what the run builds itself: the demo data under a ``data.demo_dir`` not built yet."""
+    from ..checkpoint.layout import is_complete
+    from ..data.decode import is_url
+    from ..data.shards import expand_urls
+    from ..models.ett import STAGE_SPECS
+    spec, out = STAGE_SPECS[cfg.stage], []
+    demo = Path(cfg.data.demo_dir).absolute() if cfg.data.demo_dir else None
+    demo_built = demo is not None and (demo / "demo_manifest.json").is_file()
+
+    def pending(path: str) -> bool:  # built with the demo data before the run reads it
+        p = Path(path).expanduser().absolute()
+        return demo is not None and not demo_built and (p == demo or demo in p.parents)
+
+    def need(key: str, path: str | None, kind: str = "exists") -> None:
+        if not path or is_url(path) or pending(path):
+            return
+        p = Path(path).expanduser()
+        if not p.exists():
+            out.append(f"{key}: {path} does not exist")
+        elif kind == "dir" and not p.is_dir():
+            out.append(f"{key}: {path} is not a folder")
+        elif kind == "llm" and not (p / "config.json").is_file():
+            out.append(f"{key}: {path} has no config.json (not a Hugging Face model folder)")
+        elif kind == "step" and not is_complete(p):
+            out.append(f"{key}: {path} is not a complete checkpoint step folder (no `complete` marker)")
+
+    def shards(key: str, urls: str) -> None:
+        specs = [u for u in urls.split("::") if u.strip() and not pending(u.strip())]
+        try:
+            if specs:
+                expand_urls("::".join(specs))
+        except FileNotFoundError as e:
+            beside = f" (beside the built demo data in {demo}, which is never rebuilt)" if demo_built else ""
+            out.append(f"{key}: {e}{beside}")
+
+    shards("data.train", cfg.data.train)
+    if cfg.train.eval_every and cfg.data.eval:
+        shards("data.eval", cfg.data.eval)
+    if spec.uses_llm:
+        need("model.llm.path", cfg.model.llm.path, "llm")
+        need("model.llm.text_tokenizer", cfg.model.llm.text_tokenizer)
+    need("model.tokenizer.checkpoint", cfg.model.tokenizer.checkpoint)
+    need("model.tokenizer.checkpoint_config", cfg.model.tokenizer.checkpoint_config)
+    if spec.reconstruct:
+        need("loss.perceptual_weights", cfg.loss.perceptual_weights)
+    need("train.init_from", cfg.train.init_from, "step")
+    if cfg.train.resume not in ("auto", "never", ""):
+        need("train.resume", cfg.train.resume, "dir")
+    if Path(cfg.engine.ds_config).suffix:  # a file of one's own, not a template name
+        need("engine.ds_config", cfg.engine.ds_config)
+    return out
+
+
+def check_inputs(cfg: C.Config) -> None:
+    """A one-line FileNotFoundError naming every missing input (see :func:`missing_inputs`)."""
+    missing = missing_inputs(cfg)
+    if missing:
+        raise FileNotFoundError("missing input" + "s" * (len(missing) > 1) + ": " + "; ".join(missing))
 
 
 def plan(cfg: C.Config, world_size: int) -> dict:
@@ -42,8 +109,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         cfg = C.load_config(args.config, args.overrides)
+        check_inputs(cfg)
         print(plan_line(plan(cfg, args.world_size)))
-    except C.ConfigError as e:
+    except (C.ConfigError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
