@@ -25,8 +25,7 @@ from ett_ds.tokenizers.ibq import IBQTokenizer
 from tests.stage_batches import pixel_batch
 from tests.tiny import repeat, tiny_config, train_spm
 
-pl = pytest.importorskip("pytorch_lightning", reason="test-only dependency: pip install -r requirements-test.txt")
-omegaconf = pytest.importorskip("omegaconf", reason="test-only dependency: pip install -r requirements-test.txt")
+TEST_DEP = "test-only dependency: pip install -r requirements-test.txt"
 
 
 def seed_voken_ddconfig(tok_cfg) -> dict:
@@ -36,56 +35,72 @@ def seed_voken_ddconfig(tok_cfg) -> dict:
             "attn_resolutions": list(tok_cfg.attn_resolutions), "dropout": tok_cfg.dropout}
 
 
-class LitIBQ(pl.LightningModule):
-    """SEED-Voken's IBQ as Lightning saves it: tokenizer modules at the top level, a discriminator under ``loss``,
-    a LitEma-style ``model_ema`` (buffers named without dots, plus decay/num_updates); architecture in omegaconf
-    hyper_parameters."""
+def lit_ibq_class():
+    """The LightningModule class (defined on demand: pytorch_lightning is imported only when this test runs)."""
+    pl = pytest.importorskip("pytorch_lightning", reason=TEST_DEP)
 
-    def __init__(self, ddconfig, lossconfig, n_embed, embed_dim, tok_cfg=None):
-        super().__init__()
-        self.save_hyperparameters(ignore=["tok_cfg"])
-        tok = IBQTokenizer(tok_cfg)
-        for name, child in tok.named_children():
-            self.add_module(name, child)
-        self.tok_keys = list(tok.state_dict())
-        self.loss = torch.nn.Module()
-        self.loss.discriminator = torch.nn.Conv2d(3, 4, 3)
-        self.model_ema = torch.nn.Module()
-        for k, v in self.tokenizer_state().items():
-            self.model_ema.register_buffer(k.replace(".", ""), v.detach().clone())
-        self.model_ema.register_buffer("decay", torch.tensor(0.9))
-        self.model_ema.register_buffer("num_updates", torch.tensor(0, dtype=torch.int))
+    class LitIBQ(pl.LightningModule):
+        """SEED-Voken's IBQ as Lightning saves it: tokenizer modules at the top level, a discriminator under ``loss``,
+        a LitEma-style ``model_ema`` (buffers named without dots, plus decay/num_updates); architecture in omegaconf
+        hyper_parameters."""
 
-    def tokenizer_state(self) -> dict:
-        own = self.state_dict()
-        return {k: own[k] for k in self.tok_keys}
-
-    def training_step(self, batch, _):
-        x = batch[0]
-        rec = self.decoder(self.post_quant_conv(self.quant_conv(self.encoder(x))))
-        return torch.nn.functional.mse_loss(rec, x) + 1e-3 * self.quantize.embedding.weight.square().mean() + \
-            1e-3 * self.loss.discriminator(x).square().mean()
-
-    def on_train_batch_end(self, *_):
-        with torch.no_grad():
+        def __init__(self, ddconfig, lossconfig, n_embed, embed_dim, tok_cfg=None):
+            super().__init__()
+            self.save_hyperparameters(ignore=["tok_cfg"])
+            tok = IBQTokenizer(tok_cfg)
+            for name, child in tok.named_children():
+                self.add_module(name, child)
+            self.tok_keys = list(tok.state_dict())
+            self.loss = torch.nn.Module()
+            self.loss.discriminator = torch.nn.Conv2d(3, 4, 3)
+            self.model_ema = torch.nn.Module()
             for k, v in self.tokenizer_state().items():
-                getattr(self.model_ema, k.replace(".", "")).lerp_(v, 0.1)
-            self.model_ema.num_updates += 1
+                self.model_ema.register_buffer(k.replace(".", ""), v.detach().clone())
+            self.model_ema.register_buffer("decay", torch.tensor(0.9))
+            self.model_ema.register_buffer("num_updates", torch.tensor(0, dtype=torch.int))
 
-    def configure_optimizers(self):
-        return torch.optim.Adam(self.parameters(), lr=1e-3)
+        def tokenizer_state(self) -> dict:
+            own = self.state_dict()
+            return {k: own[k] for k in self.tok_keys}
+
+        def training_step(self, batch, _):
+            x = batch[0]
+            rec = self.decoder(self.post_quant_conv(self.quant_conv(self.encoder(x))))
+            return torch.nn.functional.mse_loss(rec, x) + 1e-3 * self.quantize.embedding.weight.square().mean() + \
+                1e-3 * self.loss.discriminator(x).square().mean()
+
+        def on_train_batch_end(self, *_):
+            with torch.no_grad():
+                for k, v in self.tokenizer_state().items():
+                    getattr(self.model_ema, k.replace(".", "")).lerp_(v, 0.1)
+                self.model_ema.num_updates += 1
+
+        def configure_optimizers(self):
+            return torch.optim.Adam(self.parameters(), lr=1e-3)
+
+    return LitIBQ
 
 
 @pytest.fixture(scope="module")
-def lightning_ckpt(tmp_path_factory):
-    """(spm model, .ckpt path, tokenizer config, raw weights, EMA weights) of a tiny IBQ trained one Lightning step."""
-    root = tmp_path_factory.mktemp("lightning")
+def tiny_ibq(tmp_path_factory):
+    """(spm model, the tiny recipe's tokenizer config) for stage=tokenizer."""
+    root = tmp_path_factory.mktemp("tiny_ibq")
     spm = train_spm(root / "spm")
-    tok_cfg = tiny_config(spm, root, "stage=tokenizer").model.tokenizer
+    return spm, tiny_config(spm, root, "stage=tokenizer").model.tokenizer
+
+
+@pytest.fixture(scope="module")
+def lightning_ckpt(tiny_ibq, tmp_path_factory):
+    """(spm model, .ckpt path, tokenizer config, raw weights, EMA weights) of a tiny IBQ trained one Lightning step."""
+    lit_ibq = lit_ibq_class()
+    pl = pytest.importorskip("pytorch_lightning", reason=TEST_DEP)
+    omegaconf = pytest.importorskip("omegaconf", reason=TEST_DEP)
+    root = tmp_path_factory.mktemp("lightning")
+    spm, tok_cfg = tiny_ibq
     torch.manual_seed(0)
     hp = omegaconf.OmegaConf.create({"ddconfig": seed_voken_ddconfig(tok_cfg), "lossconfig": {
         "target": "src.IBQ.modules.losses.vqperceptual.VQLPIPSWithDiscriminator", "params": {"disc_start": 0}}})
-    module = LitIBQ(hp.ddconfig, hp.lossconfig, tok_cfg.codebook_size, tok_cfg.code_dim, tok_cfg=tok_cfg)
+    module = lit_ibq(hp.ddconfig, hp.lossconfig, tok_cfg.codebook_size, tok_cfg.code_dim, tok_cfg=tok_cfg)
     h, w = 16, 32
     images = torch.utils.data.TensorDataset(torch.rand(4, 3, h, w) * 2 - 1)
     trainer = pl.Trainer(max_steps=1, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
@@ -196,8 +211,10 @@ def assert_probe_is_live(path, marker):
 
 @pytest.mark.parametrize("protocol", [2, 4])
 @pytest.mark.parametrize("name", PAYLOADS)
-def test_a_payload_loads_the_tensors_and_runs_nothing(lightning_ckpt, tmp_path, name, protocol):
-    _, _, tok_cfg, raw, _ = lightning_ckpt
+def test_a_payload_loads_the_tensors_and_runs_nothing(tiny_ibq, tmp_path, name, protocol):
+    tok_cfg = tiny_ibq[1]
+    torch.manual_seed(2)
+    raw = {k: torch.randn_like(v) for k, v in IBQTokenizer(tok_cfg).state_dict().items()}
     path, marker = poisoned(tmp_path, name, raw, protocol)
     tok = IBQTokenizer(tok_cfg)
     try:
