@@ -1,23 +1,44 @@
 """Export: ``python -m ett_ds.export --ckpt RUN/checkpoints/STEP --out DIR [--dtype float32|bfloat16|float16]``.
 
 Consolidates a ZeRO-3 training checkpoint (frozen parameters included; the tokenizer's EMA when the run kept one)
-into files other code can open:
+into one folder that transformers opens on its own, as a model with its own code (no ett_ds needed):
 
-    DIR/llm/                    the LLM (HF save_pretrained, safetensors, tied embeddings re-tied), its
-                                generation_config.json (bos/eos/pad, greedy, image tokens and padding rows
-                                suppressed) and the text tokenizer as transformers opens it (AutoTokenizer): for a
-                                sentencepiece run a fast tokenizer (tokenizer.json) built from the .model, checked
-                                to give the same ids; the image special tokens at training's ids; a chat template
-                                rendering training's data.chat_template
-    DIR/spm.model               the sentencepiece text tokenizer (when the run used one; ett_ds loads this)
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+    proc = AutoProcessor.from_pretrained(DIR, trust_remote_code=True)
+    model = AutoModelForImageTextToText.from_pretrained(DIR, trust_remote_code=True)
+    inputs = proc(images=image, text="Read the text.", return_tensors="pt")
+    out = model.generate(**inputs, max_new_tokens=16, do_sample=False)
+    proc.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+
+gives, greedy, the caption ``python -m ett_ds.infer caption --prompt "Read the text."`` prints. The processor fits
+images as training did and lays prompts out as the stage trained (sft: training's chat layout; ``conversation=``
+for longer chats); a t2i checkpoint draws images with ``model.generate_image(**proc.image_inputs(text),
+cfg_scale=3.0, seed=0)`` and ``proc.postprocess_images``. The text tokenizer: ``proc.tokenizer`` or
+``AutoTokenizer.from_pretrained(DIR, trust_remote_code=True)``, which gives training's ids. Do not open ``DIR/llm``
+with plain ``AutoTokenizer`` for a sentencepiece run: transformers 5 picks its byte-level ``Qwen2Tokenizer`` for
+any ``model_type: qwen2`` folder and encodes differently.
+
+    DIR/config.json, *_ett.py   the model (ETTConfig, auto_map) and its remote code (ett_ds/hf)
+    DIR/model.safetensors.index.json  the LLM's tensors from llm/ (stored once), the rest from vision.safetensors
+    DIR/vision.safetensors      vision tokenizer (float32), projector / index embedding / visual head
+    DIR/processor_config.json   image size and resize mode, caption prompt, chat template, layout
+    DIR/text_tokenizer.json     which text tokenizer (sentencepiece: spm.model; hf: llm/)
+    DIR/generation_config.json  bos/eos/pad, greedy, image tokens and padding rows suppressed
+    DIR/llm/                    the LLM alone (HF save_pretrained, tied embeddings re-tied; AutoModelForCausalLM),
+                                its generation_config.json and the text tokenizer: for a sentencepiece run a
+                                tokenizer.json built from the .model (open it with PreTrainedTokenizerFast),
+                                checked to give the same ids; the image special tokens at training's ids; a chat
+                                template rendering training's data.chat_template
+    DIR/spm.model               the sentencepiece text tokenizer (when the run used one)
     DIR/tokenizer.safetensors   the vision tokenizer in the taming / IBQ key layout; its config in the metadata
-    DIR/tokenizer_config.json   the same config in taming / SEED-Voken naming (ddconfig, n_embed, embed_dim)
+    DIR/tokenizer_config.json   the same config in taming / SEED-Voken naming (ddconfig, n_embed, embed_dim), plus
+                                the auto_map that sends AutoTokenizer to the text tokenizer
     DIR/projector.safetensors   and visual_head / index_embed .safetensors when the model has them
     DIR/ett_config.yaml         the resolved ett_ds config, paths pointing at the files above
 
 A tokenizer-stage checkpoint exports only the vision tokenizer and the config. ``--dtype`` casts the LLM, the
 projector and the heads; the vision tokenizer is always written in float32 (its decoder is an fp32 island and the
-codebook argmax is precision-sensitive). ``python -m ett_ds.infer`` loads the folder directly.
+codebook argmax is precision-sensitive). ``python -m ett_ds.infer`` and ``evaluate`` load the folder directly.
 """
 from __future__ import annotations
 
