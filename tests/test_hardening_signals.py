@@ -132,6 +132,46 @@ def test_loader_workers_leave_the_signal_to_the_main_process(demo, tmp_path, sig
     assert not left, f"processes left behind: {left}"
 
 
+EXIT_SCRIPT = textwrap.dedent("""
+    import sys
+    from ett_ds.engine import preempt
+    preempt.install()
+    from ett_ds.data.shards import train_batches
+
+    def make_example(sample):
+        return sample["__key__"]
+
+    def collate(keys):
+        return {"keys": keys}
+
+    it = train_batches(sys.argv[1], batch_size=4, make_example=make_example, collate=collate, num_workers=2,
+                       shuffle_buffer=8)
+    next(it)
+    print("one batch", flush=True)
+    raise RuntimeError("the run fails with its loader still referenced")
+""")
+
+
+def test_workers_still_end_when_the_main_process_exits_with_the_loader_alive(demo, tmp_path):
+    """The workers ignore only other processes' SIGTERM: at interpreter exit, multiprocessing terminates the
+    still-running workers with SIGTERM from the training process, and that still ends them (no hang, none left)."""
+    script = tmp_path / "exit.py"
+    script.write_text(EXIT_SCRIPT)
+    proc = subprocess.Popen([sys.executable, str(script), str(demo / "train")], cwd=REPO, env=subprocess_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        pytest.fail(f"the process did not exit; output tail:\n{out[-3000:]}")
+    left = left_in_group(proc.pid)
+    if left:
+        os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 1 and "one batch" in out and "still referenced" in out, out[-3000:]
+    assert not left, f"processes left behind: {left}"
+
+
 # ------------------------------------------------------------------------------------------------ real trainings
 STEPS = 200  # never reached: the signal comes after step 2
 
