@@ -17,16 +17,29 @@ system turn), ``no_image`` (a text-only row: the sft stage always feeds an image
 ``multiple_images`` (an image list: one image per conversation), ``missing_image`` (the file does not exist), and the
 image checks of ``shard`` (``unreadable``, ``truncated``, ``too_small``, ``too_large``).
 
+Only regular files inside ``--image-root`` are read, and at most :data:`MAX_SOURCE_BYTES` of them: an absolute
+path, a ``..`` path or a symlink that leads out of the root is ``outside_root``, anything but a regular file (a
+FIFO, a device such as ``/dev/zero``, a directory) is ``not_a_file``, a file above the cap is ``too_large_file``;
+none of them is opened for reading (the checks are repeated on the open file: no symlink as the last component,
+``fstat`` before a bounded read).
+
     python -m data_tools llava llava_v1_5_mix665k.json --image-root /data/llava --out /data/llava_sft
 """
 from __future__ import annotations
 
+import functools
 import json
+import os
+import stat
 from pathlib import Path
 
+from ett_ds.data.format import MAX_IMAGE_BYTES, SampleError
+
 from .errors import UsageError
-from .shard import EncodeOptions, Item, encode_image, read_source, shard_items
+from .shard import EncodeOptions, Item, encode_image, shard_items
 from .tario import json_bytes
+
+MAX_SOURCE_BYTES = MAX_IMAGE_BYTES  # a source image above this is not read (too_large_file); shards cap images alike
 
 
 def read_rows(path: Path) -> list:
@@ -69,8 +82,50 @@ def conversation_problem(conversations) -> str | None:
     return None
 
 
-def llava_items(rows: list, image_root: Path) -> list[Item]:
-    """One Item per row, in order; rows that cannot train carry their reason in ``reject``."""
+def resolve_image(image: str, root: Path) -> Path:
+    """The real path of a row's image, which must lie inside ``root`` (itself resolved); raises ``outside_root``
+    for an absolute path, or a ``..`` or symlink that leads out of it."""
+    if Path(image).is_absolute():
+        raise SampleError("outside_root")
+    real = (root / image).resolve()
+    if not real.is_relative_to(root):
+        raise SampleError("outside_root")
+    return real
+
+
+def check_file(st: os.stat_result, max_bytes: int) -> None:
+    """A regular file of at most ``max_bytes``: ``not_a_file`` (FIFO, device, directory...) / ``too_large_file``."""
+    if not stat.S_ISREG(st.st_mode):
+        raise SampleError("not_a_file")
+    if st.st_size > max_bytes:
+        raise SampleError("too_large_file")
+
+
+def read_image_file(path: str, max_bytes: int = MAX_SOURCE_BYTES) -> bytes:
+    """The bytes of an image :func:`llava_items` resolved inside the root, checked again (it may have changed
+    since): still its own real path (no symlink on the way), a regular file within ``max_bytes`` by ``fstat`` on
+    the open file, at most ``max_bytes + 1`` bytes read. Raises SampleError."""
+    if os.path.realpath(path) != path:
+        raise SampleError("outside_root")
+    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)  # a FIFO must not block
+    try:
+        fd = os.open(path, flags)
+    except FileNotFoundError:
+        raise SampleError("missing_image") from None
+    except OSError:  # ELOOP: the path became a symlink
+        raise SampleError("unreadable") from None
+    with os.fdopen(fd, "rb") as f:
+        check_file(os.fstat(f.fileno()), max_bytes)
+        data = f.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise SampleError("too_large_file")
+    return data
+
+
+def llava_items(rows: list, image_root: Path, max_bytes: int = MAX_SOURCE_BYTES) -> list[Item]:
+    """One Item per row, in order; rows that cannot train carry their reason in ``reject``. Image paths are
+    resolved inside ``image_root`` and checked with ``stat`` only (nothing is opened here)."""
+    image_root = Path(image_root).resolve()
     items, seen = [], set()
     for row in rows:
         reject = None
@@ -94,19 +149,29 @@ def llava_items(rows: list, image_root: Path) -> list[Item]:
             reject = "bad_row"
         if reject not in ("bad_id", "bad_row"):
             seen.add(str(rid))
-        path = None
+        path, size = None, 0
         if reject is None:
-            p = Path(image)
-            path = str(p if p.is_absolute() else image_root / p)
+            try:
+                real = resolve_image(image, image_root)
+                st = os.stat(real)
+                check_file(st, max_bytes)
+                path, size = str(real), st.st_size
+            except SampleError as e:
+                reject = e.reason
+            except FileNotFoundError:
+                reject = "missing_image"
+            except (OSError, ValueError):  # a loop of symlinks, a NUL in the name
+                reject = "unreadable"
         extra = json.loads(json.dumps(row, default=str))
-        size = Path(path).stat().st_size if path and Path(path).is_file() else 0
         items.append(Item(image=path, extra=extra, size_hint=size, reject=reject))
     return items
 
 
-def process_llava(item: Item, opts: EncodeOptions) -> dict[str, bytes]:
+def process_llava(item: Item, opts: EncodeOptions, max_bytes: int = MAX_SOURCE_BYTES) -> dict[str, bytes]:
     """One LLaVA row -> {image ext: bytes, "json": the row + task/width/height}; raises SampleError."""
-    ext, data, (w, h) = encode_image(read_source(item), opts)
+    if item.reject:
+        raise SampleError(item.reject)
+    ext, data, (w, h) = encode_image(read_image_file(item.image, max_bytes), opts)
     meta = dict(item.extra)
     meta.update({"task": "sft", "width": w, "height": h})
     return {ext: data, "json": json_bytes(meta)}
@@ -114,17 +179,19 @@ def process_llava(item: Item, opts: EncodeOptions) -> dict[str, bytes]:
 
 def llava_to_shards(path: str | Path, out: str | Path, *, image_root: str | Path | None = None,
                     prefix: str = "llava", samples_per_shard: int = 1000, opts: EncodeOptions = EncodeOptions(),
-                    **kwargs) -> dict:
+                    max_image_bytes: int = MAX_SOURCE_BYTES, **kwargs) -> dict:
     """Shard a LLaVA JSON/JSONL; returns the total stats (``ok``, ``failed`` by reason)."""
     path = Path(path)
     if not path.is_file():
         raise UsageError(f"input not found: {path}")
-    root = Path(image_root) if image_root else path.parent
+    root = (Path(image_root) if image_root else path.parent).resolve()
+    if not root.is_dir():
+        raise UsageError(f"--image-root {root}: not a directory")
     rows = read_rows(path)
     if not isinstance(rows, list) or not rows:
         raise UsageError(f"{path}: expected a non-empty JSON list of conversations (LLaVA format)")
-    items = llava_items(rows, root)
+    items = llava_items(rows, root, max_image_bytes)
+    process = functools.partial(process_llava, max_bytes=max_image_bytes)
     return shard_items(items, out, prefix=prefix, samples_per_shard=samples_per_shard, opts=opts,
-                       source_id=f"llava:{path.resolve()}:{root.resolve()}", process=process_llava, kind="llava",
-                       **kwargs)
+                       source_id=f"llava:{path.resolve()}:{root}", process=process, kind="llava", **kwargs)
 
