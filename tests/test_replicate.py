@@ -70,12 +70,50 @@ def test_held_out_sharing_the_training_family_is_an_error_unless_asked(tmp_path,
     assert D.build(tmp_path, **kw, allow_shared_family=True)["shared_family"] == ["DejaVu"]
 
 
+def test_lookback_corpus_puts_the_caption_in_the_image_slots(tmp_path):
+    """The look-back text (textlm.Lookback): the caption layout with the image slots filled by ordinary tokens from
+    which the caption can be read: a noise-free grid holds each digit in its column block, copy holds the digits in
+    order among filler, prior holds filler only; the loss starts at the caption."""
+    import random
+
+    from data_tools.spm import train_spm
+    from ett_ds.models.text import TextTokenizer
+    from experiments.replicate.textlm import Lookback
+    caps = [f"{v:03d}" for v in range(100, 1000, 7)]
+    (tmp_path / "c.txt").write_text("\n".join(caps) + "\n")
+    train_spm([str(tmp_path / "c.txt")], str(tmp_path / "spm"), vocab_size=300, split_digits=True)
+    text = TextTokenizer(tmp_path / "spm.model")
+    lb = Lookback(text, caps, "Read the text.", 32, 8, 16)
+    inv = {v: k for k, v in lb.digit.items()}
+    assert len(inv) == 10 and lb.fillers and not set(lb.fillers) & set(inv)
+    rng = random.Random(0)
+    for kind in ("grid", "copy", "prior"):
+        ids, start, _ = lb.sample(rng, kind)
+        slots = ids[len(lb.head):len(lb.head) + 32]
+        assert ids[:len(lb.head)] == lb.head and ids[len(lb.head) + 32:start] == lb.tail
+        assert ids[-1] == text.eos_id and text.decode(ids[start:]).strip() in caps
+        read = [inv[i] for i in slots if i in inv]
+        if kind == "prior":
+            assert not read
+        if kind == "copy":
+            assert "".join(map(str, read)) == text.decode(ids[start:]).strip()
+    lb.slots(rng, "grid", [1, 2, 3])  # with every cell kept, each column holds one digit, blocks in order:
+    rng2 = random.Random(1)
+    rng2.uniform = lambda a, b: 1.0 if a == 0.55 else 0.0  # keep = 1, no jitter
+    grid = lb.slots(rng2, "grid", [4, 5, 6])
+    rows = [[inv.get(i) for i in grid[r * 8:(r + 1) * 8]] for r in range(4)]
+    assert all(row == rows[0] for row in rows)
+    blocks = [d for k, d in enumerate(rows[0]) if d is not None and (k == 0 or rows[0][k - 1] != d)]
+    assert blocks == [4, 5, 6]
+
+
 @pytest.mark.parametrize("argv, msg", [(["--seeds", "0"], "--seeds must be >= 1"),
                                        (["--grid-alphas", "0.1"], "go together"),
                                        (["--refine", "0.1:1"], "go together"),
                                        (["--grid-alphas", "1", "--grid-ratios", "1", "--refine", "0.1"], "ALPHA:RATIO"),
                                        (["--grid-alphas", "x", "--grid-ratios", "1"], "comma-separated numbers"),
-                                       (["--image", "32"], "HxW")])
+                                       (["--image", "32"], "HxW"),
+                                       (["--stage1-curve", "1,9"], "--stage1-curve steps must lie")])
 def test_bad_arguments_are_one_line_errors(argv, msg, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         replicate(["--size", "tiny", "--out", str(tmp_path), *argv])
@@ -87,7 +125,7 @@ def test_bad_arguments_are_one_line_errors(argv, msg, tmp_path, capsys):
 def test_tiny_run_every_phase_then_reuse_and_refuse(tmp_path):
     out = tmp_path / "rep"
     argv = ["--size", "tiny", "--out", str(out), "--seeds", "2", "--grid-alphas", "0.1,0.25", "--grid-ratios", "0.3",
-            "--text-pretrain", "--und-ratios", "1", "--allow-shared-family"]
+            "--text-pretrain", "--und-ratios", "1", "--allow-shared-family", "--stage1-curve", "1,2"]
     assert replicate(argv) == 0
     res = json.loads((out / "results.json").read_text())
     for f in ("results.md", "em_vs_dpsnr.png", "stage0_curve.png"):
@@ -104,6 +142,10 @@ def test_tiny_run_every_phase_then_reuse_and_refuse(tmp_path):
         if not r["tuned"]:  # a frozen tokenizer reconstructs exactly like stage 0
             assert r["stats"]["dpsnr"]["mean"] == 0.0 == r["stats"]["dpsnr"]["hi"]
     assert (out / "text_llm" / "config.json").is_file()
+    tp = res["text_pretrain"]
+    assert tp["plan"]["corpus"] == "lookback" and set(tp["exact_match"]) == {"grid", "copy", "prior"}
+    assert set(res["stage1"]) == {"random", "text"} and set(res["stage1"]["text"]["points"]) == {"1", "2"}
+    assert "Stage 1 alone (projector only, LLM frozen)" in (out / "results.md").read_text()
     cfg = json.loads((out / "runs" / "text_frozen_s1" / "replicate_stage.json").read_text())["overrides"]
     assert f"model.llm.path={out / 'text_llm'}" in cfg
     assert res["stage0"]["stopped_at"] in (2, 4) and set(res["stage0"]["curve"]) >= {"2"}

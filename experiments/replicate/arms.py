@@ -69,17 +69,24 @@ def grid(alphas: list[float], ratios: list[float], extra: list[tuple[float, floa
 
 
 def final_arms(chosen: tuple[float, float], paper_alpha: float, und_ratios: list[float] = (),
-               cells: list[tuple[float, float]] = (), *, with_index: bool, text: bool) -> list[Arm]:
+               cells: list[tuple[float, float]] = (), *, with_index: bool, text: bool, text_full: bool = False,
+               random_all: bool = True) -> list[Arm]:
     """The reported arms: frozen, understanding-only (at the chosen ratio, then at each of ``und_ratios``), ETT at
     the chosen setting, at the paper's alpha (same ratio) and at each (alpha, ratio) of ``cells``; with ``text``,
-    frozen and the chosen ETT again on the text-pretrained LLM."""
+    frozen and the chosen ETT again on the text-pretrained LLM (``text_full``: every one of those arms but index).
+    ``random_all=False`` keeps only frozen of the random-LLM arms."""
     alpha, ratio = chosen
-    out = [frozen(), *(ett(0.0, r) for r in dict.fromkeys([ratio, *und_ratios])), ett(alpha, ratio)]
-    for a, r in [(paper_alpha, ratio), *cells]:
-        if ett(a, r) not in out:
-            out.append(ett(a, r))
-    if with_index:
+
+    def tuned(llm: str) -> list[Arm]:
+        arms = [*(ett(0.0, r, llm) for r in dict.fromkeys([ratio, *und_ratios])), ett(alpha, ratio, llm)]
+        for a, r in [(paper_alpha, ratio), *cells]:
+            if ett(a, r, llm) not in arms:
+                arms.append(ett(a, r, llm))
+        return arms
+
+    out = [frozen(), *(tuned("random") if random_all else [])]
+    if with_index and random_all:
         out.insert(0, index())
     if text:
-        out += [frozen("text"), ett(alpha, ratio, "text")]
+        out += [frozen("text"), *(tuned("text") if text_full else [ett(alpha, ratio, "text")])]
     return out

@@ -5,7 +5,10 @@
    1,000 steps (constant lr, checked every ``--stage0-chunk`` steps; capped at ``--steps0-max``), then
    ``--cooldown`` steps with the lr decaying to 0; shared by all arms;
 3. optional text pretraining of the LLM (``--text-pretrain``; ``textlm.py``), loaded by the ``text_*`` arms
-   through ``model.llm.path``;
+   through ``model.llm.path``; ``--text-corpus lookback`` (default) is text whose caption is read off earlier tokens
+   (in-context skills, issue 23), ``captions`` the caption prior alone (issue 16);
+   with ``--stage1-curve S1,S2,..`` the first seed's stage-1 runs (projector only, LLM frozen: random and text LLM)
+   are evaluated on the held-out split after S1, S2, ... steps (``--stop-after stage1`` stops there);
 4. optional grid (``--grid-alphas`` x ``--grid-ratios``, tokenizer lr = ratio x LLM lr) at the first seed,
    evaluated on the validation split; the setting with the best validation EM among those that keep validation
    ΔPSNR >= ``--max-psnr-drop`` below zero is chosen (else ``--alpha``/``--ratio``);
@@ -20,6 +23,7 @@ ETT arms log ``code_drift`` and ``grad_ratio`` per step when the trainer has ``t
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import shlex
 import sys
@@ -30,7 +34,7 @@ from data_tools.errors import UsageError
 
 from . import arms as A
 from . import data as D
-from .stages import Stages, has_train_option, log
+from .stages import Stages, has_train_option, log, step_folder, train_curve
 
 SIZES = {
     "tiny": dict(image="16x32", digits="3-3", num_train=64, num_val=16, num_heldout=16, spm_vocab=300, batch=4,
@@ -51,7 +55,7 @@ SIZES = {
                        "model.llm.init_config.intermediate_size=1536", "model.llm.init_config.num_hidden_layers=8",
                        "model.llm.init_config.num_attention_heads=8", "model.llm.init_config.num_key_value_heads=4"]),
 }
-STOPS = ("data", "stage0", "grid", "final")
+STOPS = ("data", "stage0", "stage1", "grid", "final")
 
 
 def floats(text: str) -> list[float]:
@@ -59,6 +63,13 @@ def floats(text: str) -> list[float]:
         return [float(v) for v in text.split(",") if v.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def ints(text: str) -> list[int]:
+    try:
+        return sorted({int(v) for v in text.split(",") if v.strip()})
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated step counts, got {text!r}") from None
 
 
 def cells(text: str) -> list[tuple[float, float]]:
@@ -100,6 +111,16 @@ def parse_args(argv):
     ap.add_argument("--index", action="store_true", help="also the index arm (codes through a free embedding)")
     ap.add_argument("--text-pretrain", action="store_true", help="also the text-pretrained LLM arms")
     ap.add_argument("--text-lr", type=float, default=1e-3)
+    ap.add_argument("--text-corpus", choices=("lookback", "captions"), default="lookback",
+                    help="text pretraining corpus (textlm.py): look-back sequences, or the caption prior alone")
+    ap.add_argument("--text-noise", type=float, default=0.5, help="lookback: noise scale on the image-slot embeddings")
+    ap.add_argument("--text-full", action="store_true",
+                    help="the text-pretrained LLM gets every arm the random LLM gets (default: frozen and chosen ETT)")
+    ap.add_argument("--random-arms", choices=("all", "frozen"), default="all",
+                    help="frozen: of the random-LLM arms only frozen (with --text-full, for time)")
+    ap.add_argument("--stage1-lr", type=float, default=None, help="projector lr of stage 1 (default: --lr)")
+    ap.add_argument("--stage1-curve", type=ints, default=[],
+                    help="evaluate the first seed's stage-1 runs on held-out after these steps (max <= --steps1)")
     ap.add_argument("--allow-shared-family", action="store_true",
                     help="accept validation/held-out fonts of the training type family (when no second family, "
                          "fonts-liberation2, is installed); without it that is an error")
@@ -123,6 +144,8 @@ def parse_args(argv):
     except ValueError:
         ap.error(f"--digits takes LO-HI and --image HxW, got {o['digits']!r} and {o['image']!r}")
     o["digits"] = (lo, hi)
+    if args.stage1_curve and (args.stage1_curve[0] < 1 or args.stage1_curve[-1] > o["steps1"]):
+        ap.error(f"--stage1-curve steps must lie in 1..--steps1 ({o['steps1']})")
     args.opts = o
     return args
 
@@ -142,8 +165,12 @@ def common_overrides(args, root: Path, runs: Path) -> list[str]:
 
 def arm_overrides(arm: A.Arm, args, init_from: Path, text_llm: Path | None, stage: str | None = None) -> list[str]:
     """Stage-2 overrides of ``arm`` (``stage="align"``: its stage-1 run)."""
+    lr = args.stage1_lr if stage == "align" and args.stage1_lr is not None else args.lr
     ov = [f"stage={stage or arm.stage}", f"model.visual_input={arm.visual_input}", f"train.init_from={init_from}",
-          f"optim.lr={args.lr}", f"optim.projector_lr={args.lr}"]
+          f"optim.lr={lr}", f"optim.projector_lr={lr}"]
+    if stage == "align" and args.stage1_curve:  # keep a checkpoint at every curve point
+        every = math.gcd(*args.stage1_curve, args.opts["steps1"])
+        ov += [f"train.save_every={every}", f"train.keep_last={args.opts['steps1'] // every + 1}"]
     if arm.llm_init == "text":
         ov.append(f"model.llm.path={text_llm}")
     if arm.tuned and stage is None:
@@ -199,9 +226,12 @@ class Runner:
         corpus = list(load_corpus(tuple(self.plan["corpus"])))
         folder = self.out / "text_llm"
         rec = textlm.pretrain(folder, cfg, captions, corpus, steps=o["text_steps"], batch=o["batch"] * 2,
-                              lr=self.args.text_lr, seed=self.args.seed)
+                              lr=self.args.text_lr, seed=self.args.seed, kind=self.args.text_corpus,
+                              noise=self.args.text_noise)
         if rec.pop("trained"):
             self.stages.timings["text_pretrain"] = rec["seconds"]
+        log(f"text pretraining ({self.args.text_corpus}): {rec['seconds']} s, loss {rec['loss_curve']}, "
+            f"exact match on its own text {rec.get('exact_match')}")
         textlm.check(folder, self.root / "spm.model")
         self.text_llm = folder
         return rec
@@ -238,11 +268,15 @@ class Runner:
         if args.stop_after != "stage0":
             if args.text_pretrain:
                 summary["text_pretrain"] = self.text_pretrain()
+            if args.stage1_curve:
+                summary["stage1"] = self.stage1_curve(stage0, seeds[0])
+        if args.stop_after not in ("stage0", "stage1"):
             chosen, summary["grid"] = self.grid(stage0, seeds[0], s0["val"])
             summary["chosen"] = {"alpha": chosen[0], "ratio": chosen[1]}
             if args.stop_after == "final":
                 final = A.final_arms(chosen, args.paper_alpha, args.und_ratios, args.report_cells,
-                                     with_index=args.index, text=args.text_pretrain)
+                                     with_index=args.index, text=args.text_pretrain,
+                                     text_full=args.text_full, random_all=args.random_arms == "all")
                 samples = {}
                 for seed in seeds:  # seed-major: an interrupted run still has whole seeds
                     for arm in final:
@@ -252,6 +286,31 @@ class Runner:
         summary["wall_s"] = round(time.time() - t_start, 1)
         report.write(self.out, summary)
         return summary
+
+    def stage1_curve(self, stage0: Path, seed: int) -> dict:
+        """Held-out caption metrics of stage 1 (projector only, LLM frozen) after each ``--stage1-curve`` step, for
+        the random LLM and, with ``--text-pretrain``, the text-pretrained one; with the training caption loss."""
+        from .stats import arm_stats, per_image
+        out = {}
+        for arm in [A.frozen()] + ([A.frozen("text")] if self.args.text_pretrain else []):
+            name = arm.align_run(seed)
+            self.stages.train(name, self.args.opts["steps1"],
+                              [f"seed={seed}", *arm_overrides(arm, self.args, stage0, self.text_llm, stage="align")])
+            points = {}
+            for step in self.args.stage1_curve:
+                ck = step_folder(self.runs / name, step)
+                if ck is None:
+                    raise SystemExit(f"error: {self.runs / name} has no checkpoint at step {step}")
+                res = self.evals / "heldout" / "stage1" / f"{name}_{step}.json"
+                res.parent.mkdir(parents=True, exist_ok=True)
+                self.stages.evaluate(ck, self.root / "heldout", res, "caption", self.args.opts["num_heldout"])
+                st = arm_stats([per_image(res.with_name(res.stem + "_samples.jsonl"), None)])
+                points[step] = {k: st[k] for k in ("em", "cer") if k in st}
+            loss = train_curve(self.runs / name, "loss_cap")
+            out[arm.llm_init] = {"run": name, "points": points, "loss_cap": loss}
+            log(f"stage 1 ({arm.llm_init} LLM): held-out EM " + ", ".join(
+                f"{s}: {100 * p['em']['mean']:.1f} %" for s, p in points.items()))
+        return out
 
     def grid(self, stage0: Path, seed: int, s0_val: Path) -> tuple[tuple[float, float], dict | None]:
         from . import report

@@ -56,15 +56,18 @@ def goal_checks(table: dict, chosen: str, paper: str) -> dict:
     """Issue 16's goal for every ETT arm on the random LLM (the chosen one first, then the paper's alpha), against
     understanding-only at the same tokenizer lr when that arm was run."""
     arms = table["arms"]
-    ett = [n for n, r in arms.items() if r["tuned"] and r["alpha"] and r["llm_init"] == "random"]
+    ett = [n for n, r in arms.items() if r["tuned"] and r["alpha"]]
     out = {}
-    for name in sorted(ett, key=lambda n: (n != chosen, n != paper)):
+    pre = lambda n: "text_" if arms[n]["llm_init"] == "text" else ""  # noqa: E731
+    for name in sorted(ett, key=lambda n: (arms[n]["llm_init"] != "random", n[len(pre(n)):] != chosen,
+                                           n[len(pre(n)):] != paper)):
         if "em_minus_frozen" not in arms[name]:
             continue
         d, st = arms[name]["em_minus_frozen"], arms[name]["stats"]
-        und = A.ett(0.0, arms[name]["tok_lr_ratio"]).name
+        und = A.ett(0.0, arms[name]["tok_lr_ratio"], arms[name]["llm_init"]).name
         und_gain = arms[und]["em_minus_frozen"]["mean"] if und in arms and "em_minus_frozen" in arms[und] else None
-        g = {"arm": name, "role": "chosen" if name == chosen else "paper alpha" if name == paper else "reported",
+        base = name[len(pre(name)):]
+        g = {"arm": name, "role": "chosen" if base == chosen else "paper alpha" if base == paper else "reported",
              "em_minus_frozen_points": round(100 * d["mean"], 1),
              "interval_points": [round(100 * d["lo"], 1), round(100 * d["hi"], 1)],
              "ge_10_points": d["mean"] >= 0.10, "interval_excludes_0": d["lo"] > 0, "und_only_arm": und,
@@ -139,6 +142,22 @@ def markdown(summary: dict) -> str:
         for name, diff in f.get("text_minus_random_em", {}).items():
             lines.append(f"- {name} − {name[5:]} (text-pretrained − random LLM): {fmt(diff, 100, 1, True)} "
                          "points EM")
+    s1 = summary.get("stage1")
+    if s1:
+        steps = sorted({int(k) for v in s1.values() for k in v["points"]})
+        lines += ["", "## Stage 1 alone (projector only, LLM frozen), held-out split, first seed", "",
+                  "| LLM | " + " | ".join(f"EM % after {k} steps" for k in steps) + " | caption loss (first → last) |",
+                  "|---|" + "---|" * (len(steps) + 1)]
+        for llm, v in s1.items():
+            pts = {int(k): p for k, p in v["points"].items()}
+            loss = {int(k): x for k, x in v["loss_cap"].items()}
+            ends = f"{loss[min(loss)]:.3f} → {loss[max(loss)]:.3f}" if loss else "-"
+            lines.append(f"| {llm} | " + " | ".join(fmt(pts[k]['em'], 100) if k in pts else "-" for k in steps)
+                         + f" | {ends} |")
+        tp = summary.get("text_pretrain") or {}
+        if tp.get("exact_match"):
+            lines.append(f"\nText pretraining ({tp['plan'].get('corpus')}), exact match on its own held-in "
+                         f"sequences: {tp['exact_match']}; {tp.get('seconds')} s.")
     t = summary.get("timings_s", {})
     lines += ["", "Seconds per stage trained or evaluated by this invocation (reused ones are not listed): "
               + ", ".join(f"{k} {v}" for k, v in t.items())]

@@ -19,7 +19,9 @@ def per_image(samples: Path, stage0_psnr: list[float] | None) -> dict[str, np.nd
     """{"em", "cer", "psnr", "dpsnr"} arrays over the images of one evaluation (caption metrics when captioned)."""
     from ett_ds.eval.metrics import char_error_rate, mean_exact_match
     recs = [json.loads(line) for line in samples.read_text().splitlines() if line.strip()]
-    out = {"psnr": np.array([r["psnr"] for r in recs], dtype=float)}
+    out = {}
+    if recs and "psnr" in recs[0]:  # a caption-only evaluation (stage 1's curve) has no reconstruction
+        out["psnr"] = np.array([r["psnr"] for r in recs], dtype=float)
     if stage0_psnr is not None:
         if len(stage0_psnr) != len(recs):
             raise SystemExit(f"error: {samples} has {len(recs)} images, stage 0's evaluation {len(stage0_psnr)}")
