@@ -15,6 +15,7 @@ import yaml
 from . import checkpoint as ckpt
 from . import config as C
 from .checkpoint import reshard
+from .checkpoint.manager import Adapter, CheckpointManager, RunLock
 from .data.batch import batch_to_device
 from .engine import deepspeed as eng
 from .engine import dist
@@ -95,6 +96,34 @@ class Trainer:
         self.unverified = None  # the newest checkpoint written or resumed, until a finite step follows it
         self.first_batch = None
         self.log = RunLog(self.run_dir, cfg.train.log_every, enabled=dist.is_rank0())
+        self.resumed = None  # (folder, step) of the checkpoint resume() loaded
+        self.checkpoints = self.checkpoint_manager()
+
+    def checkpoint_manager(self) -> CheckpointManager:
+        """Every part of the training state, registered once: a save and a resume are one call each."""
+        m = CheckpointManager(self.engine, self.ckpt_root, self.cfg.train.keep_last, log=self.log.info)
+        if self.objective is not None:  # the discriminator, its optimizer, LeCAM anchors
+            m.register("gan", Adapter(self.objective.extra_state, self.objective.load_extra_state))
+        if self.ema is not None:  # this rank's EMA shards (joined from every old rank's after a world-size change)
+            ema = self.ema
+            m.register("ema", Adapter(ema.state_dict, reads_all=True,
+                                      load=lambda extra: ema.load_state_dict(reshard.ema_state(extra, ema.params))))
+            m.register_file(ckpt.TOKENIZER_EMA, self.write_tokenizer_ema)
+        m.register("rng", Adapter(ckpt.rng_state, ckpt.set_rng_state))
+        m.register("counters", Adapter(self.counters, self.set_counters), per_rank=False)
+        return m
+
+    def counters(self) -> dict:
+        return {"segment": self.segment, "samples_seen": self.samples_seen, "stage": self.cfg.stage}
+
+    def set_counters(self, state: dict) -> None:
+        self.step, self.segment, self.samples_seen = state["step"], state["segment"], state["samples_seen"]
+
+    def write_tokenizer_ema(self, path: Path) -> None:
+        """Collective: the tokenizer with its EMA weights as safetensors (what init_from and evaluate read)."""
+        from .checkpoint.weights import save_tokenizer
+        with self.ema.swapped():
+            save_tokenizer(self.model.tokenizer, path, self.cfg.model.tokenizer)
 
     # -- data ----------------------------------------------------------------------------------------------------
     def batches(self):
@@ -187,17 +216,18 @@ class Trainer:
         folder = resume_folder(self.cfg)
         if folder is None:
             return
-        state, extra = ckpt.load(self.engine, folder)
-        if self.objective is not None:
-            self.objective.load_extra_state(extra["gan"])
-        if self.ema is not None:
-            self.ema.load_state_dict(reshard.ema_state(extra, self.ema.params))
-        ckpt.set_rng_state(extra["rng"])
-        self.step, self.segment, self.samples_seen = state["step"], state["segment"], state["samples_seen"]
+        settings = optimizer_settings(self.engine)  # what this config asks for, before the checkpoint's come back
+        self.checkpoints.load(folder)
+        restore_optimizer_settings(self.engine, settings)
+        self.resumed = (folder, self.step)
         self.unverified = folder
         self.log.info(f"resumed from {folder} at step {self.step}")
         if self.reshard_note:
             self.log.info(self.reshard_note)
+        changed = changed_settings(folder, self.cfg)
+        if changed:
+            self.log.info(f"optimizer/schedule settings changed since {folder.name}, applied from step {self.step} "
+                          f"on: {changed}")
 
     def weights_finite(self) -> bool:
         """Collective: every rank's shards (ZeRO partitions and fp32 masters), the discriminator and the EMA are
@@ -214,24 +244,13 @@ class Trainer:
         return bool(bad.item() == 0)
 
     def save(self) -> Path:
-        extra = {}
-        if self.objective is not None:
-            extra["gan"] = self.objective.extra_state()
-        if self.ema is not None:
-            extra["ema"] = self.ema.state_dict()
-        self.segment += 1  # the data stream is reseeded after every save: a resume continues the same stream
-        state = {"segment": self.segment, "samples_seen": self.samples_seen, "stage": self.cfg.stage}
         if not self.weights_finite():
             raise TrainingDiverged(f"weights are not finite at step {self.step}: no checkpoint written; newest "
                                    f"checkpoint known to be good: {ckpt.newest_good(self.ckpt_root) or 'none'}")
-        folder = ckpt.save(self.engine, self.ckpt_root, self.step, state, extra,
-                           yaml.safe_dump(C.to_dict(self.cfg), sort_keys=False), self.cfg.train.keep_last)
+        self.segment += 1  # the data stream is reseeded after every save: a resume continues the same stream
+        folder = self.checkpoints.save(self.step, yaml.safe_dump(C.to_dict(self.cfg), sort_keys=False))
         self.unverified = folder
         self.saved_step = self.step
-        if self.ema is not None:
-            from .checkpoint.weights import save_tokenizer
-            with self.ema.swapped():
-                save_tokenizer(self.model.tokenizer, folder / ckpt.TOKENIZER_EMA, self.cfg.model.tokenizer)
         return folder
 
     # -- pictures ------------------------------------------------------------------------------------------------
@@ -262,6 +281,17 @@ class Trainer:
         cfg = self.cfg
         check_inputs(cfg)  # everything is validated before anything is written: a failing run leaves no trace
         self.resume()  # a checkpoint that does not load fails before the run folder's files are touched
+        lock = RunLock(self.run_dir)  # one job per run folder; released when the process ends, however it ends
+        lock.acquire()
+        try:
+            return self.run_locked()
+        finally:
+            lock.release()
+
+    def run_locked(self) -> dict:
+        cfg = self.cfg
+        explicit = cfg.train.resume not in ("auto", "never", "", None)
+        self.checkpoints.prepare(*(self.resumed or (None, None)), explicit=explicit)
         if dist.is_rank0():
             self.run_dir.mkdir(parents=True, exist_ok=True)
             C.save_config(cfg, self.run_dir / "config.yaml")
@@ -309,6 +339,48 @@ class Trainer:
                 break
         self.log.close()
         return last or {}
+
+
+# Optimizer hyperparameters a resume takes from the config, not from the checkpoint (DeepSpeed's optimizer load
+# restores the saved param groups). The schedule (warm-up, shape, max_steps) is read from the config at every step.
+GROUP_SETTINGS = ("ett_peak_lr", "betas", "weight_decay")
+SCHEDULE_KEYS = ("train.max_steps",)
+
+
+def optimizer_settings(engine) -> list[dict]:
+    return [{k: g[k] for k in GROUP_SETTINGS if k in g} for g in engine.optimizer.param_groups]
+
+
+def restore_optimizer_settings(engine, settings: list[dict]) -> None:
+    """Put the config's peak lr, betas and weight decay back on every param group after a checkpoint load and let
+    the schedule recompute the lr of the resumed step from them."""
+    groups = engine.optimizer.param_groups
+    if len(groups) != len(settings):
+        raise ckpt.ResumeError(f"the checkpoint's optimizer has {len(groups)} parameter groups, this run "
+                               f"{len(settings)}")
+    for group, s in zip(groups, settings):
+        group.update(s)
+    sched = engine.lr_scheduler
+    if sched is not None:
+        sched.load_state_dict(sched.state_dict())  # re-applies peak x factor(step)
+
+
+def changed_settings(folder: Path, cfg: C.Config) -> str:
+    """'optim.lr 0.0006 -> 0.001, ...' for the optimizer and schedule keys that differ between ``folder``'s
+    config.yaml and ``cfg`` ('' when none or the checkpoint has no config)."""
+    f = folder / ckpt.RUN_CONFIG
+    if not f.is_file():
+        return ""
+    old = yaml.safe_load(f.read_text()) or {}
+    new = C.to_dict(cfg)
+    out = []
+    keys = [f"optim.{k}" for k in sorted(set(new.get("optim", {})) | set(old.get("optim", {})))] + list(SCHEDULE_KEYS)
+    for key in keys:
+        section, name = key.split(".")
+        a, b = (old.get(section) or {}).get(name), (new.get(section) or {}).get(name)
+        if a != b:
+            out.append(f"{key} {a} -> {b}")
+    return ", ".join(out)
 
 
 def finite_gate(*losses: torch.Tensor | None) -> torch.Tensor:

@@ -5,6 +5,8 @@
   cannot be read, or not the kind asked for) and :class:`ResumeError` (a run that cannot continue from it).
 - :mod:`.safe`: reading without trusting (``torch.load(weights_only=True)`` with an allow-list, DeepSpeed's readers
   routed through it) and safetensors files.
+- :mod:`.manager`: the Trainer's parts registered once, saved and resumed in one call each; a save writes aside and
+  renames into place; the run folder's lock.
 - :mod:`.training`: saving and resuming a training step folder (collective); :mod:`.reshard` when the number of
   data-parallel ranks changed.
 - :mod:`.weights`: consolidated fp32 weights of a step folder, ``train.init_from``, the tokenizer's safetensors.
@@ -14,12 +16,13 @@ The names most callers need are importable from the package itself (``from ett_d
 ``ckpt.save``, ``ckpt.latest``, ``ckpt.CheckpointError``); :mod:`.weights` and :mod:`.loading` build models and are
 imported from their modules.
 """
-from .layout import (EXPORT_CONFIG, EXTRA_PARTS, GOOD, MARKER, RUN_CONFIG, TOKENIZER_EMA, TRAINER_STATE,
-                     CheckpointError, ResumeError, is_complete, latest, mark_good, newest_good, step_dirs, to_prune)
+from .layout import (ABANDONED, EXPORT_CONFIG, EXTRA_PARTS, GOOD, LATEST, MARKER, RUN_CONFIG, RUN_LOCK, TOKENIZER_EMA,
+                     TRAINER_STATE, CheckpointError, ResumeError, is_complete, latest, mark_good, newest_good,
+                     step_dirs, step_of, to_prune)
 from .safe import read_safetensors, safe_load, save_safetensors
 from .training import check_world_size, load, read_trainer_state, rng_state, save, set_rng_state
 
-__all__ = ["EXPORT_CONFIG", "EXTRA_PARTS", "GOOD", "MARKER", "RUN_CONFIG", "TOKENIZER_EMA", "TRAINER_STATE",
-           "CheckpointError", "ResumeError", "is_complete", "latest", "mark_good", "newest_good", "step_dirs",
-           "to_prune", "read_safetensors", "safe_load", "save_safetensors", "check_world_size", "load",
-           "read_trainer_state", "rng_state", "save", "set_rng_state"]
+__all__ = ["ABANDONED", "EXPORT_CONFIG", "EXTRA_PARTS", "GOOD", "LATEST", "MARKER", "RUN_CONFIG", "RUN_LOCK",
+           "TOKENIZER_EMA", "TRAINER_STATE", "CheckpointError", "ResumeError", "is_complete", "latest", "mark_good",
+           "newest_good", "step_dirs", "step_of", "to_prune", "read_safetensors", "safe_load", "save_safetensors",
+           "check_world_size", "load", "read_trainer_state", "rng_state", "save", "set_rng_state"]

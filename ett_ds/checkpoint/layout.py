@@ -1,10 +1,11 @@
 """What a checkpoint folder holds: the file names, the completion and good markers, the errors.
 
-A training step folder ``RUN/checkpoints/step_00000100/`` holds DeepSpeed's sharded engine state, ``extra_rank{r}.pt``
-per rank, ``trainer_state.json`` and ``config.yaml`` (rank 0), ``tokenizer_ema.safetensors`` after a tokenizer
-stage, and the :data:`MARKER` file written last: only folders with it count. :data:`GOOD` is added once a later step
-with a finite loss and gradient norm ran from its weights. An export folder holds :data:`EXPORT_CONFIG` and one
-safetensors file per part.
+A training step folder ``RUN/checkpoints/step_00000100/`` is written as ``.tmp-step_00000100-PID`` and renamed
+into place once every file in it is on disk (:mod:`.manager`); it holds DeepSpeed's sharded engine state,
+``extra_rank{r}.pt`` per rank, ``trainer_state.json`` and ``config.yaml`` (rank 0), ``tokenizer_ema.safetensors``
+after a tokenizer stage, and the :data:`MARKER` file written last: only folders with it count. :data:`GOOD` is
+added once a later step with a finite loss and gradient norm ran from its weights. An export folder holds
+:data:`EXPORT_CONFIG` and one safetensors file per part.
 """
 from __future__ import annotations
 
@@ -18,6 +19,10 @@ TRAINER_STATE = "trainer_state.json"
 RUN_CONFIG = "config.yaml"
 TOKENIZER_EMA = "tokenizer_ema.safetensors"
 EXPORT_CONFIG = "ett_config.yaml"
+TMP_PREFIX = ".tmp-"  # a step folder being written: RUN/checkpoints/.tmp-step_XXXXXXXX-PID, renamed when complete
+ABANDONED = "abandoned"  # RUN/checkpoints/abandoned/: folders moved aside (a rollback's abandoned branch)
+LATEST = "latest"  # DeepSpeed's pointer file in RUN/checkpoints: the tag of the newest complete folder
+RUN_LOCK = "run.lock"  # RUN/run.lock: flock-ed by rank 0 of the job that trains into the run folder
 # Parts besides the LLM and the vision tokenizer, one safetensors file each in an export.
 EXTRA_PARTS = ("projector", "visual_head", "index_embed")
 
@@ -37,6 +42,14 @@ def step_tag(step: int) -> str:
 def extra_file(folder: Path, rank: int) -> Path:
     """A rank's extras (discriminator, EMA shard, RNG states) in a step folder."""
     return folder / f"extra_rank{rank}.pt"
+
+
+def step_of(folder: Path) -> int | None:
+    """The step number in a ``step_XXXXXXXX`` folder name (None for other names)."""
+    name = folder.name
+    if name.startswith("step_") and name[5:].isdigit():
+        return int(name[5:])
+    return None
 
 
 def is_complete(folder: Path) -> bool:

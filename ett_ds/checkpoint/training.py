@@ -1,24 +1,23 @@
 """Training checkpoints: one step folder holding everything needed to continue exactly (see :mod:`.layout`).
 
-:func:`save` (collective) writes DeepSpeed's sharded engine state (all ranks call save), ``extra_rank{r}.pt``
-(discriminator, EMA shard, RNG states, per rank), then ``trainer_state.json`` and ``config.yaml`` (rank 0) and the
-``complete`` marker last, and prunes to the newest ``keep_last``. :func:`load` (collective) reads it back through
-:func:`.safe.safe_load`; a folder written by another number of ranks is loaded through DeepSpeed's universal
-checkpoint (:mod:`.reshard`).
+:func:`save` (collective; the write path is :meth:`.manager.CheckpointManager.save`) writes DeepSpeed's sharded
+engine state (all ranks call save), ``extra_rank{r}.pt`` (discriminator, EMA shard, RNG states, per rank), then
+``trainer_state.json`` and ``config.yaml`` (rank 0) into a temporary folder, the ``complete`` marker last once
+every file is on disk, renames it into place and prunes to the newest ``keep_last``. :func:`load` (collective)
+reads it back through :func:`.safe.safe_load`; a folder written by another number of ranks is loaded through
+DeepSpeed's universal checkpoint (:mod:`.reshard`).
 """
 from __future__ import annotations
 
 import json
 import random
-import shutil
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from ..engine import dist
-from .layout import (MARKER, RUN_CONFIG, TRAINER_STATE, ResumeError, extra_file, is_complete, step_dirs, step_tag,
-                     to_prune)
+from .layout import MARKER, TRAINER_STATE, ResumeError, extra_file, is_complete
 from .safe import make_loads_safe, safe_load
 
 
@@ -46,27 +45,16 @@ def set_rng_state(state: dict) -> None:
 
 def save(engine, ckpt_root: Path, step: int, trainer_state: dict, extra: dict, config_yaml: str,
          keep_last: int) -> Path:
-    """Collective: every rank must call it."""
-    tag = step_tag(step)
-    folder = ckpt_root / tag
-    if dist.is_rank0():
-        ckpt_root.mkdir(parents=True, exist_ok=True)
-    dist.barrier()
-    engine.save_checkpoint(str(ckpt_root), tag=tag, client_state={"ett_step": step})
-    torch.save({**extra, "rng": rng_state()}, extra_file(folder, dist.rank()))
-    dist.barrier()
-    if dist.is_rank0():
-        from .reshard import param_groups_state
-        state = {**trainer_state, "step": step, "world_size": dist.world_size(),
-                 "global_batch": engine.train_batch_size(), "micro_batch": engine.train_micro_batch_size_per_gpu(),
-                 "accumulation": engine.gradient_accumulation_steps(), "param_groups": param_groups_state(engine)}
-        (folder / TRAINER_STATE).write_text(json.dumps(state, indent=1))
-        (folder / RUN_CONFIG).write_text(config_yaml)
-        (folder / MARKER).write_text("ok\n")
-        for old in to_prune(step_dirs(ckpt_root), keep_last):
-            shutil.rmtree(old, ignore_errors=True)
-    dist.barrier()
-    return folder
+    """Collective: every rank must call it. ``extra``: this rank's parts for ``extra_rank{r}.pt`` (RNG states are
+    added). The Trainer saves through its :class:`.manager.CheckpointManager`; this is the same write path for
+    callers that hold plain dicts."""
+    from .manager import Adapter, CheckpointManager
+    m = CheckpointManager(engine, ckpt_root, keep_last)
+    for key, value in extra.items():
+        m.register(key, Adapter(lambda v=value: v, lambda _: None))
+    m.register("rng", Adapter(rng_state, set_rng_state))
+    m.register("trainer_state", Adapter(lambda: dict(trainer_state), lambda _: None), per_rank=False)
+    return m.save(step, config_yaml)
 
 
 def read_trainer_state(folder: Path) -> dict:
