@@ -140,7 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_output(p, None, 1000)
     _add_encode(p, fmt="png")
 
-    p = sub.add_parser("train-spm", help="sentencepiece model from caption text")
+    p = sub.add_parser("train-spm", help="sentencepiece model from caption text (a run of the own recipe makes "
+                                         "its own from data.train: docs/own_data.md)")
     p.add_argument("--input", nargs="+", required=True, help="shard dirs, .tar files or text files")
     p.add_argument("--vocab-size", type=_positive, default=1000, help="vocabulary size")
     p.add_argument("--model-type", choices=["unigram", "bpe", "char", "word"], default="unigram",

@@ -4,6 +4,11 @@ Inputs may be shard directories / tar files (the ``txt`` members, else the ``cap
 the loader's rule) or plain text files (one sentence per line). Ids are fixed (pad=0, unk=1, bos=2, eos=3) so the
 model code can rely on them; ``byte_fallback`` makes every string encodable; ``hard_vocab_limit=False`` lets a small
 corpus produce a smaller vocabulary instead of failing.
+
+:func:`spm_from_shards` is what training does for a randomly initialised LLM without a tokenizer (the ``own``
+recipe): captions read from the training shards with the loader's own reader (any ``data.train`` spec: folders, brace
+patterns, ``::`` joins, ``pipe:`` and http(s) URLs), at most ``max_sentences`` of them, and a vocabulary raised to the
+corpus's minimum when asked for less.
 """
 from __future__ import annotations
 
@@ -73,16 +78,64 @@ def train_spm(inputs: list[str], out_prefix: str, *, vocab_size: int = 1000, mod
               split_digits: bool = False) -> dict:
     """``split_digits``: every digit is its own piece (numbers are read and written digit by digit, so a model
     can produce numbers it never saw whole)."""
-    import sentencepiece as spm
-
     sentences = []
     for s in iter_captions(inputs):
         sentences.append(s)
         if len(sentences) >= max_sentences:
             break
+    return _train(sentences, out_prefix, vocab_size=vocab_size, model_type=model_type,
+                  character_coverage=character_coverage, max_sentences=max_sentences, split_digits=split_digits)
+
+
+def min_vocab_size(sentences: list[str]) -> int:
+    """The smallest vocabulary sentencepiece accepts for this corpus: 256 byte pieces + 4 specials + its characters."""
+    return len({c for s in sentences for c in s if not c.isspace()}) + 256 + 4 + 1
+
+
+def captions_from_shards(urls: str, max_sentences: int = 200_000) -> list[str]:
+    """Up to ``max_sentences`` captions of the shards ``urls`` names (a ``data.train`` spec), read as training reads
+    them (``ett_ds.data.decode.iter_tar_samples``: whitelisted members only, size caps; the ``txt`` member, else
+    the json's caption field). Samples without a usable caption are passed over."""
+    from collections import Counter
+
+    from ett_ds.data.decode import iter_tar_samples
+    from ett_ds.data.format import SampleError, clean_caption, read_json, sample_caption
+    from ett_ds.data.shards import expand_urls
+
+    out: list[str] = []
+    stats: Counter = Counter()
+    for url in expand_urls(urls):
+        for raw in iter_tar_samples(url, stats):
+            try:
+                text = clean_caption(raw[CAPTION_EXT]) if raw.get(CAPTION_EXT) else None
+                meta = read_json(raw["json"]) if raw.get("json") else {}
+                text = sample_caption(text, meta)
+            except SampleError:
+                continue
+            if text and text.strip():
+                out.append(text.strip())
+                if len(out) >= max_sentences:
+                    return out
+    return out
+
+
+def spm_from_shards(urls: str, out_prefix: str, *, vocab_size: int, max_sentences: int = 200_000) -> dict:
+    """A sentencepiece model (``out_prefix.model``) from the captions of training shards: up to ``vocab_size``
+    pieces (raised to :func:`min_vocab_size` when the corpus needs more; fewer when a small corpus has fewer)."""
+    sentences = captions_from_shards(urls, max_sentences)
+    if not sentences:
+        raise UsageError(f"no captions found in {urls} to train a sentencepiece model from")
+    return _train(sentences, out_prefix, vocab_size=max(vocab_size, min_vocab_size(sentences)),
+                  max_sentences=max_sentences)
+
+
+def _train(sentences: list[str], out_prefix: str, *, vocab_size: int, model_type: str = "unigram",
+           character_coverage: float = 1.0, max_sentences: int = 2_000_000, split_digits: bool = False) -> dict:
+    import sentencepiece as spm
+
     if not sentences:
         raise UsageError("no caption text found in the inputs")
-    minimum = len({c for s in sentences for c in s if not c.isspace()}) + 256 + 4 + 1
+    minimum = min_vocab_size(sentences)
     if vocab_size < minimum:
         raise UsageError(f"--vocab-size {vocab_size} is below the minimum {minimum} for this corpus "
                          "(256 byte pieces + 4 specials + its characters)")

@@ -77,9 +77,9 @@ class LLMConfig:
     path: str | None = None
     "Local folder of a Hugging Face causal LM (from_pretrained). Nothing is ever downloaded."
     init_config: dict | None = None
-    "Instead of `path`: a config dict (with `model_type`) for a randomly initialised LLM, e.g. a tiny Qwen2."
+    "Instead of `path`: a config dict (with `model_type`) for a randomly initialised LLM, e.g. a tiny Qwen2; dropped (from the run and its saved config) when `path` is set."
     text_tokenizer: str | None = None
-    "Local HF tokenizer folder or sentencepiece .model file; defaults to `path`."
+    "Local HF tokenizer folder or sentencepiece .model file; defaults to `path`; unset with `init_config`: a sentencepiece model trained from `data.train`'s captions into the run folder (docs/own_data.md)."
     trust_remote_code: bool = False
     "Allow custom modelling code in `path` (off by default)."
     gradient_checkpointing: bool = True
@@ -275,6 +275,8 @@ class Config:
              f"stage {self.stage} needs model.visual_input=embed (the index baseline keeps the tokenizer frozen)")
         need(self.stage == "tokenizer" or m.llm.path or m.llm.init_config,
              "model.llm: set `path` (a local HF model folder) or `init_config`")
+        if m.llm.path and m.llm.init_config:  # the folder's LLM is built: no init_config in what is saved either
+            m.llm.init_config = None
         from .tokenizers import REGISTRY  # the registry imports this module: resolved here, at validation
         need(t.type in REGISTRY, f"model.tokenizer.type: '{t.type}' is not one of {', '.join(REGISTRY)}")
         need(not t.l2_norm_codes or t.type == "vqgan", "model.tokenizer.l2_norm_codes applies to type vqgan only")
@@ -318,12 +320,25 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: a recipe must be a mapping of sections")
         tree = loaded
+    needs = tree.pop("needs", None) or {}  # a recipe's keys the user must set: {key: "VALUE (what it is)"}
     for item in overrides or []:
         if "=" not in item:
             raise ConfigError(f"override '{item}' must look like key.sub=value")
         k, v = item.split("=", 1)
         set_path(tree, k.strip(), parse_value(v))
+    unset = [f"{k}={what}" for k, what in needs.items() if _unset(tree, k)]
+    if unset:
+        raise ConfigError(f"recipe {Path(str(path)).stem} needs: {'; '.join(unset)}")
     return build(Config, tree, moved=MOVED_KEYS).validate()
+
+
+def _unset(tree: dict, key: str) -> bool:
+    node = tree
+    for part in key.split("."):
+        if not isinstance(node, dict) or node.get(part) in (None, ""):
+            return True
+        node = node[part]
+    return False
 
 
 def config_from_dict(tree: dict) -> Config:
@@ -353,14 +368,28 @@ def readme_with_reference(text: str) -> str:
     return f"{head}{README_START}\n{markdown_reference()}\n{README_END}{tail}"
 
 
+USAGE = """usage: python -m ett_ds.config [RECIPE] [key.sub=value ...] | --markdown | --write-readme README.md
+
+Prints the resolved config of a recipe (a YAML path or a built-in name: tiny, own, qwen2.5-1.5b-ibq) with the
+overrides applied, as YAML: what `python -m ett_ds.train --config RECIPE key.sub=value ...` would run.
+  --markdown                 the key reference (README.md, "Configuration reference"): every key, type, default
+  --write-readme README.md   regenerate that reference in README.md"""
+
+
 if __name__ == "__main__":
-    if "--markdown" in sys.argv:
+    if {"-h", "--help"} & set(sys.argv[1:]):
+        print(USAGE)
+    elif "--markdown" in sys.argv:
         print(markdown_reference())
     elif "--write-readme" in sys.argv:
         readme = Path(sys.argv[sys.argv.index("--write-readme") + 1])
         readme.write_text(readme_with_reference(readme.read_text()))
     else:
         args = [a for a in sys.argv[1:]]
-        cfg = load_config(args[0] if args and "=" not in args[0] else None,
-                          [a for a in args if "=" in a])
+        try:
+            cfg = load_config(args[0] if args and "=" not in args[0] else None,
+                              [a for a in args if "=" in a])
+        except ConfigError as e:
+            print(f"error: {e} (python -m ett_ds.config --help)", file=sys.stderr)
+            sys.exit(2)
         print(yaml.safe_dump(to_dict(cfg), sort_keys=False))

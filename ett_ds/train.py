@@ -16,10 +16,18 @@ from .checkpoint import CheckpointError
 from .engine import dist, preempt, preflight
 from .trainer import Trainer, TrainingDiverged
 
+KEYS_EPILOG = """\
+keys: every key.sub=value a recipe or override can set, with type, default, allowed values and meaning, is in
+  README.md, "Configuration reference" (or: python -m ett_ds.config --markdown); the resolved config of a recipe
+  and overrides: python -m ett_ds.config RECIPE key.sub=value ...
+recipes: tiny (the built-in demo data, built on first use), own (your shards: needs data.train=SHARDS; walkthrough
+  in docs/own_data.md), qwen2.5-1.5b-ibq (the paper's setting); stages and chaining: README.md, "Stages"."""
+
+
 def parse_args(argv):
-    ap = argparse.ArgumentParser(prog="python -m ett_ds.train", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m ett_ds.train", description=__doc__, epilog=KEYS_EPILOG,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", required=True, help="recipe YAML (or a built-in name: tiny, qwen2.5-1.5b-ibq)")
+    ap.add_argument("--config", required=True, help="recipe YAML (or a built-in name: tiny, own, qwen2.5-1.5b-ibq)")
     ap.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     ap.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. stage=ett train.max_steps=100")
     return ap.parse_args(argv)

@@ -22,7 +22,7 @@ from .engine import dist
 from .engine import preempt
 from .engine.ema import ShardEMA
 from .models.ett import STAGE_SPECS, ETTModel
-from .models.text import TextTokenizer
+from .models.text import TextTokenizer, ensure_text_tokenizer
 from .runlog import RunLog
 from .tokenizers.checkpoint import load_tokenizer_weights, tokenizer_config_from_yaml
 from .tokenizers.dynamics import TokenizerDynamics
@@ -66,6 +66,7 @@ class Trainer:
         self.accum = self.ds_config["gradient_accumulation_steps"]
         eng.enable_zero_init(self.ds_config)
         ensure_demo_data(cfg)
+        ensure_text_tokenizer(cfg)  # none set, random-init LLM: the run's own spm.model (recorded in cfg)
         self.text = None
         if self.spec.uses_llm:
             self.text = TextTokenizer(cfg.model.llm.text_tokenizer or cfg.model.llm.path,

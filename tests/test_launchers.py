@@ -165,7 +165,7 @@ def test_visible_devices_become_include(sandbox):
 
 
 def test_recipe_by_name(sandbox):
-    recipes = sorted((REPO / "ett_ds" / "recipes").glob("*.yaml"))
+    recipes = sorted((REPO / "ett_ds" / "recipes").glob("tiny.yaml"))  # own.yaml needs data.train (its own test)
     if not recipes:
         pytest.skip("no recipe in ett_ds/recipes yet")
     env = dict(sandbox["env"], CUDA_VISIBLE_DEVICES="")
