@@ -25,6 +25,8 @@ class RunLog:
         self.path = self.run_dir / "metrics.jsonl"
         self.bar = self.tb = None
         self.total = None  # the last step: always logged, on every rank (the row is a collective)
+        self.postfix: dict = {}  # the progress line's losses
+        self.handed_on: dict = {}  # and the latest validation's PSNR of the weights checkpoints hand on
         self._reset()
 
     def _reset(self):
@@ -161,8 +163,8 @@ class RunLog:
                     if isinstance(v, (int, float)) and k not in ("step", "time"):
                         self.tb.add_scalar(k, v, step)
             if self.bar is not None:
-                shown = {k: f"{row[k]:.4g}" for k in ("loss", "loss_cap", "loss_vq") if row.get(k) is not None}
-                self.bar.set_postfix(shown)
+                self.postfix = {k: f"{row[k]:.4g}" for k in ("loss", "loss_cap", "loss_vq") if row.get(k) is not None}
+                self.bar.set_postfix({**self.postfix, **self.handed_on})
         return row
 
     def images(self, step: int, rows: list[torch.Tensor], labels: list[str], name: str = "recon",
@@ -202,8 +204,16 @@ class RunLog:
             for k, v in (texts or {}).items():
                 self.tb.add_text(k, v, step)
             self.tb.flush()
-        shown = ", ".join(f"{k}={v:.4g}" for k, v in _flat(metrics).items()
-                          if isinstance(v, float) and k.split("/")[-1] in ("loss", "exact_match", "cer", "psnr"))
+        shown = ", ".join(f"{k}={v:.4g}" for k, v in _flat(metrics).items() if isinstance(v, float)
+                          and k.split("/")[-1] in ("loss", "exact_match", "cer", "psnr", "psnr_ema"))
+        handed = metrics.get("handed_on")
+        if handed:  # which weights init_from / evaluate / export will take from this run's checkpoints
+            key = "psnr_ema" if handed == "ema" else "psnr"
+            shown += f"; checkpoints hand on the {'EMA' if handed == 'ema' else handed} weights ({key})"
+            if isinstance(metrics.get(key), float):
+                self.handed_on = {f"eval_{key}": f"{metrics[key]:.4g}"}
+                if self.bar is not None:
+                    self.bar.set_postfix({**self.postfix, **self.handed_on})
         self.info(f"eval at step {step}: {shown}")
         return row
 

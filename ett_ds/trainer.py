@@ -206,7 +206,7 @@ class Trainer:
         if applied:
             self.bad_in_row = 0
             if self.ema is not None:
-                self.ema.update()
+                self.ema.update(self.step)  # decay warmed up by the step (engine/ema.py)
         else:
             self.bad_in_row += 1
             self.bad_total += 1
@@ -338,6 +338,9 @@ class Trainer:
                 self.log.info(f"{self.preempted}: stopped at step {self.step} with a complete checkpoint; exit "
                               f"{preempt.REQUEUE_EXIT} (requeue)")
                 break
+        if self.ema is not None and not self.preempted:  # the raw vs the EMA weights, which are handed on
+            from .validate import report_ema
+            report_ema(self)
         self.log.close()
         return last or {}
 

@@ -7,7 +7,8 @@ Every ``train.eval_every`` steps the trainer calls :meth:`Validator.run`, which 
   with the model (and the discriminator) in eval mode, through the engine's forward (same precision as training);
   a rank computes its own share of the samples, the sums are all-reduced; ``codebook_usage`` of those samples;
 - ``psnr`` of the reconstructions where the tokenizer trains with its decoder (``tokenizer``, ``ett``), plus
-  ``psnr_ema`` with the EMA weights in stage ``tokenizer``;
+  ``psnr_ema`` with the EMA weights in stage ``tokenizer`` (and ``ema_decay``, the warmed-up decay of the latest
+  update); ``handed_on`` names the weights a checkpoint hands on (init_from, evaluate, export): ``ema`` or ``raw``;
 - greedy captions of the first ``train.eval_images`` held-out images with exact match and CER (``align``, ``ett``,
   ``frozen``, ``sft``; ``sft`` prompts in its chat template), through ``ett_ds.generation`` and scored by
   ``ett_ds.eval.tasks.caption_summary`` (the numbers ``evaluate --tasks caption`` reports);
@@ -22,6 +23,9 @@ ZeRO-3: every rank runs every forward. Loss forwards are split evenly (every ran
 captions and t2i samples run the same images/prompts on every rank, so greedy decoding stops at the same token
 everywhere. The RNG states are restored afterwards, so validation does not change the training trajectory, and its
 time is left out of the next logged ``samples_per_s``.
+
+At the end of a run with an EMA, :func:`report_ema` compares the raw and the EMA weights on the first training batch
+and warns when the EMA, which is what the next stage gets, reconstructs far worse.
 """
 from __future__ import annotations
 
@@ -198,6 +202,8 @@ class Validator:
             metrics["psnr"] = s / max(n, 1)
             if tr.ema is not None:
                 metrics["psnr_ema"] = s_ema / max(n, 1)
+                metrics["ema_decay"] = tr.ema.last_decay
+            metrics["handed_on"] = "ema" if tr.ema is not None else "raw"
         return metrics, {}, grids
 
     def _captions(self, metrics: dict, grids: dict) -> dict:
@@ -231,3 +237,28 @@ class Validator:
         data = batch_to_device({"pixels": shown["pixels"]}, tr.device)["pixels"]
         metrics["t2i"] = {"num": len(prompts), "prompts": prompts}
         grids["eval/t2i"] = ([data, samples], ["held-out", "samples"], [None, prompts])
+
+
+@torch.no_grad()
+def report_ema(tr, gap_db: float = 1.0) -> dict:
+    """Collective, at the end of a run with an EMA: the PSNR of the raw and of the EMA weights (the ones checkpoints
+    hand on to init_from, evaluate and export) on each rank's first training batch, averaged over ranks; one line,
+    and a warning when the EMA is more than ``gap_db`` worse. Returns ``{"psnr": raw, "psnr_ema": ema}``."""
+    from .eval import metrics as M
+    if tr.ema is None or tr.first_batch is None:
+        return {}
+    x = tr.first_batch["pixels"].float()
+    tok = tr.model.tokenizer
+    with _eval_mode(tok), _rng_kept():
+        raw = M.psnr(tok(x)[0].float().clamp(-1, 1), x).mean()
+        with tr.ema.swapped():
+            ema = M.psnr(tok(x)[0].float().clamp(-1, 1), x).mean()
+    both = dist.all_reduce_sum(torch.stack([raw, ema]).double().to(tr.device)).cpu() / dist.world_size()
+    raw, ema = both.tolist()
+    tr.log.info(f"step {tr.step}: tokenizer PSNR on the first training batch {raw:.2f} dB with the raw weights, "
+                f"{ema:.2f} dB with the EMA weights (decay {tr.ema.last_decay or 0:.4g}), which the checkpoints "
+                f"hand on (tokenizer_ema.safetensors: init_from, evaluate, export)")
+    if raw - ema > gap_db:
+        tr.log.info(f"warning: the EMA weights handed on reconstruct {raw - ema:.1f} dB worse than the raw weights "
+                    f"after {tr.step} steps: train longer or lower train.ema_decay (now {tr.cfg.train.ema_decay})")
+    return {"psnr": raw, "psnr_ema": ema}

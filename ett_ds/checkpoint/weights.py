@@ -63,10 +63,16 @@ def load_into_model(model: torch.nn.Module, folder: Path) -> dict:
     aliases = {n for n, _ in model.named_parameters(remove_duplicate=False)}
     unexpected = sorted(set(sd) - set(own) - aliases - {n for n, _ in model.named_buffers()})
     report = {"from": str(folder), "loaded": len(loaded), "missing": missing, "unexpected": unexpected[:20]}
+    ema, took = Path(folder) / TOKENIZER_EMA, None  # which tokenizer weights: the EMA ones when the folder has them
+    if any(n.startswith("tokenizer.") for n in loaded):
+        took = f"took tokenizer EMA weights from {ema}" if ema.is_file() else \
+            f"took the raw tokenizer weights (no {TOKENIZER_EMA} in {folder})"
+        report["tokenizer_weights"] = "ema" if ema.is_file() else "raw"
     if dist.is_rank0():
         print(f"[ett_ds] init_from {folder}: {len(loaded)} tensors loaded, {len(missing)} new "
               f"({', '.join(sorted({m.split('.')[0] for m in missing})) or '-'}), {len(unexpected)} unused"
-              + (f" ({', '.join(unexpected[:8])}{', ...' if len(unexpected) > 8 else ''})" if unexpected else ""))
+              + (f" ({', '.join(unexpected[:8])}{', ...' if len(unexpected) > 8 else ''})" if unexpected else "")
+              + (f"; {took}" if took else ""))
     return report
 
 
