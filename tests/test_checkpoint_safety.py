@@ -25,7 +25,7 @@ import pytest
 import torch
 
 from ett_ds import checkpoint as ckpt
-from ett_ds.checkpoint import manager, weights
+from ett_ds.checkpoint import weights
 from ett_ds.checkpoint.safe import read_safetensors, safe_load
 from ett_ds.engine import dist
 from ett_ds.train import main
@@ -33,6 +33,7 @@ from ett_ds.trainer import Trainer
 from tests.tiny import build_demo, demo_train_args, repeat, subprocess_env, tiny_config, train_spm
 
 REPO = Path(__file__).resolve().parents[1]
+ABANDONED, LATEST = "abandoned", "latest"  # in checkpoints/: folders moved aside; DeepSpeed's pointer file
 
 
 @pytest.fixture(scope="module")
@@ -197,7 +198,7 @@ def test_kill_9_at_every_point_of_a_save_leaves_only_loadable_complete_folders(s
     # a fresh job resumes from the newest complete folder
     tr2 = tokenizer_trainer(spm_model, tmp_path)
     tr2.resume()
-    assert tr2.step == ckpt.step_of(ckpt.latest(root))
+    assert tr2.step == int(ckpt.latest(root).name[5:])
 
 
 def test_a_save_never_writes_into_an_existing_folder(spm_model, tmp_path):
@@ -208,9 +209,9 @@ def test_a_save_never_writes_into_an_existing_folder(spm_model, tmp_path):
     inode = first.stat().st_ino
     again = tr.save()  # the same step again: what a rollback's save meets
     assert again == first and again.stat().st_ino != inode and not (again / ckpt.GOOD).exists()
-    moved = list((tr.ckpt_root / ckpt.ABANDONED).iterdir())
+    moved = list((tr.ckpt_root / ABANDONED).iterdir())
     assert len(moved) == 1 and moved[0].name.startswith("step_00000001-") and (moved[0] / ckpt.GOOD).is_file()
-    assert (tr.ckpt_root / ckpt.LATEST).read_text() == "step_00000001"
+    assert (tr.ckpt_root / LATEST).read_text() == "step_00000001"
     assert not list(tr.ckpt_root.glob(".tmp-*"))
 
 
@@ -233,9 +234,9 @@ def test_resume_from_an_older_step_moves_the_abandoned_branch_aside(spm_model, t
     out = capsys.readouterr().out
     assert "moved 2 newer checkpoint folder(s) of the abandoned branch (step_00000002..step_00000003)" in out, out
     assert [d.name for d in ckpt.step_dirs(root)] == ["step_00000001", "step_00000002"]
-    assert sorted(p.name.split("-")[0] for p in (root / ckpt.ABANDONED).iterdir()) == ["step_00000002",
+    assert sorted(p.name.split("-")[0] for p in (root / ABANDONED).iterdir()) == ["step_00000002",
                                                                                        "step_00000003"]
-    assert ckpt.latest(root).name == "step_00000002" and (root / ckpt.LATEST).read_text() == "step_00000002"
+    assert ckpt.latest(root).name == "step_00000002" and (root / LATEST).read_text() == "step_00000002"
     state = ckpt.read_trainer_state(ckpt.latest(root))
     assert state["step"] == 2
     rows = [json.loads(x)["step"] for x in (tr.run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -279,7 +280,7 @@ def test_a_full_disk_is_one_line_exit_2_and_the_previous_checkpoint_stays_newest
             raise RuntimeError("basic_ios::clear: iostream error")
         return real(obj, f, *a, **k)
     monkeypatch.setattr(torch, "save", torn)
-    monkeypatch.setattr(manager.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10 << 20, 10 << 20, 0))
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10 << 20, 10 << 20, 0))
     assert main(tokenizer_args(demo, tmp_path, "train.max_steps=2")) == 2
     line = one_line(capsys.readouterr().err)
     assert "no space left on device: " in line and "basic_ios" not in line, line

@@ -88,8 +88,10 @@ def full_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
 def save_tokenizer(tokenizer: torch.nn.Module, path: Path, tcfg, dtype: torch.dtype = torch.float32) -> None:
     """Collective. Rank 0 writes the taming-layout safetensors with the tokenizer config in its metadata."""
     sd = full_state_dict(tokenizer)
-    if dist.is_rank0():
-        sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}
-        save_safetensors({k: v.contiguous() for k, v in sd.items()}, path,
-                         metadata={"format": tcfg.type, "ett_tokenizer_config": json.dumps(asdict(tcfg))})
-    dist.barrier()
+    try:
+        if dist.is_rank0():
+            sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}
+            save_safetensors({k: v.contiguous() for k, v in sd.items()}, path,
+                             metadata={"format": tcfg.type, "ett_tokenizer_config": json.dumps(asdict(tcfg))})
+    finally:  # a failed write (a full disk) still meets the other ranks here; the caller agrees on the error
+        dist.barrier()
