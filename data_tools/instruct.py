@@ -11,8 +11,8 @@ Nothing unchecked is copied: only whitelisted members (jpg, jpeg, png, webp, txt
 by reason when its key cannot be a shard key (``bad_key``: contains '/'; ``duplicate_key``), when it has no image
 (``missing_image``) or an image that does not fully decode (``unreadable``, ``truncated``, ``too_large`` above
 ``--max-pixels``), a member over its size cap (``too_large_text`` above ``--max-text-bytes``, ``too_large_image``
-above ``--max-image-bytes``: never read), or when its caption or json is unusable (``missing_caption``, ``empty_caption``,
-``non_utf8_caption``, ``bad_json``: the reasons the training loader counts).
+above ``--max-image-bytes``: never read), or when its caption or json is unusable (``missing_caption``,
+``empty_caption``, ``non_utf8_caption``, ``bad_json``: the reasons the training loader counts).
 
     python -m data_tools.instruct --in data/demo/train --out data/demo_sft [--templates FILE] [--seed 0]
 """

@@ -8,14 +8,17 @@ Each usable row becomes one sample: the image (validated / re-encoded like ``dat
 the row as it is -- ``id``, every turn of ``conversations`` (the ``<image>`` mark where the row put it), the other
 fields -- plus ``"task": "sft"``, ``width``, ``height`` (``image`` keeps the source path). The sft stage
 (``ett_ds/data/batch.py``) replaces the ``<image>`` mark with the image tokens and supervises every assistant turn.
+A text-only row (no ``image``, no ``<image>`` mark; about 40k of llava_v1_5_mix665k's rows) becomes a sample with
+the json alone; the sft stage trains it as plain text (``stats.json``: ``text_only`` counts them among ``ok``).
 
 Rows the stage cannot train on are skipped and counted by reason in ``stats.json`` (``failed``), like every
 ``data_tools shard`` failure: ``bad_id`` (no id, or not a string/number), ``duplicate_id`` (the first row with an
 id is kept), ``bad_conversations`` (not the stage's format: a non-empty list of turns with string role and content,
 roles human/gpt/user/assistant/system, at least one assistant turn, at most one ``<image>``, only in a user or
-system turn), ``no_image`` (a text-only row: the sft stage always feeds an image, so these cannot train),
-``multiple_images`` (an image list: one image per conversation), ``missing_image`` (the file does not exist), and the
-image checks of ``shard`` (``unreadable``, ``truncated``, ``too_small``, ``too_large``).
+system turn), ``no_image`` (an ``<image>`` mark but no image), ``multiple_images`` (an image list: one image
+per conversation is supported), ``too_large_text`` (the sample's json would pass the loader's cap,
+``format.MAX_TEXT_BYTES``), ``missing_image`` (the file does not exist), and the image checks of ``shard``
+(``unreadable``, ``truncated``, ``too_small``, ``too_large``).
 
 Only regular files inside ``--image-root`` are read, and at most :data:`MAX_SOURCE_BYTES` of them: an absolute
 path, a ``..`` path or a symlink that leads out of the root is ``outside_root``, anything but a regular file (a
@@ -33,13 +36,14 @@ import os
 import stat
 from pathlib import Path
 
-from ett_ds.data.format import MAX_IMAGE_BYTES, SampleError
+from ett_ds.data.format import MAX_IMAGE_BYTES, MAX_TEXT_BYTES, SampleError, text_only
 
 from .errors import UsageError
 from .shard import EncodeOptions, Item, encode_image, shard_items
 from .tario import json_bytes
 
 MAX_SOURCE_BYTES = MAX_IMAGE_BYTES  # a source image above this is not read (too_large_file); shards cap images alike
+SFT_FIELDS = {"task": "sft", "width": 0, "height": 0}  # what a sample's json adds to its row (for its size check)
 
 
 def read_rows(path: Path) -> list:
@@ -141,8 +145,8 @@ def llava_items(rows: list, image_root: Path, max_bytes: int = MAX_SOURCE_BYTES)
             reject = "duplicate_id"
         elif conversation_problem(row.get("conversations")) is not None:
             reject = "bad_conversations"
-        elif image is None or image == "":
-            reject = "no_image"
+        elif image is None or image == "":  # text-only: trains as is; an <image> mark without an image cannot
+            reject = "no_image" if not text_only(row) else None
         elif isinstance(image, list):
             reject = "multiple_images"
         elif not isinstance(image, str):
@@ -150,7 +154,7 @@ def llava_items(rows: list, image_root: Path, max_bytes: int = MAX_SOURCE_BYTES)
         if reject not in ("bad_id", "bad_row"):
             seen.add(str(rid))
         path, size = None, 0
-        if reject is None:
+        if reject is None and image:
             try:
                 real = resolve_image(image, image_root)
                 st = os.stat(real)
@@ -163,6 +167,8 @@ def llava_items(rows: list, image_root: Path, max_bytes: int = MAX_SOURCE_BYTES)
             except (OSError, ValueError):  # a loop of symlinks, a NUL in the name
                 reject = "unreadable"
         extra = json.loads(json.dumps(row, default=str))
+        if reject is None and len(json_bytes({**extra, **SFT_FIELDS})) > MAX_TEXT_BYTES:
+            reject = "too_large_text"  # the loader would skip its json unread
         items.append(Item(image=path, extra=extra, size_hint=size, reject=reject))
     return items
 
@@ -171,6 +177,8 @@ def process_llava(item: Item, opts: EncodeOptions, max_bytes: int = MAX_SOURCE_B
     """One LLaVA row -> {image ext: bytes, "json": the row + task/width/height}; raises SampleError."""
     if item.reject:
         raise SampleError(item.reject)
+    if item.image is None:  # a text-only conversation: the json alone
+        return {"json": json_bytes({**item.extra, "task": "sft"})}
     ext, data, (w, h) = encode_image(read_image_file(item.image, max_bytes), opts)
     meta = dict(item.extra)
     meta.update({"task": "sft", "width": w, "height": h})
@@ -192,6 +200,10 @@ def llava_to_shards(path: str | Path, out: str | Path, *, image_root: str | Path
         raise UsageError(f"{path}: expected a non-empty JSON list of conversations (LLaVA format)")
     items = llava_items(rows, root, max_image_bytes)
     process = functools.partial(process_llava, max_bytes=max_image_bytes)
-    return shard_items(items, out, prefix=prefix, samples_per_shard=samples_per_shard, opts=opts,
-                       source_id=f"llava:{path.resolve()}:{root}", process=process, kind="llava", **kwargs)
+    total = shard_items(items, out, prefix=prefix, samples_per_shard=samples_per_shard, opts=opts,
+                        source_id=f"llava:{path.resolve()}:{root}", process=process, kind="llava", **kwargs)
+    # of the ok samples, how many are text-only (they cannot fail once planned: no image, json within its cap)
+    total["text_only"] = sum(1 for it in items if it.image is None and it.reject is None)
+    (Path(out) / "stats.json").write_text(json.dumps(total, indent=1, sort_keys=True))
+    return total
 

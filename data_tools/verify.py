@@ -1,12 +1,12 @@
 """``data_tools verify DIR``: re-read every shard and check what the loader relies on.
 
 Checks per shard: the tar reads to the end; members of a sample are adjacent (a key never comes back after another
-key started); keys are unique within and across shards; every sample has exactly one image that fully decodes
-and a UTF-8, non-empty caption when it has one, and its json (if any) is a JSON object (the rules of
-``ett_ds.data.format``, which the loader applies); no member is over its size cap (``format.MAX_TEXT_BYTES`` /
-``MAX_IMAGE_BYTES``: reported, never read, as the loader skips it); the count matches ``sizes.json``. Only
-whitelisted members within their cap are read, so memory stays bounded whatever a shard holds. Returns a report
-dict whose ``problems`` list is empty when everything is fine.
+key started); keys are unique within and across shards; every sample has exactly one image that fully decodes (a
+text-only conversation has none) and a UTF-8, non-empty caption when it has one, and its json (if any) is a JSON
+object (the rules of ``ett_ds.data.format``, which the loader applies); no member is over its size cap
+(``format.MAX_TEXT_BYTES`` / ``MAX_IMAGE_BYTES``: reported, never read, as the loader skips it); the count matches
+``sizes.json``. Only whitelisted members within their cap are read, so memory stays bounded whatever a shard holds.
+Returns a report dict whose ``problems`` list is empty when everything is fine.
 """
 from __future__ import annotations
 
@@ -19,18 +19,26 @@ from PIL import Image
 
 from ett_ds.data.decode import CountingReader, open_shard
 from ett_ds.data.format import (CAPTION_EXT, JSON_EXT, WHITELIST, SampleError, clean_caption, image_exts,
-                                member_too_large, open_tar_stream, read_json, split_name)
+                                member_too_large, open_tar_stream, read_json, split_name, text_only)
 from ett_ds.data.shards import list_shards
 
 # what a reason of ett_ds.data.format means in verify's report
 PROBLEMS = {"empty_caption": "empty caption", "non_utf8_caption": "not UTF-8", "bad_json": "not a JSON object"}
 
 
+def _text_only(data: bytes) -> bool:
+    """A json member of a text-only conversation (the one kind of sample without an image)."""
+    try:
+        return text_only(read_json(data))
+    except SampleError:
+        return False
+
+
 def check_sample(key: str, members: dict[str, bytes | None]) -> list[str]:
     """A member given as None was not read (not whitelisted, or over its size cap: reported where it was seen)."""
     problems = []
     images = image_exts(members)
-    if len(images) != 1:
+    if len(images) != 1 and not (not images and members.get(JSON_EXT) and _text_only(members[JSON_EXT])):
         problems.append(f"{key}: expected one image member, found {sorted(members)}")
     for ext in images:
         if members[ext] is None:

@@ -5,6 +5,9 @@ Layouts (N = image tokens of the configured resolution; [x] = one special token;
     caption  [bos] [boi] [img]*N [eoi] prompt caption [eos]        loss on caption + eos
     sft      [bos] turn... where the human turn's "<image>" becomes [boi] [img]*N [eoi]; loss on assistant
              contents and the eos closing each assistant turn; the text is cut at `data.max_chat_tokens`
+    sft, text-only (a conversation with no image and no "<image>")
+             [bos] turn... [boi] [img]*N [eoi]   a blank image's block after the text, outside the attention mask
+             and the labels: every sample runs the same modules (ZeRO-3), the text trains as a plain LM
     t2i      [bos] prompt [boi] [img]*N [eoi] [eos]                 loss on the N image positions (visual head);
              the prompt is dropped with probability `train.prompt_dropout` (classifier-free guidance)
 
@@ -21,10 +24,10 @@ import torch
 from ..config import Config
 from ..models.losses import IGNORE
 from ..models.text import TextTokenizer
-from .format import SampleError, sample_caption
+from .format import IMAGE_MARK, SampleError, sample_caption
 from .transforms import image_to_uint8, to_unit_range
 
-IMAGE_MARK = "<image>"
+BLANK = 128  # the placeholder image of a text-only sample: mid grey, about 0 in [-1, 1]
 CHARS_PER_TOKEN = 64  # a token never spans more characters than this: what a chat turn is encoded from, per token
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 
@@ -51,6 +54,9 @@ class Batcher:
         self.resize_mode = cfg.data.resize_mode
         self.num_image_tokens = cfg.num_image_tokens
         self.default_task = {"sft": "sft", "t2i": "t2i"}.get(cfg.stage, "caption")
+        from ..models.ett import STAGE_SPECS
+        # text-only conversations train where the image only feeds the LLM; a reconstructing stage would learn blanks
+        self.text_only_ok = not STAGE_SPECS[cfg.stage].reconstruct
         # The global `random` module: the input pipeline seeds it per (seed, segment, rank, worker), and the
         # trainer's checkpoints carry its state, so prompt choice and dropout are reproducible and resumable.
         self.rng = random
@@ -93,9 +99,9 @@ class Batcher:
         ids = self.t2i_prompt(caption) + self.image_ids()[1:] + [self.text.eos_id]
         return ids, [IGNORE] * len(ids)
 
-    def chat_sequence(self, conversations: list[dict]) -> tuple[list[int], list[int]]:
+    def chat_sequence(self, conversations: list[dict], image: bool = True) -> tuple[list[int], list[int]]:
         """Token ids and labels of a conversation: the image block where the row put ``<image>`` (first when it put
-        none).
+        none); ``image=False``: a text-only conversation (no block; an ``<image>`` mark is a ValueError).
 
         The text (every token but the image block's) is cut at ``data.max_chat_tokens``: turns past the cut are
         dropped, the turn it falls in is cut short (an assistant turn then has no eos), and a turn's content is
@@ -139,15 +145,16 @@ class Batcher:
             else:
                 for k, piece in enumerate(content.split(IMAGE_MARK)):
                     if k > 0:
-                        if placed:
-                            raise ValueError("only one <image> per conversation is supported")
+                        if placed or not image:
+                            raise ValueError("only one <image> per conversation is supported" if image else
+                                             "<image> in a sample without an image")
                         block = self.image_ids()  # not counted against the text budget
                         ids.extend(block)
                         labels.extend([IGNORE] * len(block))
                         placed = True
                     add(encode(piece.strip("\n")), False)
             add(encode(post), False)
-        if not placed:  # the image goes first when the conversation does not place it
+        if image and not placed:  # the image goes first when the conversation does not place it
             img = self.image_ids()
             n0 = len(self._start())
             ids = ids[:n0] + img + ids[n0:]
@@ -171,6 +178,9 @@ class Batcher:
         if conversations is not None and not _well_formed(conversations):
             raise SampleError("bad_conversations")
         has_text = bool(text and text.strip())
+        text_only = sample.get("image") is None
+        if text_only and not (self.text is not None and task == "sft" and conversations and self.text_only_ok):
+            raise SampleError("missing_image")  # text-only: only conversations, only in stages that do not reconstruct
         if self.text is not None:
             if task == "sft" and not conversations:  # caption data becomes a one-turn instruction sample
                 if not has_text:
@@ -179,15 +189,22 @@ class Batcher:
                                  {"from": "gpt", "value": text.strip()}]
             if task != "sft" and not has_text:
                 raise SampleError("missing_caption")
-        pixels = image_to_uint8(sample["image"], size=self.size, train=self.train, rng=self.rng,
-                                mode=self.resize_mode)
+        if text_only:  # a blank image runs through the same modules; its tokens go after the text, unattended
+            pixels = torch.full((3, *self.size), BLANK, dtype=torch.uint8)
+        else:
+            pixels = image_to_uint8(sample["image"], size=self.size, train=self.train, rng=self.rng,
+                                    mode=self.resize_mode)
         ex = {"pixels": pixels, "text": str(text or ""), "gen": task == "t2i"}
         if self.text is not None:
             if task == "sft":
                 try:
-                    ids, labels = self.chat_sequence(conversations)
-                except ValueError:  # unknown role, two images
+                    ids, labels = self.chat_sequence(conversations, image=not text_only)
+                except ValueError:  # unknown role, two images, an <image> mark without an image
                     raise SampleError("bad_conversations") from None
+                if text_only:
+                    block = self.image_ids()
+                    ex["attend"], ex["text_only"] = len(ids), True
+                    ids, labels = ids + block, labels + [IGNORE] * len(block)
             elif task == "t2i":
                 ids, labels = self.t2i_sequence(str(text))
             else:
@@ -209,7 +226,7 @@ class Batcher:
             n = len(e["input_ids"])
             ids[i, :n] = torch.tensor(e["input_ids"])
             labels[i, :n] = torch.tensor(e["labels"])
-            mask[i, :n] = 1
+            mask[i, :e.get("attend", n)] = 1  # a text-only sample's trailing image block is not attended
         batch.update(input_ids=ids, labels=labels, attention_mask=mask,
                      gen_mask=torch.tensor([e["gen"] for e in examples], dtype=torch.bool))
         return batch

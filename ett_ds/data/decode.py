@@ -16,11 +16,12 @@ from typing import Iterator
 
 from .format import (CAPTION_EXT, IMAGE_EXTS, JSON_EXT, MAX_IMAGE_BYTES, MAX_TEXT_BYTES, WHITELIST, BoundedTarInfo,
                      SampleError, clean_caption, image_exts, load_image, member_too_large, open_image, open_tar_stream,
-                     pixel_limit, read_json, split_name, to_rgb)
+                     pixel_limit, read_json, split_name, text_only, to_rgb)
 from .transforms import decode_size_for
 
-# Counter buckets that are not data errors: delivered samples, harmless extra members, make_example's own filter.
-NON_ERRORS = frozenset({"ok", "ignored_member", "rejected"})
+# Counter buckets that are not data errors: delivered samples (text_only: how many of them had no image), harmless
+# extra members, make_example's own filter.
+NON_ERRORS = frozenset({"ok", "ignored_member", "rejected", "text_only"})
 
 
 class DataErrorRateExceeded(RuntimeError):
@@ -127,6 +128,7 @@ def iter_tar_samples(url: str, stats: Counter, max_text_bytes: int = MAX_TEXT_BY
 def decode_sample(raw: dict, max_pixels: int = 128_000_000, decode_size: tuple[int, int] | None = None,
                   resize_mode: str = "crop") -> dict:
     """Raw members -> ``{"__key__", "image": RGB PIL, "text": str | None, "json": dict | None}``; raises SampleError.
+    A text-only conversation (no image member, :func:`.format.text_only`) comes back with ``"image": None``.
 
     The pixel cap is checked from the header (``Image.open`` reads only that) before ``load()``
     (:func:`.format.open_image`, the writer's rule); ``decode_size``
@@ -136,7 +138,14 @@ def decode_sample(raw: dict, max_pixels: int = 128_000_000, decode_size: tuple[i
     """
     images = image_exts(raw)
     if not images:
-        raise SampleError("missing_image")
+        try:  # a text-only conversation has no image ("image": None); anything else needs one
+            meta = read_json(raw[JSON_EXT]) if JSON_EXT in raw else None
+        except SampleError:
+            meta = None
+        if not text_only(meta):
+            raise SampleError("missing_image")
+        text = clean_caption(raw[CAPTION_EXT]) if CAPTION_EXT in raw else None
+        return {"__key__": raw["__key__"], "image": None, "text": text, "json": meta}
     ext = images[0]
     text = clean_caption(raw[CAPTION_EXT]) if CAPTION_EXT in raw else None
     meta = read_json(raw[JSON_EXT]) if JSON_EXT in raw else None

@@ -1,7 +1,8 @@
 """The shard format in one place: what ``data_tools`` writes and ``ett_ds.data`` reads.
 
 A shard is a tar of samples. The members of a sample share a key (WebDataset's rule, :func:`split_name`: the path
-up to the first '.' of the basename; the rest is the extension): one image (:data:`IMAGE_EXTS`), optionally a
+up to the first '.' of the basename; the rest is the extension): one image (:data:`IMAGE_EXTS`; none for a
+text-only conversation, :func:`text_only`), optionally a
 caption (``KEY.txt``, UTF-8) and a json object (``KEY.json``; its ``caption`` or ``text`` field is the caption of
 a sample without a ``txt``, and ``task`` / ``conversations`` choose the layout, see ``ett_ds/data/batch.py``).
 Members with any other extension are never read (:data:`WHITELIST`). Keys written by ett_ds's tools contain no
@@ -34,6 +35,7 @@ JSON_EXT = "json"
 TEXT_EXTS = (CAPTION_EXT, JSON_EXT)
 WHITELIST = frozenset(IMAGE_EXTS + TEXT_EXTS)  # the members the loader reads; nothing else is read or copied
 CAPTION_FIELDS = ("caption", "text")  # json fields holding the caption of a sample without a txt member
+IMAGE_MARK = "<image>"  # where a conversation's image goes
 
 # Size caps, checked from the tar header before a member is read (every reader: training, evaluation, verify,
 # instruct). A caption or conversation json is KBs (LLaVA's longest rows are tens of KB; sft cuts conversations at
@@ -53,6 +55,14 @@ class SampleError(Exception):
     def __init__(self, reason: str):
         super().__init__(reason)
         self.reason = reason
+
+
+def text_only(meta: dict | None) -> bool:
+    """Whether a sample without an image member is a text-only conversation (an sft sample that needs no image): its
+    json holds a non-empty ``conversations`` list and no turn carries :data:`IMAGE_MARK`."""
+    conv = meta.get("conversations") if isinstance(meta, dict) else None
+    return isinstance(conv, list) and bool(conv) and not any(
+        isinstance(t, dict) and IMAGE_MARK in str(t.get("value", t.get("content", ""))) for t in conv)
 
 
 def split_name(name: str) -> tuple[str, str]:

@@ -181,6 +181,8 @@ def _examples(raw_samples: Iterator[dict], make_example: Callable, stats: Counte
             on_count()
             continue
         stats["ok"] += 1
+        if isinstance(example, dict) and example.get("text_only"):
+            stats["text_only"] += 1  # of the ok ones: sft samples without an image (not an error)
         yield example
 
 
