@@ -18,10 +18,10 @@ from .trainer import Trainer, TrainingDiverged
 
 KEYS_EPILOG = """\
 keys: every key.sub=value a recipe or override can set, with type, default, allowed values and meaning, is in
-  README.md, "Configuration reference" (or: python -m ett_ds.config --markdown); the resolved config of a recipe
+  docs/configuration.md (or: python -m ett_ds.config --markdown); the resolved config of a recipe
   and overrides: python -m ett_ds.config RECIPE key.sub=value ...
 recipes: tiny (the built-in demo data, built on first use), own (your shards: needs data.train=SHARDS; walkthrough
-  in docs/own_data.md), qwen2.5-1.5b-ibq (the paper's setting); stages and chaining: README.md, "Stages"."""
+  in docs/own_data.md), qwen2.5-1.5b-ibq (the paper's setting); stages and chaining: docs/stages.md."""
 
 
 def parse_args(argv):

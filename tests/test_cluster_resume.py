@@ -107,7 +107,7 @@ def test_signals_to_the_process_group_checkpoint_exit_75_and_the_rerun_continues
 
 
 # Relative. Other ranks draw other samples, so per-step losses differ by sampling noise (seen up to 9 %, their mean
-# over the 4 steps up to 2.3 %; README "On a cluster").
+# over the 4 steps up to 2.3 %; docs/cluster.md, "On a cluster").
 STEP_TOL, MEAN_TOL = 0.25, 0.10
 
 

@@ -135,8 +135,8 @@ def test_help_explains_the_caption_metrics(capsys):
     assert "``cer``: corpus character error rate = total edit distance" in text
     assert "``mean_cer``: the mean over samples" in text
     assert "exceed 1 when the model babbles" in text and "distinct predictions / distinct references" in text
-    readme = " ".join((Path(__file__).resolve().parents[1] / "README.md").read_text().split())
-    assert "exceed 1 when the model babbles" in readme and "data.resize_mode" in readme
+    page = " ".join((Path(__file__).resolve().parents[1] / "docs" / "inference.md").read_text().split())
+    assert "exceed 1 when the model babbles" in page and "data.resize_mode" in page
 
 
 def test_square_images_on_a_strip_checkpoint_warn_once_and_pad_keeps_them_whole(demo, ckpts, tmp_path, capsys):

@@ -1,6 +1,6 @@
 """Issue 22 item 1: an export is one transformers model with its own code, usable without ett_ds.
 
-The README's snippet (AutoProcessor + AutoModelForImageTextToText, trust_remote_code, greedy generate,
+The snippet of docs/inference.md (and issue 22) (AutoProcessor + AutoModelForImageTextToText, trust_remote_code, greedy generate,
 batch_decode) runs in a fresh virtual environment holding only transformers, torch, safetensors, sentencepiece,
 Pillow and what they depend on (symlinked from this environment; ett_ds is not among them, and the script checks
 that ``import ett_ds`` fails), with ``python -I`` from a folder outside the repository. Its caption must be the one
@@ -37,7 +37,7 @@ CLEAN_PACKAGES = ("transformers", "torch", "safetensors", "sentencepiece", "pill
 PROMPT = "Read the text."
 TOKEN_PROBES = list(PROBES) + ["A cow.", "the quick brown fox 123"]
 
-# What a user runs (the README's snippet), plus what the test compares: the prompt ids, the first step's logits,
+# What a user runs (docs/inference.md's snippet), plus what the test compares: the prompt ids, the first step's logits,
 # AutoTokenizer's ids, chat replies and a generated image.
 SCRIPT = r'''
 import json
