@@ -73,6 +73,19 @@ class TokenizerConfig:
 
 
 @dataclass
+class LoRAConfig:
+    r: NonNegInt = 0
+    "LoRA rank on the LLM (peft; ett_ds/models/lora.py); 0: off. With r > 0, in a stage where the LLM trains only the adapters of the LLM train (its base weights, embeddings and LM head stay frozen), beside the stage's other parts; checkpoints hold the adapters, `python -m ett_ds.export` merges them into a plain LLM."
+    alpha: PosFloat = 16.0
+    "LoRA scaling numerator: the adapter's update is (alpha / r) B A."
+    dropout: Decay = 0.0
+    "Dropout on the adapters' input in training."
+    target_modules: Annotated[list[str], Len(1)] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    "Names of the LLM's nn.Linear layers that get adapters (peft's suffix match; Qwen2/Llama attention and MLP projections by default); never the embeddings or `lm_head`."
+
+
+@dataclass
 class LLMConfig:
     path: str | None = None
     "Local folder of a Hugging Face causal LM (from_pretrained). Nothing is ever downloaded."
@@ -86,6 +99,8 @@ class LLMConfig:
     "Activation checkpointing on the LLM's decoder layers (non-reentrant)."
     attn_implementation: str = "sdpa"
     "Attention backend passed to transformers (PyTorch SDPA by default; no flash-attn)."
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    "LoRA adapters on the LLM (`r` > 0 turns them on)."
 
 
 @dataclass

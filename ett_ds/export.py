@@ -36,7 +36,9 @@ any ``model_type: qwen2`` folder and encodes differently.
     DIR/projector.safetensors   and visual_head / index_embed .safetensors when the model has them
     DIR/ett_config.yaml         the resolved ett_ds config, paths pointing at the files above
 
-A tokenizer-stage checkpoint exports only the vision tokenizer and the config. ``--dtype`` casts the LLM, the
+A LoRA run's adapters (``model.llm.lora.r > 0``) are merged into the LLM's weights (peft's merge, W + alpha/r BA):
+``llm/`` is a plain model and ``ett_config.yaml`` says ``lora.r: 0``. A tokenizer-stage checkpoint exports only the
+vision tokenizer and the config. ``--dtype`` casts the LLM, the
 projector and the heads; the vision tokenizer is always written in float32 (its decoder is an fp32 island and the
 codebook argmax is precision-sensitive). ``python -m ett_ds.infer`` and ``evaluate`` load the folder directly.
 """
@@ -55,6 +57,7 @@ from .checkpoint import EXPORT_CONFIG, EXTRA_PARTS, CheckpointError
 from .checkpoint.loading import load_model, no_zero_init, resolve
 from .checkpoint.safe import save_safetensors, umask_mode
 from .config import save_config
+from .models import lora
 from .models.text import chat_template_jinja
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
@@ -89,6 +92,9 @@ def export(ckpt: str | Path, out: str | Path, dtype: torch.dtype = torch.float32
     tcfg.checkpoint, tcfg.checkpoint_config, tcfg.use_ema_weights = str(out / "tokenizer.safetensors"), None, False
 
     if model.llm is not None:
+        if lora.has_adapters(model.llm):  # model.llm.lora.r > 0: W + (alpha / r) B A, a plain LLM from here on
+            lora.merge(model.llm)
+        cfg.model.llm.lora.r = 0
         llm = model.llm.to(dtype)
         llm.config.use_cache = True
         llm.tie_weights()  # the consolidated state dict carries both names of tied tables: make them one again

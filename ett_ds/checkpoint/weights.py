@@ -42,6 +42,9 @@ def load_into_model(model: torch.nn.Module, folder: Path) -> dict:
     """
     sd = consolidated_state_dict(folder)
     own = dict(model.named_parameters())
+    from ..models.lora import fit_state_dict  # across a LoRA boundary: X.weight <-> X.base_layer.weight, merges
+    sd = fit_state_dict(sd, {n: tuple(getattr(t, "ds_shape", t.shape)) for n, t in
+                             [*model.named_parameters(remove_duplicate=False), *model.named_buffers()]}, folder)
     loaded, missing = [], []
     for name, p in own.items():
         if name not in sd:

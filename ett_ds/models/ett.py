@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 
 from ..config import Config
-from . import losses
+from . import lora, losses
 from .chunked import auto_chunk_tokens
 from .llm import base_model, build_llm, hidden_size, resize_for_vocab
 from .projector import MLPProjector
@@ -91,6 +91,8 @@ class ETTModel(nn.Module):
     def set_trainable(self) -> None:
         for name, module in self.parts().items():
             module.requires_grad_(name in self.spec.trains)
+        if "llm" in self.spec.trains:
+            lora.train_adapters_only(self.llm)  # model.llm.lora.r > 0: the LLM's base weights stay frozen
 
     @property
     def tokenizer_trains(self) -> bool:

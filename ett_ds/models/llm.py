@@ -2,7 +2,8 @@
 
 When an ``HfDeepSpeedConfig`` for a ZeRO-3 config is alive (engine/deepspeed.py keeps one), transformers builds the
 model inside ``deepspeed.zero.Init``: each rank only ever holds its shard. Embedding resizing then happens once, to
-a multiple of 64, and the new rows are initialised by id under a gather (modifier rank 0).
+a multiple of 64, and the new rows are initialised by id under a gather (modifier rank 0). With
+``model.llm.lora.r > 0`` the model gets peft's LoRA layers (``models/lora.py``) before it is returned.
 """
 from __future__ import annotations
 
@@ -36,6 +37,10 @@ def build_llm(cfg: LLMConfig) -> nn.Module:
         # transformers 5's name (gradient_checkpointing_enable is a deprecated alias); non-reentrant checkpointing
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
+    lora_cfg = getattr(cfg, "lora", None)
+    if lora_cfg is not None and lora_cfg.r > 0:
+        from . import lora  # peft's LoRA layers, in place: partitioned with the rest at deepspeed.initialize
+        lora.inject(model, lora_cfg)
     return model
 
 
