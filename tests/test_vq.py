@@ -1,4 +1,6 @@
 """The IBQ tokenizer: shapes, the quantizer's maths against a literal reference, and fp32 islands."""
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -70,7 +72,9 @@ def test_chunked_quantizer_equals_the_unchunked_formula(codebook, dim, shape, ch
         avg = ((z.permute(0, 2, 3, 1).reshape(-1, dim) @ cb.detach().t()) / temperature).softmax(-1).mean(0)
         assert (avg < 1e-7).any() and (avg >= 1e-3).any()
     torch.testing.assert_close(quant, rquant, rtol=1e-6, atol=0)
-    torch.testing.assert_close(ent, rent, rtol=1e-6, atol=1e-7)
+    # the entropy loss is a difference of two fp32 entropies of size up to log K: its rounding scales with log K,
+    # and the summation order (threads, CPU) moves it by a few ulps of those terms (seen: 9.5e-7 at K = 4,096)
+    torch.testing.assert_close(ent, rent, rtol=1e-6, atol=4e-7 * math.log(codebook))
     g = torch.randn_like(zq)
     ((zq * g).sum() + 0.9 * quant + 0.05 * ent).backward()
     ((rzq * g).sum() + 0.9 * rquant + 0.05 * rent).backward()
