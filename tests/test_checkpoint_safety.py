@@ -172,29 +172,39 @@ def test_kill_9_at_every_point_of_a_save_leaves_only_loadable_complete_folders(s
     tr.step = 1
     tr.save()
     counter = tmp_path / "count"
-    assert os.WIFEXITED(save_in_child(tr, 2, KillAt(None, False, counter)))  # a whole save, counted
-    ops = int(counter.read_text())
-    assert ops >= 10
+    assert os.WIFEXITED(save_in_child(tr, 2, KillAt(None, False, counter)))  # a whole save
     good = root / "step_00000002"
     assert_loads(good)
     (good / ckpt.GOOD).write_text("ok\n")  # step 2 now plays the abandoned branch's folder a rollback saves over
-    tried = 0
-    for at in range(1, ops + 1):
-        for torn in (False, True):
-            status = save_in_child(tr, 2, KillAt(at, torn, counter))
-            tried += 1
-            assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL, (at, torn, status)
-            for folder in complete_folders(root):
-                assert_loads(folder)
-            assert [d.name for d in complete_folders(root)][:1] == ["step_00000001"], (at, torn)
-            # the next start removes what the killed save left
-            next_start = getattr(getattr(tr, "checkpoints", None), "prepare", lambda *a, **k: None)
-            next_start(None, None, explicit=False)
-            assert not list(root.glob(".tmp-*")), (at, torn)
-            for d in root.glob("step_*"):
-                assert ckpt.is_complete(d), (at, torn, d.name)  # no half-written folder under a step name
-    print(f"kill -9 at {tried} points of a save ({ops} operations, before each and torn in each): every "
-          f"complete folder loaded")
+    pristine = tmp_path / "pristine_step_00000002"
+    shutil.copytree(good, pristine)
+    next_start = getattr(getattr(tr, "checkpoints", None), "prepare", lambda *a, **k: None)
+    for step, case in ((3, "a new step"), (2, "over an abandoned branch's folder")):
+        target = root / f"step_{step:08d}"
+        assert os.WIFEXITED(save_in_child(tr, step, KillAt(None, False, counter)))  # a whole save, counted
+        ops = int(counter.read_text())
+        assert ops >= 10
+        tried = 0
+        for at in range(1, ops + 1):
+            for torn in (False, True):
+                if step == 3:
+                    shutil.rmtree(target, ignore_errors=True)
+                elif not (good / ckpt.GOOD).is_file():  # every try starts from the abandoned branch's folder
+                    shutil.rmtree(good, ignore_errors=True)
+                    shutil.copytree(pristine, good)
+                status = save_in_child(tr, step, KillAt(at, torn, counter))
+                tried += 1
+                assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL, (at, torn, status)
+                for folder in complete_folders(root):
+                    assert_loads(folder)
+                assert complete_folders(root)[0].name == "step_00000001", (at, torn)
+                next_start(None, None, explicit=False)  # the next start removes what the killed save left
+                assert not list(root.glob(".tmp-*")), (at, torn)
+                for d in root.glob("step_*"):
+                    assert ckpt.is_complete(d), (at, torn, d.name)  # no half-written folder under a step name
+                assert (root / LATEST).read_text() == ckpt.latest(root).name, (at, torn)
+        print(f"{case}: kill -9 at {tried} points of a save ({ops} file-system operations, before each and in the "
+              "middle of each file write): every complete folder loaded")
     # a fresh job resumes from the newest complete folder
     tr2 = tokenizer_trainer(spm_model, tmp_path)
     tr2.resume()

@@ -248,17 +248,18 @@ class CheckpointManager:
                 shutil.rmtree(left, ignore_errors=True)
             else:
                 left.unlink(missing_ok=True)
-        if not explicit or resumed_step is None:
-            return
-        newer = sorted(d for d in root.glob("step_*") if d.is_dir() and (step_of(d) or 0) > resumed_step
-                       and (resumed is None or d.resolve() != resumed.resolve()))
-        if not newer:
-            return
-        moved = [move_aside(d, root) for d in newer]
-        if resumed is not None and resumed.parent.resolve() == root.resolve():
-            write_atomically(root / LATEST, resumed.name)
-        self.log(f"train.resume={resumed}: moved {len(moved)} newer checkpoint folder(s) of the abandoned branch "
-                 f"({newer[0].name}..{newer[-1].name}) to {moved[0].parent}; resume=auto continues from here")
+        if explicit and resumed_step is not None:
+            newer = sorted(d for d in root.glob("step_*") if d.is_dir() and (step_of(d) or 0) > resumed_step
+                           and (resumed is None or d.resolve() != resumed.resolve()))
+            if newer:
+                moved = [move_aside(d, root) for d in newer]
+                self.log(f"train.resume={resumed}: moved {len(moved)} newer checkpoint folder(s) of the abandoned "
+                         f"branch ({newer[0].name}..{newer[-1].name}) to {moved[0].parent}; resume=auto continues "
+                         "from here")
+        newest = latest(root)  # DeepSpeed's pointer names the newest complete folder (a kill may have left it stale)
+        pointer = root / LATEST
+        if newest is not None and (not pointer.is_file() or pointer.read_text().strip() != newest.name):
+            write_atomically(pointer, newest.name)
 
 
 def model_shapes(module: torch.nn.Module) -> dict[str, tuple]:
