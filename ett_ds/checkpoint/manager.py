@@ -161,16 +161,18 @@ class CheckpointManager:
             if dist.is_rank0():
                 shutil.rmtree(tmp, ignore_errors=True)
             raise
-        if dist.is_rank0():
-            if final.exists():  # a folder of an abandoned branch (or an incomplete one): never written into
-                moved = move_aside(final, root)
-                self.log(f"{final.name} already existed (another branch of this run): moved to {moved}")
-            os.rename(tmp, final)
-            fsync_path(root)
-            write_atomically(root / LATEST, tag)
-            for old in to_prune(step_dirs(root), self.keep_last):
-                shutil.rmtree(old, ignore_errors=True)
-        dist.barrier()
+
+        def publish():  # rank 0, after every rank's files and the marker are on disk
+            if dist.is_rank0():
+                if final.exists():  # a folder of an abandoned branch (or an incomplete one): never written into
+                    moved = move_aside(final, root)
+                    self.log(f"{final.name} already existed (another branch of this run): moved to {moved}")
+                os.rename(tmp, final)
+                fsync_path(root)
+                write_atomically(root / LATEST, tag)
+                for old in to_prune(step_dirs(root), self.keep_last):
+                    shutil.rmtree(old, ignore_errors=True)
+        self._guarded(final, publish)
         return final
 
     def _guarded(self, where: Path, fn: Callable[[], None]) -> None:
@@ -192,7 +194,12 @@ class CheckpointManager:
         engine, rank = self.engine, dist.rank()
 
         def shards():
-            engine.save_checkpoint(str(tmp.parent), tag=tmp.name, client_state={"ett_step": step}, save_latest=False)
+            try:
+                engine.save_checkpoint(str(tmp.parent), tag=tmp.name, client_state={"ett_step": step},
+                                       save_latest=False)
+            except (OSError, RuntimeError):
+                dist.barrier()  # DeepSpeed's closing barrier, which a rank whose write failed skipped
+                raise
             torch.save({k: p.state_dict() for k, p in self.per_rank.items()}, extra_file(tmp, rank))
         self._guarded(final, shards)
         for name, writer in self.files.items():
