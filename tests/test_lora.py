@@ -217,3 +217,75 @@ def test_lora_sft_trains_only_adapters_and_the_merged_export_captions_alike(spm_
     assert len(set(cap_unmerged)) >= 3, "the captions should depend on the image"
     assert diff < 1e-4
     assert float((lu - lb).abs().max()) > 1.0
+
+
+@pytest.mark.slow
+def test_two_rank_lora_sft_cli_export_and_infer_agree(tmp_path):
+    """The command lines: a 2-rank ZeRO-3 sft with LoRA (torch.distributed.run) from a plain checkpoint, then
+    `python -m ett_ds.export` and `python -m ett_ds.infer caption` on the checkpoint and on the merged export."""
+    import sys
+    import tarfile
+    from pathlib import Path
+
+    from ett_ds.checkpoint.loading import resolve
+    from ett_ds.checkpoint.weights import consolidated_state_dict
+    from ett_ds.trainer import Trainer
+    from tests.stage_batches import smooth_images
+    from tests.tiny import build_demo, run_group, subprocess_env
+    repo = Path(__file__).resolve().parents[1]
+    demo = build_demo(tmp_path / "demo", 64, 8, 32)
+    spm = demo / "spm.model"
+    # a plain checkpoint (stage frozen: the whole LLM trains) that has seen number captions in the chat layout
+    pre = Trainer(tiny_config(spm, tmp_path / "a", "stage=frozen", "engine.precision=fp32", "optim.lr=1e-2",
+                              "optim.schedule=constant"))
+    h, w = pre.cfg.data.image_size
+    it = repeat(chat_batch(pre, ["417", "952", "368", "120"], smooth_images(4, h, w, seed=5)))
+    for _ in range(10):
+        pre.train_step(it)
+    plain = pre.save()
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
+           "ett_ds.train", "--config", "tiny", f"out_dir={tmp_path}", "name=lora", "stage=sft",
+           f"data.train={demo}/train", f"model.llm.text_tokenizer={spm}", *SHRINK, "data.num_workers=0",
+           "data.shuffle_buffer=8", "train.max_steps=12", "train.image_every=0", "train.log_every=1",
+           "train.save_every=1000", "engine.precision=fp32", f"model.llm.lora.r={R}", "optim.lr=3e-2",
+           f"train.init_from={plain}"]
+    rc, out, err = run_group(cmd, 500, cwd=repo, env=subprocess_env())
+    assert rc == 0, (out + err)[-3000:]
+    _, step = resolve(tmp_path / "lora")
+    before, after = consolidated_state_dict(plain), consolidated_state_dict(step)
+    adapters = [k for k in after if lora.is_adapter(k)]
+    assert len(adapters) == 2 * 7 * LAYERS
+    assert any(float(after[k].abs().max()) > 0 for k in adapters if ".lora_B." in k), "the adapters never moved"
+    for k, v in after.items():
+        if k.startswith("llm.") and not lora.is_adapter(k):
+            assert torch.equal(v, before[k.replace(".base_layer.", ".")]), k  # frozen on both ranks
+
+    export_dir = tmp_path / "export"
+    rc, out, err = run_group([sys.executable, "-m", "ett_ds.export", "--ckpt", str(step), "--out", str(export_dir)],
+                             300, cwd=repo, env=subprocess_env())
+    assert rc == 0, (out + err)[-3000:]
+    images = []
+    with tarfile.open(next(iter(sorted((demo / "heldout").glob("*.tar"))))) as tar:
+        for member in tar.getmembers():
+            if member.name.endswith((".png", ".jpg")) and len(images) < 6:
+                images.append(tmp_path / Path(member.name).name)
+                images[-1].write_bytes(tar.extractfile(member).read())
+    captions = {}
+    for name, ckpt in (("unmerged", step), ("merged", export_dir)):
+        rc, out, err = run_group([sys.executable, "-m", "ett_ds.infer", "caption", "--ckpt", str(ckpt), "--device",
+                                  "cpu", "--max-new-tokens", "8", "--image", *map(str, images)], 300, cwd=repo,
+                                 env=subprocess_env())
+        assert rc == 0, (out + err)[-3000:]
+        captions[name] = out.splitlines()
+    assert len(captions["unmerged"]) == len(images) and captions["merged"] == captions["unmerged"]
+    # the same prompt's logits in process (a few steps' captions can be empty: an early eos says little)
+    from ett_ds.checkpoint.loading import load_model
+    from ett_ds.infer import read_images
+    unmerged, merged = load_model(step), load_model(export_dir)
+    assert not lora.adapter_layers(merged.model.llm)
+    pics = read_images(list(map(str, images)), tuple(unmerged.cfg.data.image_size))
+    lu, lm = caption_logits(unmerged.model, unmerged.text, pics), caption_logits(merged.model, merged.text, pics)
+    diff = float((lu - lm).abs().max())
+    print(f"\n[lora] 2-rank sft, infer caption on {len(images)} held-out demo images: {captions}; "
+          f"max |logit difference| {diff:.2e}")
+    assert diff < 1e-4
