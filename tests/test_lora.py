@@ -188,6 +188,17 @@ def test_lora_sft_trains_only_adapters_and_the_merged_export_captions_alike(spm_
     for k, v in full_state_dict(unmerged.model.llm).items():
         assert torch.equal(v, after[k]), k
 
+    # a resumed run continues from the same adapters (and their optimizer state), base weights still frozen
+    again = Trainer(tr.cfg)
+    again.resume()
+    assert again.step == tr.step and lora.count(again.model) == n_adapters + n_projector
+    for k, v in full_state_dict(again.model.llm).items():
+        assert torch.equal(v, after[k]), k
+    again.train_step(it)
+    resumed = full_state_dict(again.model.llm)
+    assert all(torch.equal(resumed[k], base0[k]) for k in frozen)
+    assert not torch.equal(resumed[moved[0]], after[moved[0]])
+
     # the export merges: a plain LLM, which captions (greedy) as the unmerged model does
     out = export.export(step, tmp_path / "export")
     merged = load_model(out)
