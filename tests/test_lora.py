@@ -86,7 +86,7 @@ def test_merge_and_init_from_state_dicts_match_the_adapted_model(tmp_path):
 
 def test_lora_refuses_embeddings_and_unknown_targets():
     from ett_ds.config import LoRAConfig
-    for bad, msg in ((["lm_head"], "LM head"), (["qkv"], "no nn.Linear named 'qkv'")):
+    for bad, msg in ((["lm_head"], "LM head"), (["qkv"], "no module named 'qkv'")):
         with pytest.raises(ValueError, match=msg):
             lora.inject(tiny_qwen(), LoRAConfig(r=R, target_modules=bad))
 

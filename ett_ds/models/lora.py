@@ -24,6 +24,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from ..config import ConfigError
+
 ADAPTER_TAG = ".lora_"  # in every adapter parameter's name: ...q_proj.lora_A.default.weight
 BASE_TAG = ".base_layer."
 
@@ -41,18 +43,20 @@ def peft_config(lcfg):
 
 def inject(llm: nn.Module, lcfg) -> nn.Module:
     """LoRA layers (rank ``lcfg.r``) into ``llm`` in place; returns ``llm``. Embeddings and the LM head are never
-    targeted (the tiny recipe ties them, and ZeRO-3 cannot freeze rows of a table: pitfalls A5)."""
+    targeted (the tiny recipe ties them, and ZeRO-3 cannot freeze rows of a table: pitfalls A5). A target the LLM
+    lacks is a one-line ``ConfigError`` (``ett_ds.train``: exit 2)."""
     from peft import inject_adapter_in_model
     bad = [t for t in lcfg.target_modules if t in ("lm_head", "embed_tokens") or t.endswith((".lm_head",
                                                                                               ".embed_tokens"))]
     if bad:
-        raise ValueError(f"model.llm.lora.target_modules: {bad[0]} is an embedding table / the LM head; LoRA "
+        raise ConfigError(f"model.llm.lora.target_modules: {bad[0]} is an embedding table / the LM head; LoRA "
                          "targets the linear projections of the decoder layers")
-    names = {n.rsplit(".", 1)[-1] for n, m in llm.named_modules() if isinstance(m, nn.Linear)}
-    unknown = [t for t in lcfg.target_modules if t.rsplit(".", 1)[-1] not in names]
+    names = {n for n, _ in llm.named_modules()}
+    unknown = [t for t in lcfg.target_modules if not any(n == t or n.endswith("." + t) for n in names)]
     if unknown:
-        raise ValueError(f"model.llm.lora.target_modules: no nn.Linear named '{unknown[0]}' in the LLM "
-                         f"({type(llm).__name__} has: {', '.join(sorted(names))})")
+        linear = sorted({n.rsplit(".", 1)[-1] for n, m in llm.named_modules() if isinstance(m, nn.Linear)})
+        raise ConfigError(f"model.llm.lora.target_modules: no module named '{unknown[0]}' in the LLM "
+                         f"({type(llm).__name__}'s nn.Linear layers: {', '.join(linear)})")
     inject_adapter_in_model(peft_config(lcfg), llm)
     if hasattr(llm, "peft_config"):
         del llm.peft_config  # the LoRA settings live in ett_ds's config; a leftover would confuse save_pretrained
