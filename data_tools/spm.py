@@ -95,7 +95,8 @@ def min_vocab_size(sentences: list[str]) -> int:
 def captions_from_shards(urls: str, max_sentences: int = 200_000) -> list[str]:
     """Up to ``max_sentences`` captions of the shards ``urls`` names (a ``data.train`` spec), read as training reads
     them (``ett_ds.data.decode.iter_tar_samples``: whitelisted members only, size caps; the ``txt`` member, else
-    the json's caption field). Samples without a usable caption are passed over."""
+    the json's caption field; the turns of a json's ``conversations``, for sft shards). Samples without a usable
+    caption are passed over."""
     from collections import Counter
 
     from ett_ds.data.decode import iter_tar_samples
@@ -109,14 +110,23 @@ def captions_from_shards(urls: str, max_sentences: int = 200_000) -> list[str]:
             try:
                 text = clean_caption(raw[CAPTION_EXT]) if raw.get(CAPTION_EXT) else None
                 meta = read_json(raw["json"]) if raw.get("json") else {}
-                text = sample_caption(text, meta)
+                texts = [sample_caption(text, meta)] + _turns(meta.get("conversations"))
             except SampleError:
                 continue
-            if text and text.strip():
-                out.append(text.strip())
-                if len(out) >= max_sentences:
-                    return out
+            for text in texts:
+                if isinstance(text, str) and text.strip():
+                    out.append(text.strip())
+                    if len(out) >= max_sentences:
+                        return out
     return out
+
+
+def _turns(conversations) -> list[str]:
+    """The texts of LLaVA-style turns ({from/role, value/content}), without the ``<image>`` mark."""
+    if not isinstance(conversations, list):
+        return []
+    return [str(t.get("value", t.get("content", ""))).replace("<image>", " ").strip()
+            for t in conversations if isinstance(t, dict)]
 
 
 def spm_from_shards(urls: str, out_prefix: str, *, vocab_size: int, max_sentences: int = 200_000) -> dict:
