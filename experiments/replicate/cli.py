@@ -119,6 +119,8 @@ def parse_args(argv):
     ap.add_argument("--random-arms", choices=("all", "frozen"), default="all",
                     help="frozen: of the random-LLM arms only frozen (with --text-full, for time)")
     ap.add_argument("--stage1-lr", type=float, default=None, help="projector lr of stage 1 (default: --lr)")
+    ap.add_argument("--stage1-text-only", action="store_true",
+                    help="the stage-1 curve of the text-pretrained LLM only (skip the random-LLM control, for time)")
     ap.add_argument("--stage1-curve", type=ints, default=[],
                     help="evaluate the first seed's stage-1 runs on held-out after these steps (max <= --steps1)")
     ap.add_argument("--allow-shared-family", action="store_true",
@@ -292,7 +294,8 @@ class Runner:
         the random LLM and, with ``--text-pretrain``, the text-pretrained one; with the training caption loss."""
         from .stats import arm_stats, per_image
         out = {}
-        for arm in [A.frozen()] + ([A.frozen("text")] if self.args.text_pretrain else []):
+        for arm in ([] if self.args.stage1_text_only else [A.frozen()]) + \
+                ([A.frozen("text")] if self.args.text_pretrain else []):
             name = arm.align_run(seed)
             self.stages.train(name, self.args.opts["steps1"],
                               [f"seed={seed}", *arm_overrides(arm, self.args, stage0, self.text_llm, stage="align")])
