@@ -8,6 +8,8 @@ import pytest
 
 from tests.tiny import run_group, subprocess_env
 
+pytestmark = pytest.mark.slow  # trainings, DeepSpeed engines or subprocess runs: the full suite only
+
 REPO = Path(__file__).resolve().parents[1]
 BENCH = REPO / "bench" / "step_bench.py"
 EXPECTED = ["matmul", "loader", "reference", "ett", "align", "frozen"]

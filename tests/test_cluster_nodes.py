@@ -17,6 +17,8 @@ import pytest
 
 from tests.tiny import build_demo, demo_train_args, run_group, subprocess_env
 
+pytestmark = pytest.mark.slow  # trainings, DeepSpeed engines or subprocess runs: the full suite only
+
 REPO = Path(__file__).resolve().parents[1]
 HOSTS = ["localhost", "127.0.0.1"]  # two "nodes", both this machine
 

@@ -20,6 +20,8 @@ import torch
 
 from tests.tiny import build_demo, demo_train_args, run_group, subprocess_env
 
+pytestmark = pytest.mark.slow  # trainings, DeepSpeed engines or subprocess runs: the full suite only
+
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 6
 

@@ -37,6 +37,7 @@ def test_bad_config_is_one_line_naming_the_key(override, message):
     assert "\n" not in str(e.value)
 
 
+@pytest.mark.slow
 def test_cli_reports_config_error_in_one_line_exit_2():
     r = subprocess.run([sys.executable, "-m", "ett_ds.train", "--config", "tiny", "train.bogus=1"],
                        capture_output=True, text=True, timeout=120)

@@ -4,7 +4,11 @@ import os
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.tiny import build_demo, run_group, subprocess_env
+
+pytestmark = pytest.mark.slow  # trainings, DeepSpeed engines or subprocess runs: the full suite only
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -204,6 +204,7 @@ def test_init_distributed_without_any_launcher(tmp_path):
     assert lines["rank"] == "0 1"
 
 
+@pytest.mark.slow
 def test_init_distributed_two_srun_tasks(tmp_path):
     """Two processes with only SLURM's variables (srun, one task per GPU) form one group of 2 and all-reduce."""
     base = _clean_env()

@@ -10,6 +10,8 @@ from ett_ds.evaluate import main as evaluate
 from ett_ds.train import main as train
 from tests.tiny import build_demo, demo_train_args
 
+pytestmark = pytest.mark.slow  # trainings, DeepSpeed engines or subprocess runs: the full suite only
+
 NUM_HELDOUT = 12
 
 

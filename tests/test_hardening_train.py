@@ -93,6 +93,7 @@ def test_built_demo_data_is_never_rebuilt_when_data_train_matches_nothing(tmp_pa
     assert not (tmp_path / "r").exists()
 
 
+@pytest.mark.slow
 def test_a_resumed_run_keeps_no_rows_of_the_killed_attempt_past_its_checkpoint(tmp_path):
     """Killed while saving step 4 (no `complete` marker) and mid-way through a line: the rerun resumes from step 2,
     and metrics.jsonl holds every step once, the rerun's rows for steps 3 and 4."""

@@ -17,6 +17,8 @@ from ett_ds.generation import ChatSession, _crop, caption, chat_reply, first_use
 from tests.stage_batches import smooth_images, trained_checkpoint
 from tests.tiny import train_spm
 
+pytestmark = pytest.mark.slow  # trainings, DeepSpeed engines or subprocess runs: the full suite only
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

@@ -8,8 +8,12 @@ measured: floating-point results differ between CPUs."""
 import json
 from collections import Counter
 
+import pytest
+
 from ett_ds.evaluate import main as evaluate
 from ett_ds.train import main as train
+
+pytestmark = pytest.mark.slow  # trainings, DeepSpeed engines or subprocess runs: the full suite only
 
 STEPS0, STEPS2 = 300, 700
 # Measured held-out EM / CER: 12.5 % / 0.49 with the suite's one thread, 31.3 % / 0.34 with two (floating-point

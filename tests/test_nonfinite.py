@@ -77,6 +77,7 @@ def test_prune_keeps_newest_known_good_checkpoint(tmp_path):
     assert ckpt.to_prune(dirs, keep_last=0) == []
 
 
+@pytest.mark.slow
 def test_diverging_run_keeps_its_last_good_checkpoint_and_stops_after_max_bad_steps(spm_model, tmp_path):
     """Steps 1-3 finite (saved every step, keep_last=1), then every batch gives NaN: no checkpoint is written after
     the first bad step, step 2's checkpoint (followed by the finite step 3) survives, and the run stops with a

@@ -9,6 +9,8 @@ from tests.curves import assert_falls
 from tests.stage_batches import mixed_batch, pixel_batch
 from tests.tiny import repeat, tiny_config, train_spm
 
+pytestmark = pytest.mark.slow  # trainings, DeepSpeed engines or subprocess runs: the full suite only
+
 
 @pytest.fixture(scope="module")
 def spm_model(tmp_path_factory):

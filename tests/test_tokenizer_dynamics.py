@@ -21,6 +21,7 @@ def one_step(spm, tmp_path, *overrides):
     return {k: float(tr.log.sums[k]) for k in ("code_drift", "grad_ratio", "loss_cap")}
 
 
+@pytest.mark.slow
 def test_grad_ratio_scales_with_one_over_alpha_and_drift_follows_the_tokenizer_lr(spm, tmp_path):
     """At the first step (same init, same batch) the decoder branch's gradient is alpha dL_vq/dz_q and the caption
     branch's does not depend on alpha: doubling alpha halves the ratio. A tokenizer lr of 0 leaves the codebook

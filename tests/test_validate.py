@@ -9,6 +9,8 @@ import torch
 from ett_ds.train import main
 from tests.tiny import build_demo, demo_train_args
 
+pytestmark = pytest.mark.slow  # trainings, DeepSpeed engines or subprocess runs: the full suite only
+
 EVAL = ["train.eval_samples=6", "train.eval_images=3"]
 
 

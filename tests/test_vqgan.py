@@ -14,6 +14,8 @@ from ett_ds.tokenizers import REGISTRY, build_tokenizer
 from ett_ds.tokenizers.checkpoint import load_tokenizer_weights, tokenizer_config_from_yaml
 from ett_ds.tokenizers.vqgan import VectorQuantizer, VQGANTokenizer
 
+pytestmark = pytest.mark.slow  # trainings, DeepSpeed engines or subprocess runs: the full suite only
+
 # the tiny recipe's tokenizer shape, with the tests' attention resolution (tests/tiny.py SHRINK)
 DD = {"double_z": False, "z_channels": 64, "resolution": 32, "in_channels": 3, "out_ch": 3, "ch": 16,
       "ch_mult": [1, 2, 4, 4], "num_res_blocks": 1, "attn_resolutions": [4], "dropout": 0.0}
