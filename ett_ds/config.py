@@ -1,7 +1,7 @@
 """The typed configuration tree: the single source of truth for a run.
 
 A run is described by a YAML recipe plus ``key.sub=value`` overrides. Every field below has a docstring (the string
-literal right after it); ``python -m ett_ds.config --markdown`` turns them into the README's reference, so the docs
+literal right after it); ``python -m ett_ds.config --markdown`` turns them into the reference page (docs/configuration.md), so the docs
 cannot drift from the code. Unknown keys and wrongly typed values are rejected with one line naming the key.
 """
 from __future__ import annotations
@@ -258,7 +258,7 @@ class Config:
     name: str = "ett"
     "Run name; the run folder is `{out_dir}/{name}`."
     stage: Annotated[str, OneOf(*STAGES)] = "ett"
-    "What this run trains (see README, 'Stages')."
+    "What this run trains (see docs/stages.md)."
     seed: NonNegInt = 0
     "Seed of model init, data order and sampling."
     out_dir: str = "runs"
@@ -383,12 +383,12 @@ def readme_with_reference(text: str) -> str:
     return f"{head}{README_START}\n{markdown_reference()}\n{README_END}{tail}"
 
 
-USAGE = """usage: python -m ett_ds.config [RECIPE] [key.sub=value ...] | --markdown | --write-readme README.md
+USAGE = """usage: python -m ett_ds.config [RECIPE] [key.sub=value ...] | --markdown | --write-readme PAGE
 
 Prints the resolved config of a recipe (a YAML path or a built-in name: tiny, own, qwen2.5-1.5b-ibq) with the
 overrides applied, as YAML: what `python -m ett_ds.train --config RECIPE key.sub=value ...` would run.
-  --markdown                 the key reference (README.md, "Configuration reference"): every key, type, default
-  --write-readme README.md   regenerate that reference in README.md"""
+  --markdown                 the key reference (docs/configuration.md): every key, type, default
+  --write-readme PAGE         regenerate that reference in PAGE (docs/configuration.md)"""
 
 
 if __name__ == "__main__":
