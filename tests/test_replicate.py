@@ -122,6 +122,7 @@ def test_bad_arguments_are_one_line_errors(argv, msg, tmp_path, capsys):
     assert msg in err[-1]
 
 
+@pytest.mark.slow
 def test_tiny_run_every_phase_then_reuse_and_refuse(tmp_path):
     out = tmp_path / "rep"
     argv = ["--size", "tiny", "--out", str(out), "--seeds", "2", "--grid-alphas", "0.1,0.25", "--grid-ratios", "0.3",
