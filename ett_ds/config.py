@@ -181,8 +181,8 @@ class OptimConfig:
     "Peak learning rate of the LLM."
     projector_lr: PosFloat | None = None
     "Peak learning rate of the projector / index table / visual head (default: `lr`)."
-    tokenizer_lr: PosFloat | None = None
-    "Peak learning rate of the vision tokenizer (default: `lr`)."
+    tokenizer_lr: NonNegFloat | None = None
+    "Peak learning rate of the vision tokenizer (default: `lr`; 0 keeps it in the graph, receiving gradients, unmoved)."
     betas: Annotated[list[Decay], Len(2, 2)] = field(default_factory=lambda: [0.9, 0.999])
     "Adam betas of the LLM and projector."
     tokenizer_betas: Annotated[list[Decay], Len(2, 2)] = field(default_factory=lambda: [0.5, 0.9])

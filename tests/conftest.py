@@ -30,3 +30,14 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 
 torch.set_num_threads(1)
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _no_zero3_model_building_after_a_test():
+    """A ZeRO-3 Trainer keeps transformers' HfDeepSpeedConfig alive so that later LLMs are built partitioned; in one
+    pytest process that would leak into the next test (a plain tiny Qwen2 built with empty, partitioned weights)."""
+    yield
+    from ett_ds.engine import deepspeed as eds
+    eds._HF_DS_CONFIG = None
