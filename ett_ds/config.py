@@ -21,11 +21,12 @@ RECIPES = Path(__file__).resolve().parent / "recipes"
 
 
 STAGES = ("tokenizer", "align", "ett", "frozen", "sft", "t2i")
+TOKENIZER_TYPES = ("ibq", "vqgan")  # the keys of tokenizers.REGISTRY (checked there, when a tokenizer is built)
 
 
 @dataclass
 class TokenizerConfig:
-    type: str = "ibq"
+    type: Annotated[str, OneOf(*TOKENIZER_TYPES)] = "ibq"
     "Which tokenizer (ett_ds/tokenizers): `ibq` (the paper's, index backpropagation) or `vqgan` (taming VQGAN, nearest-neighbour codes with a straight-through estimator)."
     ch: PosInt = 128
     "Base channel count of the VQGAN encoder/decoder."
@@ -212,7 +213,7 @@ class TrainConfig:
     prompt_dropout: Fraction = 0.1
     "`t2i`: probability of dropping the prompt (for classifier-free guidance)."
     init_from: str | None = None
-    "Checkpoint (a step folder of a previous stage) whose weights initialise this run."
+    "Checkpoint whose weights initialise this run: a step folder of a previous stage, or its run folder (pinned to its newest complete step at start)."
     resume: str = "auto"
     "`auto` continues from the newest complete checkpoint of this run, `never` starts fresh, or a step folder."
     stop_at: PosInt | None = None
@@ -292,8 +293,6 @@ class Config:
              "model.llm: set `path` (a local HF model folder) or `init_config`")
         if m.llm.path and m.llm.init_config:  # the folder's LLM is built: no init_config in what is saved either
             m.llm.init_config = None
-        from .tokenizers import REGISTRY  # the registry imports this module: resolved here, at validation
-        need(t.type in REGISTRY, f"model.tokenizer.type: '{t.type}' is not one of {', '.join(REGISTRY)}")
         need(not t.l2_norm_codes or t.type == "vqgan", "model.tokenizer.l2_norm_codes applies to type vqgan only")
         f = t.downsample
         for side in self.data.image_size:

@@ -50,6 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = C.load_config(args.config, args.overrides)
         preflight.check_inputs(cfg)  # every local path the run reads, before anything is built or written
+        preflight.pin_init_from(cfg)  # a run folder -> its newest complete step, recorded as such in config.yaml
     except (C.ConfigError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -55,7 +55,7 @@ def test_every_input_present_passes(present):
     ("data.train", "{tmp}/train::{tmp}/more-{{000..003}}.tar", "not found: {tmp}/more-000.tar (and 3 more)"),
     ("data.eval", "{tmp}/no_heldout", "not found"),
     ("train.init_from", "{tmp}/no_run/step_00000010", "does not exist"),
-    ("train.init_from", "{tmp}/run/checkpoints", "not a complete checkpoint step folder"),
+    ("train.init_from", "{tmp}/llm", "neither a complete checkpoint step folder"),
     ("train.resume", "{tmp}/run/checkpoints/step_00000099", "does not exist"),
     ("model.tokenizer.checkpoint", "{tmp}/ibq.ckpt", "does not exist"),
     ("model.tokenizer.checkpoint_config", "{tmp}/ibq.yaml", "does not exist"),
@@ -133,3 +133,21 @@ def test_dry_run_and_trainer_refuse_the_issues_paths_before_anything_runs(tmp_pa
                         env=_env(tmp_path), capture_output=True, text=True, timeout=300)
     assert ok.returncode == 0 and "+ deepspeed" in ok.stdout, ok.stderr
     assert list(work.iterdir()) == []
+
+
+def test_init_from_takes_a_run_folder_as_its_newest_complete_step(present, tmp_path, capsys):
+    """issue 22: every --ckpt accepts a run folder, and so does train.init_from; it is pinned to one step folder before
+    any rank loads, so config.yaml records the step that was read."""
+    from ett_ds.engine.preflight import pin_init_from
+    run = tmp_path / "run"
+    newer = run / "checkpoints" / "step_00000020"
+    newer.mkdir()
+    (newer / "complete").write_text("")
+    (run / "checkpoints" / "step_00000030").mkdir()  # a save that never completed: not a candidate
+    for given, want in ((run, newer), (run / "checkpoints", newer), (run / "checkpoints" / "step_00000010",
+                                                                     run / "checkpoints" / "step_00000010")):
+        cfg = cfg_with(present, train__init_from=str(given))
+        assert missing_inputs(cfg) == []
+        pin_init_from(cfg)
+        assert cfg.train.init_from == str(want)
+    assert f"train.init_from {run / 'checkpoints'}: its newest complete step, {newer}" in capsys.readouterr().out

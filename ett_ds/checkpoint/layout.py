@@ -68,6 +68,17 @@ def latest(ckpt_root: Path) -> Path | None:
     return dirs[-1] if dirs else None
 
 
+def step_folder(path: Path) -> Path | None:
+    """The complete step folder ``path`` names: itself, or a run folder's (or checkpoints folder's) newest one."""
+    if is_complete(path):
+        return path
+    for root in (path / "checkpoints", path):
+        step = latest(root)
+        if step is not None:
+            return step
+    return None
+
+
 def newest_good(ckpt_root: Path) -> Path | None:
     """The newest complete checkpoint known to be good (marked by :func:`mark_good`)."""
     good = [d for d in step_dirs(ckpt_root) if (d / GOOD).is_file()]

@@ -26,7 +26,7 @@ from ..config import Config, ConfigError, config_from_dict
 from ..models.ett import STAGE_SPECS, ETTModel
 from ..models.text import TextTokenizer
 from ..tokenizers.checkpoint import load_tokenizer_weights
-from .layout import EXPORT_CONFIG, EXTRA_PARTS, MARKER, RUN_CONFIG, CheckpointError, is_complete, latest
+from .layout import EXPORT_CONFIG, EXTRA_PARTS, MARKER, RUN_CONFIG, CheckpointError, step_folder
 from .safe import read_safetensors
 from .weights import consolidated_state_dict
 
@@ -47,12 +47,9 @@ def resolve(path: str | Path) -> tuple[str, Path]:
         raise CheckpointError(f"checkpoint not found: {p}")
     if (p / EXPORT_CONFIG).is_file():
         return "export", p
-    if is_complete(p) and (p / RUN_CONFIG).is_file():
-        return "checkpoint", p
-    for root in (p / "checkpoints", p):
-        step = latest(root)
-        if step is not None and (step / RUN_CONFIG).is_file():
-            return "checkpoint", step
+    step = step_folder(p)
+    if step is not None and (step / RUN_CONFIG).is_file():
+        return "checkpoint", step
     raise CheckpointError(f"{p} is neither an ett_ds checkpoint step folder (with '{MARKER}'), a run folder "
                           f"with complete checkpoints, nor an export folder (with {EXPORT_CONFIG})")
 

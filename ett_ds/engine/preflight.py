@@ -17,6 +17,7 @@ second instead of on every node after the allocation started; ``ett_ds.train`` r
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -26,7 +27,7 @@ from .. import config as C
 def missing_inputs(cfg: C.Config) -> list[str]:
     """One ``key: what is missing`` per local path the run would read and cannot. URLs and ``pipe:`` shards are left
     alone, and so is what the run builds itself: the demo data under a ``data.demo_dir`` not built yet."""
-    from ..checkpoint.layout import is_complete
+    from ..checkpoint.layout import step_folder
     from ..data.decode import is_url
     from ..data.shards import expand_urls
     from ..models.ett import STAGE_SPECS
@@ -48,8 +49,9 @@ def missing_inputs(cfg: C.Config) -> list[str]:
             out.append(f"{key}: {path} is not a folder")
         elif kind == "llm" and not (p / "config.json").is_file():
             out.append(f"{key}: {path} has no config.json (not a Hugging Face model folder)")
-        elif kind == "step" and not is_complete(p):
-            out.append(f"{key}: {path} is not a complete checkpoint step folder (no `complete` marker)")
+        elif kind == "step" and step_folder(p) is None:
+            out.append(f"{key}: {path} is neither a complete checkpoint step folder (no `complete` marker) nor a "
+                       "run folder with one")
 
     def shards(key: str, urls: str) -> None:
         specs = [u for u in urls.split("::") if u.strip() and not pending(u.strip())]
@@ -83,6 +85,20 @@ def check_inputs(cfg: C.Config) -> None:
     missing = missing_inputs(cfg)
     if missing:
         raise FileNotFoundError("missing input" + "s" * (len(missing) > 1) + ": " + "; ".join(missing))
+
+
+def pin_init_from(cfg: C.Config) -> None:
+    """``train.init_from`` may name a run folder (as every ``--ckpt`` may): pin it to that run's newest complete step
+    now, so that every rank loads the same step and the run's config.yaml records which one."""
+    from ..checkpoint.layout import step_folder
+    given = cfg.train.init_from
+    if not given:
+        return
+    step = step_folder(Path(given).expanduser())
+    if step is not None and step != Path(given).expanduser():
+        cfg.train.init_from = str(step)
+        if os.environ.get("RANK", "0") == "0":
+            print(f"[ett_ds] train.init_from {given}: its newest complete step, {step}", flush=True)
 
 
 def plan(cfg: C.Config, world_size: int) -> dict:
