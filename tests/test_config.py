@@ -24,6 +24,7 @@ def test_overrides_are_typed():
 @pytest.mark.parametrize("override,message", [
     ("train.max_stepz=3", "unknown config key 'train.max_stepz'"),
     ("stage=bogus", "stage: 'bogus' is not one of"),
+    ("model.tokenizer.type=magvit", "model.tokenizer.type: 'magvit' is not one of ibq, vqgan"),
     ("train.max_steps=many", "train.max_steps: expected an integer"),
     ("engine.tf32=maybe", "engine.tf32: expected true/false"),
     ("data.image_size=[30,64]", "not a multiple of the tokenizer downsampling"),
@@ -35,6 +36,15 @@ def test_bad_config_is_one_line_naming_the_key(override, message):
     with pytest.raises(ConfigError, match=message) as e:
         load_config("tiny", [override])
     assert "\n" not in str(e.value)
+
+
+def test_tokenizer_kinds_the_config_allows_are_the_registry():
+    """config.py declares the allowed kinds without importing the tokenizers; the registry checks it at build time."""
+    import typing
+    from ett_ds.config import TOKENIZER_TYPES, TokenizerConfig
+    from ett_ds.tokenizers import REGISTRY
+    (one_of,) = typing.get_args(typing.get_type_hints(TokenizerConfig, include_extras=True)["type"])[1:]
+    assert set(REGISTRY) == set(TOKENIZER_TYPES) == set(one_of.choices)
 
 
 @pytest.mark.slow
