@@ -2,7 +2,9 @@
 
 --ckpt is a training step folder, a run folder (its newest complete checkpoint) or an export folder.
 
-    caption     --image FILE [FILE ...] [--prompt TEXT]      one caption per image, one line each
+    caption     --image FILE [FILE ...] [--prompt TEXT]      one line per image: FILE<TAB>caption (tab, newline and
+                                                             backslash in a caption written \\t \\n \\\\); an empty
+                                                             caption (the model ended at once) is counted on stderr
     chat        --image FILE                                 user turns from stdin (one per line), replies on stdout;
                                                              the image is encoded once, the KV cache kept between turns
     generate    --prompt TEXT [--prompt TEXT ...] --out FILE.png [--num-images N --cfg-scale S ...]
@@ -25,6 +27,11 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 class CLIError(Exception):
     pass
+
+
+def caption_field(text: str) -> str:
+    """A caption as one TSV field: backslash, tab and newline escaped (``\\\\``, ``\\t``, ``\\n``)."""
+    return text.replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n")
 
 
 def parse_args(argv):
@@ -141,8 +148,13 @@ def run(args) -> None:
     sampling = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                     top_p=args.top_p, generator=g)
     if args.command == "caption":
-        for text in caption(loaded.model, loaded.text, pixels, prompt=args.prompt, **sampling):
-            print(text, flush=True)
+        texts = caption(loaded.model, loaded.text, pixels, prompt=args.prompt, **sampling)
+        for path, text in zip(args.image, texts):
+            print(f"{path}\t{caption_field(text)}", flush=True)
+        empty = sum(not t.strip() for t in texts)
+        if empty:
+            print(f"note: {empty} of {len(texts)} captions are empty (the model ended its answer at once)",
+                  file=sys.stderr)
         return
     session = ChatSession(loaded.model, loaded.text, pixels)  # the KV cache carries over from turn to turn
     for line in sys.stdin:

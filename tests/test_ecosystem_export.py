@@ -82,7 +82,8 @@ def test_transformers_caption_equals_infer(exported, tmp_path, capsys):
     capsys.readouterr()
     assert infer.main(["caption", "--ckpt", str(exported), "--image", str(path), "--device", "cpu",
                        "--max-new-tokens", "12"]) == 0
-    cli_caption = capsys.readouterr().out.strip()
+    cli_file, cli_caption = capsys.readouterr().out.rstrip("\n").split("\t")
+    assert cli_file == str(path)
 
     # transformers only: tokenizer, prompt ids, generate with the saved GenerationConfig, decode.
     tok = PreTrainedTokenizerFast.from_pretrained(str(exported / "llm"))

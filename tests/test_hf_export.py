@@ -147,7 +147,12 @@ def infer_out(args: list[str], capsys, stdin: str | None = None, monkeypatch=Non
     if stdin is not None:
         monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
     assert infer.main(args + ["--device", "cpu", "--max-new-tokens", "16"]) == 0
-    return capsys.readouterr().out.splitlines()
+    lines = capsys.readouterr().out.splitlines()
+    if args[0] == "caption":  # FILE<TAB>caption
+        images = args[args.index("--image") + 1:][:len(lines)]
+        assert [line.split("\t", 1)[0] for line in lines] == images
+        lines = [line.split("\t", 1)[1] for line in lines]
+    return lines
 
 
 def reference_logits(out: Path, image: Path, ids: list[int]) -> torch.Tensor:

@@ -141,7 +141,9 @@ def test_chat_session_keeps_its_cache_and_replies_like_the_whole_conversation(t2
 def test_caption_chat_reconstruct_cli(ckpts, images, capsys, monkeypatch, tmp_path):
     assert infer.main(["caption", "--ckpt", str(ckpts["t2i"].parents[1]), "--image", *images["ok"],
                        "--max-new-tokens", "4"]) == 0  # a run folder: its newest step
-    assert len(capsys.readouterr().out.splitlines()) == 2
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split("\t")[0] for line in lines] == list(images["ok"])  # FILE<TAB>caption, one per image
+    assert all(line.count("\t") == 1 for line in lines)
     monkeypatch.setattr(sys, "stdin", io.StringIO("hello\n\nwhat colour\n"))
     assert infer.main(["chat", "--ckpt", str(ckpts["t2i"]), "--image", images["ok"][0],
                        "--max-new-tokens", "4"]) == 0
@@ -194,3 +196,11 @@ def test_cli_as_a_process(ckpts, images):
     p = subprocess.run([sys.executable, "-m", "ett_ds.infer", "caption", "--ckpt", str(ckpts["t2i"]), "--image",
                         images["broken"]], capture_output=True, text=True, env=env, cwd=REPO, timeout=120)
     assert p.returncode == 2 and p.stderr.strip().splitlines()[-1].startswith("error: cannot read image")
+
+
+def test_caption_lines_are_one_tsv_row_per_image_whatever_the_caption_holds():
+    """issue 22: `infer caption` names each image; a caption with a tab or newline stays on its file's line."""
+    for text in ("a cow", "", "tab\there", "two\nlines", "back\\slash\\t"):
+        field = infer.caption_field(text)
+        assert "\t" not in field and "\n" not in field
+        assert field.encode().decode("unicode_escape") == text  # the escapes are the standard ones
