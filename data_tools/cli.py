@@ -10,29 +10,7 @@ import json
 import sys
 from pathlib import Path
 
-from .errors import UsageError
-
-
-class DefaultsHelpFormatter(argparse.RawDescriptionHelpFormatter):
-    """Descriptions kept as written; an option's default is appended as ``(default: X)`` unless it is None or False
-    (required options, flags) or its help already says what the default is."""
-
-    def _get_help_string(self, action):
-        text = action.help or ""
-        d = action.default
-        if (action.option_strings and d is not None and d is not False and d is not argparse.SUPPRESS
-                and "default" not in text):
-            text = f"{text} (default: %(default)s)".lstrip()
-        return text
-
-
-class _Parser(argparse.ArgumentParser):
-    def __init__(self, *args, **kwargs):
-        kwargs.setdefault("formatter_class", DefaultsHelpFormatter)
-        super().__init__(*args, **kwargs)
-
-    def error(self, message):  # one line on stderr, exit 2 (argparse's default prints the whole usage)
-        raise UsageError(f"{self.prog}: {message}")
+from .errors import Parser, UsageError
 
 
 def _size(text: str) -> tuple[int, int]:
@@ -89,8 +67,8 @@ def _add_encode(p, fmt="keep", max_side=None):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="data_tools", description="Build, check and synthesise WebDataset shards for ett_ds.")
-    sub = parser.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
+    parser = Parser(prog="data_tools", description="Build, check and synthesise WebDataset shards for ett_ds.")
+    sub = parser.add_subparsers(dest="cmd", required=True, parser_class=Parser)
 
     p = sub.add_parser("shard", help="folder of images + sidecar captions, or a manifest -> shards")
     p.add_argument("input", help="a folder (a.jpg + a.txt/a.json) or a .jsonl/.csv/.tsv/.parquet manifest")

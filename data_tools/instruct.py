@@ -14,7 +14,10 @@ by reason when its key cannot be a shard key (``bad_key``: contains '/'; ``dupli
 above ``--max-image-bytes``: never read), or when its caption or json is unusable (``missing_caption``,
 ``empty_caption``, ``non_utf8_caption``, ``bad_json``: the reasons the training loader counts).
 
-    python -m data_tools.instruct --in data/demo/train --out data/demo_sft [--templates FILE] [--seed 0]
+The questions are a built-in set (``--questions describe``, the default, for general captions; ``--questions ocr``
+for images of text) or one's own (``--templates FILE``).
+
+    python -m data_tools.instruct --in data/demo/train --out data/demo_sft --questions ocr [--seed 0]
 """
 from __future__ import annotations
 
@@ -29,16 +32,25 @@ from ett_ds.data.format import (CAPTION_EXT, JSON_EXT, MAX_IMAGE_BYTES, MAX_TEXT
                                 clean_caption, image_exts, key_problem, load_image, member_too_large, open_image,
                                 open_tar_stream, pixel_limit, read_json, sample_caption, split_name)
 
-from .errors import UsageError
+from .errors import Parser, UsageError
 from .tario import ShardTarWriter, json_bytes
 
-DEFAULT_TEMPLATES = (
-    "What is written in the image?",
-    "Read the text in the image.",
-    "Describe the image.",
-    "What does the image say?",
-    "Transcribe the image.",
-)
+QUESTIONS = {  # --questions: the built-in question sets
+    "describe": (  # general captions (the default): what a captioned photo or drawing is asked
+        "Describe the image.",
+        "What is in this image?",
+        "Write a short caption for this image.",
+        "What does this picture show?",
+        "Give a brief description of the image.",
+    ),
+    "ocr": (  # images of text (synth-text, the demo data, documents)
+        "What is written in the image?",
+        "Read the text in the image.",
+        "What does the image say?",
+        "Transcribe the image.",
+        "What text does the image contain?",
+    ),
+}
 
 
 def read_samples(path: Path, stats: Counter | None = None, max_text_bytes: int = MAX_TEXT_BYTES,
@@ -139,11 +151,12 @@ def convert_shard(src: Path, dst: Path, templates: list[str], seed: int,
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .cli import _Parser  # argparse's errors become one-line UsageErrors
-    ap = _Parser(prog="data_tools instruct", description=__doc__)  # defaults shown in --help
+    ap = Parser(prog="data_tools instruct", description=__doc__)  # defaults shown in --help
     ap.add_argument("--in", dest="inp", required=True, help="a folder of .tar shards or one .tar")
     ap.add_argument("--out", required=True, help="output folder")
-    ap.add_argument("--templates", help="a text file, one question per line (default: built-in OCR questions)")
+    ap.add_argument("--questions", choices=sorted(QUESTIONS), default="describe",
+                    help="built-in question set: describe (general captions) or ocr (images of text)")
+    ap.add_argument("--templates", help="a text file, one question per line (replaces --questions)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the question choice")
     ap.add_argument("--max-pixels", type=int, default=128_000_000, help="w*h above N -> too_large")
     ap.add_argument("--max-text-bytes", type=int, default=MAX_TEXT_BYTES,
@@ -156,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
         shards = sorted(src.glob("*.tar")) if src.is_dir() else [src]
         if not shards or not all(s.is_file() for s in shards):
             raise UsageError(f"--in {src}: no .tar shards found")
-        templates = list(DEFAULT_TEMPLATES)
+        templates = list(QUESTIONS[args.questions])
         if args.templates:
             try:
                 templates = [t.strip() for t in Path(args.templates).read_text().splitlines() if t.strip()]

@@ -54,6 +54,7 @@ from pathlib import Path
 
 import torch
 
+from .commandline import DefaultsHelpFormatter  # the docstring as written, every default shown
 from .data.batch import Batcher
 from .data.decode import DataErrorRateExceeded, check_error_rate
 from .data.eval_stream import eval_batches
@@ -69,7 +70,6 @@ class EvalError(Exception):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from data_tools.cli import DefaultsHelpFormatter  # the docstring as written, every default shown
     from .eval.vqa import DEFAULT_PROMPT
     ap = argparse.ArgumentParser(prog="python -m ett_ds.evaluate", description=__doc__,
                                  formatter_class=DefaultsHelpFormatter)

@@ -56,12 +56,10 @@ import torch
 from .checkpoint import EXPORT_CONFIG, EXTRA_PARTS, CheckpointError
 from .checkpoint.loading import load_model, no_zero_init, resolve
 from .checkpoint.safe import save_safetensors, umask_mode
+from .commandline import DefaultsHelpFormatter
 from .config import save_config
 from .models import lora
 from .models.text import chat_template_jinja
-
-class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """The module docstring as written, and every option's default."""
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -252,7 +250,7 @@ def check_llm(folder: Path, llm: torch.nn.Module) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m ett_ds.export", description=__doc__,
-                                 formatter_class=HelpFormatter)
+                                 formatter_class=DefaultsHelpFormatter)
     ap.add_argument("--ckpt", required=True, help="a training step folder (or a run folder: its newest step)")
     ap.add_argument("--out", required=True, help="a new (or empty) folder")
     ap.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="LLM, projector and heads")

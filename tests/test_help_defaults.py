@@ -59,7 +59,7 @@ def test_help_shows_the_actual_defaults(capsys):
                 "llava": ["(default: llava)", "(default: the JSON's folder)"],
                 "synth-text": ["(default: 32x128)", "(default: 12.0)"],
                 "demo": ["(default: numbers)"],
-                "instruct": ["seed of the question choice (default: 0)"]}
+                "instruct": ["seed of the question choice (default: 0)", "(images of text) (default: describe)"]}
     for cmd, needles in expected.items():
         try:
             data_tools([cmd, "--help"])

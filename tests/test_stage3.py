@@ -113,6 +113,15 @@ def test_caption_shards_become_sft_samples(spm_model, tmp_path):
     assert instruct.main(["--in", str(src), "--out", str(again)]) == 0
     assert (again / "data-000000.tar").read_bytes() == (dst / "data-000000.tar").read_bytes()  # deterministic
 
+    # general captions get general questions by default; images of text ask for --questions ocr
+    def questions(folder):
+        return {decode_sample(r)["json"]["conversations"][0]["value"].removeprefix("<image>\n")
+                for r in iter_tar_samples(str(folder / "data-000000.tar"), Counter())}
+    assert questions(dst) <= set(instruct.QUESTIONS["describe"])
+    assert instruct.main(["--in", str(src), "--out", str(tmp_path / "ocr"), "--questions", "ocr"]) == 0
+    assert questions(tmp_path / "ocr") <= set(instruct.QUESTIONS["ocr"])
+    assert not set(instruct.QUESTIONS["ocr"]) & set(instruct.QUESTIONS["describe"])
+
 
 def test_t2i_trains_and_writes_sample_grid(spm_model, tmp_path):
     tr = Trainer(tiny_config(spm_model, tmp_path, "stage=t2i", "engine.precision=fp32", "optim.lr=3e-3",
