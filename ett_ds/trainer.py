@@ -21,7 +21,7 @@ from .engine import deepspeed as eng
 from .engine import dist
 from .engine import preempt
 from .engine.ema import ShardEMA
-from .models.ett import STAGE_SPECS, ETTModel
+from .models.ett import MODEL_INPUTS, STAGE_SPECS, ETTModel
 from .models.text import TextTokenizer, ensure_text_tokenizer
 from .runlog import RunLog
 from .tokenizers.checkpoint import load_tokenizer_weights, tokenizer_config_from_yaml
@@ -41,9 +41,6 @@ def llm_hidden_size(cfg: C.Config) -> int | None:
         return int(llm.init_config["hidden_size"])
     meta = json.loads((Path(llm.path) / "config.json").read_text())
     return int(meta.get("hidden_size") or meta.get("text_config", {}).get("hidden_size"))
-
-
-MODEL_INPUTS = ("pixels", "input_ids", "attention_mask", "labels", "gen_mask")
 
 
 class Trainer:

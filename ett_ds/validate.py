@@ -39,6 +39,7 @@ import torch
 from .data.batch import batch_to_device
 from .engine import dist
 from .eval.tasks import caption_summary
+from .models.ett import MODEL_INPUTS
 
 CAPTION_STAGES = ("align", "ett", "frozen", "sft")
 
@@ -150,7 +151,6 @@ class Validator:
 
     def _losses(self, step: int) -> tuple[dict, dict, dict]:
         from .eval import metrics as M
-        from .trainer import MODEL_INPUTS
         tr, cfg = self.tr, self.cfg
         sums: dict[str, torch.Tensor] = {}
         counts: dict[str, torch.Tensor] = {}

@@ -52,9 +52,8 @@ def run_reference(args, setup, device, ceiling) -> dict:
     """Plain PyTorch: the same ETTModel, losses and discriminator, no DeepSpeed."""
     import torch
     from ett_ds.engine import deepspeed as eng
-    from ett_ds.models.ett import ETTModel
+    from ett_ds.models.ett import MODEL_INPUTS, ETTModel  # MODEL_INPUTS: what the model's forward takes
     from ett_ds.tokenizers.objective import VQObjective
-    from ett_ds.trainer import MODEL_INPUTS  # what the engine's forward takes
 
     cfg = setup.config("ett")
     eng.setup_backends(cfg)

@@ -6,9 +6,10 @@
 - :mod:`.safe`: reading without trusting (``torch.load(weights_only=True)`` with an allow-list, DeepSpeed's readers
   routed through it) and safetensors files.
 - :mod:`.manager`: the Trainer's parts registered once, saved and resumed in one call each; a save writes aside and
-  renames into place; the run folder's lock.
-- :mod:`.training`: saving and resuming a training step folder (collective); :mod:`.reshard` when the number of
-  data-parallel ranks changed.
+  renames into place; reading a step folder back (:func:`.manager.load`, :mod:`.reshard` when the number of
+  data-parallel ranks changed); the run folder's lock.
+- :mod:`.training`: what a training run keeps (RNG states, the Trainer's parts and counters, optimizer settings a
+  resume takes from the config) on top of the manager; :func:`.training.save` for callers holding plain dicts.
 - :mod:`.weights`: consolidated fp32 weights of a step folder, ``train.init_from``, the tokenizer's safetensors.
 - :mod:`.loading`: a trained model (step, run or export folder) as a plain module for inference and export.
 
@@ -20,7 +21,8 @@ from .layout import (ABANDONED, EXPORT_CONFIG, EXTRA_PARTS, GOOD, LATEST, MARKER
                      TRAINER_STATE, CheckpointError, ResumeError, is_complete, latest, mark_good, newest_good,
                      step_dirs, step_of, to_prune)
 from .safe import read_safetensors, safe_load, save_safetensors
-from .training import check_world_size, load, read_trainer_state, rng_state, save, set_rng_state
+from .manager import check_world_size, load, read_trainer_state
+from .training import rng_state, save, set_rng_state
 
 __all__ = ["ABANDONED", "EXPORT_CONFIG", "EXTRA_PARTS", "GOOD", "LATEST", "MARKER", "RUN_CONFIG", "RUN_LOCK",
            "TOKENIZER_EMA", "TRAINER_STATE", "CheckpointError", "ResumeError", "is_complete", "latest", "mark_good",

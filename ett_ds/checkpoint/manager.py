@@ -34,8 +34,10 @@ from typing import Any, Callable
 import torch
 
 from ..engine import dist
+from . import reshard
 from .layout import (ABANDONED, LATEST, MARKER, RUN_CONFIG, RUN_LOCK, TMP_PREFIX, TRAINER_STATE, CheckpointError,
-                     ResumeError, extra_file, latest, step_dirs, step_of, step_tag, to_prune)
+                     ResumeError, extra_file, is_complete, latest, step_dirs, step_of, step_tag, to_prune)
+from .safe import make_loads_safe, safe_load
 
 # below this many free bytes a failed write is taken for a full disk (torch's C++ writer reports ENOSPC only as
 # "basic_ios::clear: iostream error" / "PytorchStreamWriter failed writing file")
@@ -207,14 +209,13 @@ class CheckpointManager:
 
         def rank0_files():
             if dist.is_rank0():
-                from .reshard import param_groups_state
                 state = {}
                 for part in self.run_parts:
                     state.update(part.state_dict())
                 state.update({"step": step, "world_size": dist.world_size(), "global_batch": engine.train_batch_size(),
                               "micro_batch": engine.train_micro_batch_size_per_gpu(),
                               "accumulation": engine.gradient_accumulation_steps(),
-                              "param_groups": param_groups_state(engine)})
+                              "param_groups": reshard.param_groups_state(engine)})
                 write_durably(tmp / TRAINER_STATE, json.dumps(state, indent=1))
                 write_durably(tmp / RUN_CONFIG, config_yaml)
             fsync_tree(tmp)  # every rank flushes (what it wrote is in there)
@@ -230,7 +231,6 @@ class CheckpointManager:
     # resuming
     def load(self, folder: Path) -> dict:
         """Collective: restore the engine and every registered part from ``folder``; returns its trainer state."""
-        from .training import load
         check_architecture(self.engine.module, folder)
         state, extra = load(self.engine, folder)
         for key, part in self.per_rank.items():
@@ -276,7 +276,6 @@ def model_shapes(module: torch.nn.Module) -> dict[str, tuple]:
 def check_architecture(module: torch.nn.Module, folder: Path) -> None:
     """A ResumeError naming the first tensor whose shape differs between ``folder``'s ZeRO checkpoint and the model
     (or that only one of them has): a changed hidden size, codebook size or layer count."""
-    from .safe import safe_load
     files = sorted(Path(folder).glob("*model_states.pt"))
     if not files:
         return
@@ -299,6 +298,44 @@ def check_architecture(module: torch.nn.Module, folder: Path) -> None:
         if name not in saved:
             raise ResumeError(f"{folder}: the model's {name} {list(own[name])} is not in the checkpoint (the "
                               "architecture changed; a resume needs the same model)")
+
+
+# -- reading a step folder back (the inverse of CheckpointManager._write) ------------------------------------
+def read_trainer_state(folder: Path) -> dict:
+    f = folder / TRAINER_STATE
+    if not is_complete(folder) or not f.is_file():
+        raise ResumeError(f"{folder} is not a complete ett_ds checkpoint (no '{MARKER}' marker)")
+    return json.loads(f.read_text())
+
+
+def check_world_size(folder: Path, state: dict) -> bool:
+    """Whether ``folder`` was written by another number of data-parallel ranks than this job has (it is then
+    re-split on load). Raises ResumeError when the folder does not hold the shards its trainer_state names."""
+    old = int(state.get("world_size", dist.world_size()))
+    found = reshard.shard_count(folder)
+    if found and found != old:
+        raise ResumeError(f"{folder}: {TRAINER_STATE} names {old} data-parallel ranks but the folder holds ZeRO "
+                          f"shards of {found}")
+    return old != dist.world_size()
+
+
+def load(engine, folder: Path, load_optimizer: bool = True) -> tuple[dict, dict]:
+    """Collective. Restores the engine (and optimizer/scheduler); returns (trainer_state, this rank's extra)."""
+    state = read_trainer_state(folder)
+    other_world = check_world_size(folder, state)
+    make_loads_safe(engine)
+    if other_world:
+        path = reshard.load_universal(engine, folder, state, load_optimizer)
+    else:
+        path, _ = engine.load_checkpoint(str(folder.parent), tag=folder.name, load_optimizer_states=load_optimizer,
+                                         load_lr_scheduler_states=load_optimizer)
+    if path is None:
+        raise ResumeError(f"DeepSpeed could not load {folder}")
+    if other_world:
+        extra = reshard.merged_extras(folder, int(state["world_size"]))
+    else:
+        extra = safe_load(extra_file(folder, dist.rank()))
+    return state, extra
 
 
 # -- one job per run folder ----------------------------------------------------------------------------------------

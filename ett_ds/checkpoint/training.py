@@ -3,22 +3,20 @@
 :func:`save` (collective; the write path is :meth:`.manager.CheckpointManager.save`) writes DeepSpeed's sharded
 engine state (all ranks call save), ``extra_rank{r}.pt`` (discriminator, EMA shard, RNG states, per rank), then
 ``trainer_state.json`` and ``config.yaml`` (rank 0) into a temporary folder, the ``complete`` marker last once
-every file is on disk, renames it into place and prunes to the newest ``keep_last``. :func:`load` (collective)
-reads it back through :func:`.safe.safe_load`; a folder written by another number of ranks is loaded through
-DeepSpeed's universal checkpoint (:mod:`.reshard`).
+every file is on disk, renames it into place and prunes to the newest ``keep_last``. :func:`.manager.load`
+(collective) reads it back through :func:`.safe.safe_load`; a folder written by another number of ranks is loaded
+through DeepSpeed's universal checkpoint (:mod:`.reshard`). This module builds on the generic manager, never the
+other way round.
 """
 from __future__ import annotations
 
-import json
 import random
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from ..engine import dist
-from .layout import MARKER, TRAINER_STATE, ResumeError, extra_file, is_complete
-from .safe import make_loads_safe, safe_load
+from .manager import Adapter, CheckpointManager
 
 
 def rng_state() -> dict:
@@ -48,49 +46,9 @@ def save(engine, ckpt_root: Path, step: int, trainer_state: dict, extra: dict, c
     """Collective: every rank must call it. ``extra``: this rank's parts for ``extra_rank{r}.pt`` (RNG states are
     added). The Trainer saves through its :class:`.manager.CheckpointManager`; this is the same write path for
     callers that hold plain dicts."""
-    from .manager import Adapter, CheckpointManager
     m = CheckpointManager(engine, ckpt_root, keep_last)
     for key, value in extra.items():
         m.register(key, Adapter(lambda v=value: v, lambda _: None))
     m.register("rng", Adapter(rng_state, set_rng_state))
     m.register("trainer_state", Adapter(lambda: dict(trainer_state), lambda _: None), per_rank=False)
     return m.save(step, config_yaml)
-
-
-def read_trainer_state(folder: Path) -> dict:
-    f = folder / TRAINER_STATE
-    if not is_complete(folder) or not f.is_file():
-        raise ResumeError(f"{folder} is not a complete ett_ds checkpoint (no '{MARKER}' marker)")
-    return json.loads(f.read_text())
-
-
-def check_world_size(folder: Path, state: dict) -> bool:
-    """Whether ``folder`` was written by another number of data-parallel ranks than this job has (it is then
-    re-split on load). Raises ResumeError when the folder does not hold the shards its trainer_state names."""
-    from .reshard import shard_count
-    old = int(state.get("world_size", dist.world_size()))
-    found = shard_count(folder)
-    if found and found != old:
-        raise ResumeError(f"{folder}: {TRAINER_STATE} names {old} data-parallel ranks but the folder holds ZeRO "
-                          f"shards of {found}")
-    return old != dist.world_size()
-
-
-def load(engine, folder: Path, load_optimizer: bool = True) -> tuple[dict, dict]:
-    """Collective. Restores the engine (and optimizer/scheduler); returns (trainer_state, this rank's extra)."""
-    state = read_trainer_state(folder)
-    other_world = check_world_size(folder, state)
-    make_loads_safe(engine)
-    if other_world:
-        from . import reshard
-        path = reshard.load_universal(engine, folder, state, load_optimizer)
-    else:
-        path, _ = engine.load_checkpoint(str(folder.parent), tag=folder.name, load_optimizer_states=load_optimizer,
-                                         load_lr_scheduler_states=load_optimizer)
-    if path is None:
-        raise ResumeError(f"DeepSpeed could not load {folder}")
-    if other_world:
-        extra = reshard.merged_extras(folder, int(state["world_size"]))
-    else:
-        extra = safe_load(extra_file(folder, dist.rank()))
-    return state, extra

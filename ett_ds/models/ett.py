@@ -44,6 +44,10 @@ STAGE_SPECS = {
 }
 
 
+# the batch keys ETTModel.forward takes (a collated batch has more: text, valid, data_stats, ...)
+MODEL_INPUTS = ("pixels", "input_ids", "attention_mask", "labels", "gen_mask")
+
+
 class CodeHead(nn.Linear):
     """The K-way visual-code head: an ``nn.Linear`` (same ``weight``, logits from ``head(h)``) whose call with
     targets returns the mean cross-entropy chunk by chunk (``losses.linear_cross_entropy``), so the N x K logits never
