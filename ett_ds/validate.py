@@ -41,9 +41,6 @@ from .engine import dist
 from .eval.tasks import caption_summary
 from .models.ett import MODEL_INPUTS
 
-CAPTION_STAGES = ("align", "ett", "frozen", "sft")
-
-
 @contextlib.contextmanager
 def _rng_kept():
     """Restore Python's, NumPy's and torch's (CPU and CUDA) global RNG states on exit."""
@@ -137,7 +134,7 @@ class Validator:
             self._load()
         with _rng_kept():
             metrics, texts, grids = self._losses(step)
-            if self.cfg.stage in CAPTION_STAGES and self.cfg.train.eval_images > 0:
+            if self.tr.spec.caption and self.cfg.train.eval_images > 0:
                 texts.update(self._captions(metrics, grids))
             if self.tr.spec.generate and self.cfg.train.eval_images > 0:
                 self._t2i(metrics, grids)

@@ -47,6 +47,14 @@ def test_tokenizer_kinds_the_config_allows_are_the_registry():
     assert set(REGISTRY) == set(TOKENIZER_TYPES) == set(one_of.choices)
 
 
+def test_every_stage_name_has_one_spec():
+    """config.STAGES is the one list of stage names; models/ett.STAGE_SPECS says what each does, in that order."""
+    from ett_ds.config import STAGES
+    from ett_ds.models.ett import CAPTION_STAGES, STAGE_SPECS
+    assert tuple(STAGE_SPECS) == STAGES
+    assert CAPTION_STAGES == ("align", "ett", "frozen", "sft")
+
+
 @pytest.mark.slow
 def test_cli_reports_config_error_in_one_line_exit_2():
     r = subprocess.run([sys.executable, "-m", "ett_ds.train", "--config", "tiny", "train.bogus=1"],

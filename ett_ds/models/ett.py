@@ -32,16 +32,19 @@ class StageSpec:
     uses_llm: bool = True  # the LLM exists and runs
     reconstruct: bool = False  # the decoder runs and L_vq is part of the loss
     generate: bool = False  # the visual head exists (text -> image)
+    caption: bool = True  # the model captions images (validation's greedy captions with exact match and CER)
 
 
+# one spec per name of config.STAGES, in its order (tests/test_config.py checks they agree)
 STAGE_SPECS = {
-    "tokenizer": StageSpec(frozenset({"tokenizer"}), uses_llm=False, reconstruct=True),
+    "tokenizer": StageSpec(frozenset({"tokenizer"}), uses_llm=False, reconstruct=True, caption=False),
     "align": StageSpec(frozenset({"projector", "index_embed"})),
     "ett": StageSpec(frozenset({"tokenizer", "projector", "llm"}), reconstruct=True),
     "frozen": StageSpec(frozenset({"projector", "index_embed", "llm"})),
     "sft": StageSpec(frozenset({"projector", "index_embed", "llm"})),
-    "t2i": StageSpec(frozenset({"projector", "llm", "visual_head"}), generate=True),
+    "t2i": StageSpec(frozenset({"projector", "llm", "visual_head"}), generate=True, caption=False),
 }
+CAPTION_STAGES = tuple(name for name, spec in STAGE_SPECS.items() if spec.caption)
 
 
 # the batch keys ETTModel.forward takes (a collated batch has more: text, valid, data_stats, ...)
