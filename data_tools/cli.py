@@ -105,6 +105,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--heldout-percent", type=int, default=10, help="size of the held-out hash bucket")
     p.add_argument("--noise", type=float, default=12.0, help="max std of background noise")
     p.add_argument("--max-rotation", type=float, default=3.0, help="degrees")
+    p.add_argument("--slant", type=float, default=0.0, help="augment: max |horizontal shear| of the text (0.25 ~ 14 deg)")
+    p.add_argument("--stretch", type=float, default=0.0, help="augment: text width x uniform(1 - S, 1 + S)")
+    p.add_argument("--bold", type=float, default=0.0, help="augment: probability of a 1 px heavier stroke")
+    p.add_argument("--blur", type=float, default=0.0, help="augment: max Gaussian blur radius (px), half the samples")
     _add_output(p, "synth", 1000)
 
     p = sub.add_parser("import", help="real captioned images from Debian packages -> shards")
@@ -145,6 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--samples-per-shard", type=_positive, default=None, help="default 500")
     p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument("--workers", type=_positive, default=1, help="processes")
+    p.add_argument("--no-augment", action="store_true",
+                   help="render the training split plainly (default: slant, width, weight and blur augmentation)")
     p.add_argument("--force", action="store_true", help="rebuild even if the manifest matches")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
@@ -240,7 +246,8 @@ def _cmd_synth(a) -> int:
     cfg = SynthConfig(fonts=tuple(resolve_fonts(a.fonts)), corpus=tuple(str(Path(c).resolve()) for c in a.corpus),
                       height=a.size[0], width=a.size[1], min_chars=a.min_chars, max_chars=a.max_chars,
                       words=_words(a.words), seed=a.seed, text_split=a.text_split,
-                      heldout_percent=a.heldout_percent, noise=a.noise, max_rotation=a.max_rotation)
+                      heldout_percent=a.heldout_percent, noise=a.noise, max_rotation=a.max_rotation,
+                      slant=a.slant, stretch=a.stretch, bold=a.bold, blur=a.blur)
     stats = synth_text(cfg, a.out, num=a.num, prefix=a.prefix, samples_per_shard=a.samples_per_shard,
                        workers=a.workers, resume=a.resume, overwrite=a.overwrite, progress=not a.no_progress)
     _print_summary(stats)
@@ -277,7 +284,8 @@ def _cmd_spm(a) -> int:
 def _cmd_demo(a) -> int:
     from .demo import DemoOptions, build_demo
     given = {"num_train": a.num_train, "num_heldout": a.num_heldout, "max_chars": a.max_chars,
-             "vocab_size": a.vocab_size, "samples_per_shard": a.samples_per_shard, "seed": a.seed}
+             "vocab_size": a.vocab_size, "samples_per_shard": a.samples_per_shard, "seed": a.seed,
+             "augment": False if a.no_augment else None}
     if a.size:
         given.update(height=a.size[0], width=a.size[1])
     if a.words:

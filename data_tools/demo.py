@@ -8,7 +8,7 @@ glosses (or the shipped phrase list) in random colours, 32x128: far harder, for 
 Layout::
 
     DIR/train/demo-000000.tar ...    synth-text, training fonts, training half of the caption hash split
-    DIR/heldout/demo-000000.tar ...  held-out fonts when the machine has a second family, held-out captions
+    DIR/heldout/demo-000000.tar ...  held-out font collections (never in train/), held-out captions
     DIR/spm.model, DIR/spm.vocab     sentencepiece trained on the training captions
     DIR/heldout_vqa.jsonl            VQA questions on the held-out images (DIR/heldout_vqa/KEY.png), 10 answers each
     DIR/README.txt, DIR/demo_manifest.json
@@ -16,14 +16,16 @@ Layout::
 Held out twice over: by font family (below) and by string (the held-out bucket of a stable hash of the caption, so
 no held-out caption is ever rendered in train/).
 
-Fonts: DejaVu from /usr/share/fonts or matplotlib's mpl-data; Liberation (fonts-liberation2) becomes the held-out
-family when present, otherwise a fixed subset of the DejaVu files is held out. Text (``words``): WordNet glosses when
+Fonts (``data_tools/fonts.py``): every text font the machine has trains, except two held-out collections,
+Liberation (fonts-liberation2) and URW Gothic (fonts-urw-base35), each reported on its own (``family`` in every
+sample's json); with DejaVu alone one DejaVu family is held out. Training images are augmented (slant, width,
+stroke weight, blur, on top of the palette's ink/paper and noise variation; ``--no-augment`` turns it off);
+held-out images are rendered plainly. Text (``words``): WordNet glosses when
 ``wordnet-base`` is installed, else the phrase list shipped in ``data_tools/assets/phrases.txt``. The manifest
 records every option and the fonts/corpus used; a second call with the same options finds it and does nothing.
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 import time
@@ -31,12 +33,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .errors import UsageError
+from .fonts import demo_split
 from .spm import train_spm
 from .synth_text import SynthConfig, synth_text
 
 ASSETS = Path(__file__).with_name("assets")
 WORDNET = Path("/usr/share/wordnet")
-SKIP_FONTS = ("ExtraLight", "MathTeXGyre")
 
 
 TASKS = ("numbers", "words")
@@ -61,6 +63,11 @@ class DemoOptions:
     seed: int = 0
     samples_per_shard: int = 500
     vocab_size: int = 512
+    augment: bool = True          # training split only: slant, stretch, bold, blur below
+    slant: float = 0.25
+    stretch: float = 0.15
+    bold: float = 0.3
+    blur: float = 0.6
 
     @classmethod
     def for_task(cls, task: str, **overrides) -> "DemoOptions":
@@ -71,32 +78,9 @@ class DemoOptions:
         return cls(task=task, **{**base, **overrides})
 
 
-def _font_dirs() -> list[Path]:
-    dirs = [Path("/usr/share/fonts")]
-    spec = importlib.util.find_spec("matplotlib")
-    if spec and spec.origin:
-        dirs.append(Path(spec.origin).parent / "mpl-data" / "fonts" / "ttf")
-    return [d for d in dirs if d.is_dir()]
-
-
 def find_fonts() -> tuple[list[str], list[str]]:
-    """(train fonts, held-out fonts); one file per font name (the first directory wins)."""
-    by_name: dict[str, str] = {}
-    for d in _font_dirs():
-        for p in sorted(d.rglob("*.ttf")):
-            if p.name.startswith(("DejaVu", "Liberation")) and not any(s in p.name for s in SKIP_FONTS):
-                by_name.setdefault(p.name, str(p))
-    dejavu = [by_name[n] for n in sorted(by_name) if n.startswith("DejaVu")]
-    liberation = [by_name[n] for n in sorted(by_name) if n.startswith("Liberation")]
-    if not dejavu and not liberation:
-        raise UsageError("no DejaVu or Liberation fonts found: apt-get install -y fonts-dejavu-core")
-    if dejavu and liberation:
-        return dejavu, liberation
-    fonts = dejavu or liberation
-    if len(fonts) == 1:
-        return fonts, fonts
-    heldout = fonts[::5]
-    return [f for f in fonts if f not in heldout], heldout
+    """(train fonts, held-out fonts): whole font collections apart (``data_tools.fonts.demo_split``)."""
+    return demo_split()
 
 
 def find_corpus() -> list[str]:
@@ -124,7 +108,7 @@ def build_demo(out: str | Path, opts: DemoOptions = DemoOptions(), *, workers: i
     corpus = (numbers_corpus(out / "numbers.txt", opts.min_digits, opts.max_digits) if opts.task == "numbers"
               else find_corpus())
     manifest = {"options": asdict(opts), "train_fonts": [Path(f).name for f in train_fonts],
-                "heldout_fonts": [Path(f).name for f in heldout_fonts], "corpus": corpus, "version": 2}
+                "heldout_fonts": [Path(f).name for f in heldout_fonts], "corpus": corpus, "version": 3}
     manifest_path = out / "demo_manifest.json"
     if not force and manifest_path.exists() and (out / "spm.model").exists():
         old = json.loads(manifest_path.read_text())
@@ -141,12 +125,14 @@ def build_demo(out: str | Path, opts: DemoOptions = DemoOptions(), *, workers: i
     numbers = opts.task == "numbers"
 
     def config(fonts, split, seed):
+        aug = dict(slant=opts.slant, stretch=opts.stretch, bold=opts.bold, blur=opts.blur) \
+            if opts.augment and split == "train" else {}
         return SynthConfig(fonts=tuple(fonts), corpus=tuple(corpus), height=opts.height, width=opts.width,
                            min_chars=opts.min_digits if numbers else 2,
                            max_chars=opts.max_digits if numbers else opts.max_chars,
                            words=None if numbers else (opts.min_words, opts.max_words), seed=seed, text_split=split,
                            noise=opts.noise, max_rotation=opts.max_rotation, palette=opts.palette,
-                           layout=opts.layout, min_scale=1.0 if opts.layout == "centre" else 0.7)
+                           layout=opts.layout, min_scale=1.0 if opts.layout == "centre" else 0.7, **aug)
 
     common = dict(prefix="demo", samples_per_shard=opts.samples_per_shard, workers=workers, progress=progress)
     train = synth_text(config(train_fonts, "train", opts.seed), out / "train", num=opts.num_train, **common)
@@ -211,7 +197,9 @@ heldout/  demo-{{000000..{n_held - 1:06d}}}.tar  {summary['heldout_samples']} sa
 spm.model sentencepiece (byte fallback; pad=0 unk=1 bos=2 eos=3), vocabulary {summary['spm_vocab_size']}, trained on train/ captions.
 Text source: {', '.join(manifest['corpus'])}
 
-Each sample: KEY.png, KEY.txt (caption), KEY.json (text, font, font_px, angle, seed, index).
+Each sample: KEY.png, KEY.txt (caption), KEY.json (text, font, family, font_px, angle, seed, index; train/ also the
+augmentation drawn: slant, stretch, stroke). Training images are augmented: {"off" if not opts.augment else
+f"slant <= {opts.slant}, width x [{1 - opts.stretch:g}, {1 + opts.stretch:g}], bold {opts.bold:.0%}, blur <= {opts.blur} px"}.
 heldout_vqa.jsonl: {summary.get('heldout_vqa_questions', 0)} questions about the held-out images (heldout_vqa/KEY.png), 10 identical answers
           each: python -m ett_ds.evaluate --ckpt RUN --data heldout_vqa.jsonl --tasks vqa --out vqa.json
 sizes.json / stats.json in each split directory follow open_clip's conventions.

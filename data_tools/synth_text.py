@@ -20,9 +20,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
 from .errors import UsageError
+from .fonts import family as font_family
 from .shard import fingerprint, run_shards
 from .tario import json_bytes
 
@@ -48,6 +49,15 @@ class SynthConfig:
     palette: str = "any"                   # any: random colours, luma contrast >= 90 | ink: dark ink on light paper
     min_scale: float = 0.7                 # font size: largest that fits x uniform(min_scale, 1)
     layout: str = "random"                 # random: anywhere inside the image | centre: centred
+    # augmentation (all off by default; the demo's training split turns them on): see ``_augment``
+    slant: float = 0.0                     # max |horizontal shear| of the text (x += k * y), 0.25 ~ 14 degrees
+    stretch: float = 0.0                   # max relative change of the text's width, uniform(1 - s, 1 + s)
+    bold: float = 0.0                      # probability of a heavier stroke (a 1 px outline in the ink colour)
+    blur: float = 0.0                      # max radius (px) of a Gaussian blur, applied to half the samples
+
+    @property
+    def augments(self) -> bool:
+        return bool(self.slant or self.stretch or self.bold or self.blur)
 
 
 def resolve_fonts(patterns: list[str]) -> list[str]:
@@ -126,18 +136,47 @@ def _font(path: str, size: int) -> ImageFont.FreeTypeFont:
     return ImageFont.truetype(path, size)
 
 
-def _fits(text: str, font_path: str, size: int, box: tuple[int, int]):
-    bbox = _font(font_path, size).getbbox(text)
-    return bbox if bbox[2] - bbox[0] <= box[0] and bbox[3] - bbox[1] <= box[1] else None
+def _fits(text: str, font_path: str, size: int, box: tuple[int, int], shape: tuple = (0.0, 1.0, 0)):
+    """The text's bbox at ``size`` if it fits ``box`` once sheared by k, stretched by s, stroked (``shape``)."""
+    k, s, stroke = shape
+    bbox = _font(font_path, size).getbbox(text, stroke_width=stroke)
+    w, h = bbox[2] - bbox[0], bbox[3] - bbox[1]
+    return bbox if s * (w + abs(k) * h) <= box[0] and h <= box[1] else None
 
 
-def _largest_size(text: str, font_path: str, box: tuple[int, int], lo: int, hi: int) -> int | None:
-    if _fits(text, font_path, lo, box) is None:
+def _largest_size(text: str, font_path: str, box: tuple[int, int], lo: int, hi: int,
+                  shape: tuple = (0.0, 1.0, 0)) -> int | None:
+    if _fits(text, font_path, lo, box, shape) is None:
         return None
     while lo < hi:
         mid = (lo + hi + 1) // 2
-        lo, hi = (mid, hi) if _fits(text, font_path, mid, box) else (lo, mid - 1)
+        lo, hi = (mid, hi) if _fits(text, font_path, mid, box, shape) else (lo, mid - 1)
     return lo
+
+
+def _augment(rng: random.Random, cfg: SynthConfig) -> tuple[float, float, int]:
+    """(shear k, width factor s, stroke px) of one sample; drawn only for the knobs that are on."""
+    k = rng.uniform(-cfg.slant, cfg.slant) if cfg.slant else 0.0
+    s = rng.uniform(1 - cfg.stretch, 1 + cfg.stretch) if cfg.stretch else 1.0
+    stroke = int(rng.random() < cfg.bold) if cfg.bold else 0
+    return k, s, stroke
+
+
+def _shaped_glyphs(text: str, font: ImageFont.FreeTypeFont, shape: tuple) -> Image.Image:
+    """The text as an ink mask cropped to its ink, sheared by k and stretched by s about its centre line."""
+    k, s, stroke = shape
+    bbox = font.getbbox(text, stroke_width=stroke)
+    pad = 2
+    cw, ch = bbox[2] - bbox[0] + 2 * pad, bbox[3] - bbox[1] + 2 * pad
+    src = Image.new("L", (cw, ch), 0)
+    ImageDraw.Draw(src).text((pad - bbox[0], pad - bbox[1]), text, fill=255, font=font, stroke_width=stroke,
+                             stroke_fill=255)
+    off = s * abs(k) * ch / 2  # forward: X = s * (x + k * (y - ch / 2)) + off, Y = y; PIL takes the inverse map
+    out_w = max(1, math.ceil(s * (cw + abs(k) * ch)))
+    dst = src.transform((out_w, ch), Image.Transform.AFFINE, (1 / s, -k, -off / s + k * ch / 2, 0, 1, 0),
+                        resample=Image.Resampling.BICUBIC)
+    ink = dst.getbbox()
+    return dst.crop(ink) if ink else dst
 
 
 def _luma(c) -> float:
@@ -175,41 +214,55 @@ def render_sample(cfg: SynthConfig, index: int) -> tuple[dict[str, bytes], dict]
     text = pick_text(rng, cfg)
     font = cfg.fonts[rng.randrange(len(cfg.fonts))]
     angle = rng.uniform(-cfg.max_rotation, cfg.max_rotation)
+    shape = _augment(rng, cfg) if cfg.augments else (0.0, 1.0, 0)
     slack = math.ceil(abs(math.sin(math.radians(angle))) * W / 2)  # vertical drift of the ends after rotation
     box = (W - 4, H - 2 - 2 * slack)
     size = None
     while size is None:
-        size = _largest_size(text, font, box, cfg.min_font_px, max(cfg.min_font_px, int(H * 1.5)))
+        size = _largest_size(text, font, box, cfg.min_font_px, max(cfg.min_font_px, int(H * 1.5)), shape)
         if size is None:  # too long even at the smallest size: drop a word (or a character)
             shorter = _truncate(text.split(), len(text) - 1)
             if not shorter or shorter == text:
                 raise UsageError(f"--size {H}x{W} is too small to render text at {cfg.min_font_px}px")
             text = shorter
     size = max(cfg.min_font_px, round(size * rng.uniform(min(cfg.min_scale, 1.0), 1.0)))
-    bbox = _font(font, size).getbbox(text)
-    tw, th = bbox[2] - bbox[0], bbox[3] - bbox[1]
+    mask = Image.new("L", (W, H), 0)
+    if cfg.augments:  # the shaped ink, placed by its own extent
+        glyphs = _shaped_glyphs(text, _font(font, size), shape)
+        tw, th = glyphs.size
+        x0, y0 = 0, 0
+    else:
+        bbox = _font(font, size).getbbox(text)
+        tw, th = bbox[2] - bbox[0], bbox[3] - bbox[1]
+        x0, y0 = bbox[0], bbox[1]
     if cfg.layout == "centre":
-        x, y = (W - tw) // 2 - bbox[0], (H - th) // 2 - bbox[1]
+        x, y = (W - tw) // 2 - x0, (H - th) // 2 - y0
     elif cfg.layout == "random":
-        x = rng.randint(2, max(2, W - 2 - tw)) - bbox[0]
-        y = rng.randint(1 + slack, max(1 + slack, H - 1 - slack - th)) - bbox[1]
+        x = rng.randint(2, max(2, W - 2 - tw)) - x0
+        y = rng.randint(1 + slack, max(1 + slack, H - 1 - slack - th)) - y0
     else:
         raise UsageError(f"unknown layout {cfg.layout!r}; choose random or centre")
 
     bg, fg = pick_colours(rng, cfg.palette)
-    mask = Image.new("L", (W, H), 0)
-    ImageDraw.Draw(mask).text((x, y), text, fill=255, font=_font(font, size))
+    if cfg.augments:
+        mask.paste(glyphs, (x, y))
+    else:
+        ImageDraw.Draw(mask).text((x, y), text, fill=255, font=_font(font, size))
     if abs(angle) > 0.05:
         mask = mask.rotate(angle, resample=Image.Resampling.BICUBIC, center=(W / 2, H / 2))
     img = Image.composite(Image.new("RGB", (W, H), fg), Image.new("RGB", (W, H), bg), mask)
+    if cfg.blur and rng.random() < 0.5:
+        img = img.filter(ImageFilter.GaussianBlur(rng.uniform(0.2, cfg.blur)))
     sigma = rng.uniform(0, cfg.noise)
     if sigma > 0.5:
         noise = np.random.default_rng(sseed).normal(0.0, sigma, (H, W, 1))
         img = Image.fromarray(np.clip(np.asarray(img, dtype=np.float32) + noise, 0, 255).astype(np.uint8))
     buf = io.BytesIO()
     img.save(buf, format="PNG", compress_level=6)
-    meta = {"text": text, "caption": text, "font": Path(font).name, "font_px": size, "angle": round(angle, 3),
-            "seed": cfg.seed, "index": index, "width": W, "height": H}
+    meta = {"text": text, "caption": text, "font": Path(font).name, "family": font_family(font), "font_px": size,
+            "angle": round(angle, 3), "seed": cfg.seed, "index": index, "width": W, "height": H}
+    if cfg.augments:
+        meta.update(slant=round(shape[0], 3), stretch=round(shape[1], 3), stroke=shape[2])
     return {"png": buf.getvalue(), "txt": text.encode("utf-8"), "json": json_bytes(meta)}, meta
 
 

@@ -93,6 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--vqa-max-new-tokens", type=int, default=10, help="vqa: longest answer in tokens")
     ap.add_argument("--resize-mode", choices=("crop", "pad", "stretch"), default=None,
                     help="how images are fitted to the training size (default: the checkpoint's data.resize_mode)")
+    ap.add_argument("--group-by", default="family",
+                    help="caption and recon scores also per value of this json field of the samples, as by_group "
+                         "(the demo's: family, the font family); '' turns it off, samples without it are only pooled")
     ap.add_argument("--quiet", action="store_true", help="no table on stdout")
     ap.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     return ap
@@ -145,6 +148,8 @@ def print_table(result: dict) -> None:
         for k, v in (result.get(task) or {}).items():
             if isinstance(v, (int, float, str)) and k not in ("grid",):
                 rows.append((f"{task}.{k}", v))
+        for g, scores in ((result.get(task) or {}).get("by_group") or {}).items():
+            rows += [(f"{task}.{k}[{g}]", v) for k, v in scores.items() if k != "n"]
     w = max(len(k) for k, _ in rows)
     for k, v in rows:
         print(f"{k:<{w}}  {v:.4f}" if isinstance(v, float) else f"{k:<{w}}  {v}")
@@ -200,14 +205,17 @@ def _shared_pass(tasks: list[EvalTask], loaded, data, args, rank: int, world: in
     recs, stats = [], Counter()
     if not per_batch and all(t.name == "vqa" for t in tasks):
         return recs, stats
-    batcher = Batcher(cfg, loaded.text if STAGE_SPECS[cfg.stage].uses_llm else None, train=False)
+    batcher = Batcher(cfg, loaded.text if STAGE_SPECS[cfg.stage].uses_llm else None, train=False,
+                      group_by=args.group_by or None)
     max_batches = max(1, math.ceil(args.max_samples / (args.batch_size * world))) if args.max_samples else None
     for batch in eval_batches(data, batch_size=args.batch_size, make_example=batcher.make_example,
                               collate=batcher.collate, rank=rank, world_size=world, num_workers=args.num_workers,
                               max_batches=max_batches):
         stats.update(batch.get("data_stats") or {})
         valid = batch["valid"].bool()
-        batch_recs = [{"ref": t} for t, v in zip(batch["text"], valid.tolist()) if v]
+        groups = batch.get("group") or [None] * len(batch["text"])
+        batch_recs = [{"ref": t} if g is None else {"ref": t, "group": g}
+                      for t, g, v in zip(batch["text"], groups, valid.tolist()) if v]
         if batch_recs:
             pixels = to_unit_range(batch["pixels"][valid].to(device))
             for task in per_batch:

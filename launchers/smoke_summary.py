@@ -11,7 +11,10 @@ The eval files are ``python -m ett_ds.evaluate`` outputs. Verdicts (thresholds: 
   predictions / distinct references); "captions ignore the image" when that ratio is low;
 - reconstructs: OCR character error rate on reconstructions by the tokenizer after stage 0 and after ETT, next to
   the OCR CER of the original images (the reader's own ceiling);
-- draws: the share of held-out prompts whose generated image the OCR reader reads back as exactly the prompt.
+- draws: the share of held-out prompts whose generated image the OCR reader reads back as exactly the prompt;
+- generalises: the same per held-out font family (``by_group`` of the eval files: the demo holds out whole font
+  collections, Liberation and URW Gothic, never rendered in training): the worst family's caption exact match (sft)
+  and the worst family's OCR CER on ETT's reconstructions.
 """
 from __future__ import annotations
 
@@ -22,7 +25,7 @@ from collections import Counter
 from pathlib import Path
 
 THRESHOLDS = {"reads_em": 0.5, "reads_diversity": 0.5, "ignores_image_diversity": 0.2,
-              "reconstructs_ocr_cer": 0.3, "draws_readback": 0.3}
+              "reconstructs_ocr_cer": 0.3, "draws_readback": 0.3, "family_em": 0.7, "family_ocr_cer": 0.15}
 
 
 def rows(run: Path) -> list[dict]:
@@ -104,6 +107,26 @@ def draw_verdict(ev: dict) -> dict:
     return {"ok": ok, "line": line, "readback": rate, "num": len(items)}
 
 
+def family_verdict(sft: dict, ett: dict) -> dict:
+    reads = (sft.get("caption") or {}).get("by_group") or {}
+    recon = (ett.get("recon") or {}).get("by_group") or {}
+    if not reads:
+        return {"ok": False, "line": "generalises:  no per-family caption scores (eval data without a family field)"}
+    ems = {f: v["exact_match"] for f, v in reads.items()}
+    cers = {f: v["ocr_cer_recon"] for f, v in recon.items() if v.get("ocr_cer_recon") is not None}
+    worst_em = min(ems, key=ems.get)
+    worst_cer = max(cers, key=cers.get) if cers else None
+    ok = ems[worst_em] >= THRESHOLDS["family_em"] and (worst_cer is None or
+                                                        cers[worst_cer] <= THRESHOLDS["family_ocr_cer"])
+    line = (f"generalises:  {'PASS' if ok else 'FAIL'}  per held-out font family, caption exact match "
+            + ", ".join(f"{f} {v:.0%} (n={reads[f]['n']})" for f, v in sorted(ems.items()))
+            + f" (goal >= {THRESHOLDS['family_em']:.0%} each)")
+    if cers:
+        line += ("; OCR CER of ETT's reconstructions " + ", ".join(f"{f} {v:.3f}" for f, v in sorted(cers.items()))
+                 + f" (goal <= {THRESHOLDS['family_ocr_cer']} each)")
+    return {"ok": ok, "line": line, "exact_match": ems, "ocr_cer_ett": cers}
+
+
 def samples_of(path: str | None) -> list[dict]:
     if not path:
         return []
@@ -127,10 +150,11 @@ def main(argv: list[str]) -> int:
     verdicts = {"reads": read_verdict(load(a.eval_sft), [s for s in samples_of(a.eval_sft) if "caption" in s]),
                 "reads_ett": read_verdict(load(a.eval_ett), [s for s in samples_of(a.eval_ett) if "caption" in s]),
                 "reconstructs": reconstruct_verdict(load(a.eval_tok), load(a.eval_ett)),
-                "draws": draw_verdict(load(a.eval_t2i))}
+                "draws": draw_verdict(load(a.eval_t2i)),
+                "generalises": family_verdict(load(a.eval_sft), load(a.eval_ett))}
     print("\nVerdicts on held-out images (fonts and strings never seen in training):")
     verdicts["reads_ett"]["line"] = verdicts["reads_ett"]["line"].replace("reads:       ", "  (stage 2) ", 1)
-    for key in ("reads", "reads_ett", "reconstructs", "draws"):
+    for key in ("reads", "reads_ett", "reconstructs", "draws", "generalises"):
         if key != "reads_ett" or "no caption" not in verdicts[key]["line"]:
             print("  " + verdicts[key]["line"])
     vqa = load(a.eval_vqa).get("vqa")

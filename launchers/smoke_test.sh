@@ -17,11 +17,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 source launchers/setup_env.sh
 export ETT_NO_SETUP=1
-if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1 && ! dpkg -s fonts-liberation2 >/dev/null 2>&1; then
-    echo "== installing the held-out font family (fonts-liberation2) and DejaVu"
-    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq fonts-dejavu-core fonts-liberation2 \
-        >/dev/null) || echo "   apt-get failed: a subset of the DejaVu fonts is held out instead"
-fi
+# shellcheck source=launchers/fonts.sh
+source launchers/fonts.sh
+install_fonts  # the training collections and the held-out ones (Liberation, URW Gothic): data_tools/fonts.py
 
 OUT=${SMOKE_OUT:-runs/smoke}
 GPU=$(python -c "import torch; print(int(torch.cuda.is_available()))")

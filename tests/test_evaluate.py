@@ -47,7 +47,13 @@ def test_recon_and_caption_on_an_ett_checkpoint(demo, ckpts, tmp_path, capsys):
     assert "visual head" in m["t2i"]["skipped"]
     lines = [json.loads(x) for x in (tmp_path / "m_samples.jsonl").read_text().splitlines()]
     assert len(lines) == NUM_HELDOUT
-    assert all({"ref", "caption", "psnr", "ssim"} <= set(x) for x in lines)
+    assert all({"ref", "caption", "psnr", "ssim", "group"} <= set(x) for x in lines)
+    # the demo's samples name their font family: every score is also given per family (issue 23, item 3)
+    fams = {x["group"] for x in lines}
+    assert set(c["by_group"]) == set(r["by_group"]) == fams
+    assert sum(v["n"] for v in c["by_group"].values()) == NUM_HELDOUT
+    assert c["exact_match"] == pytest.approx(sum(v["n"] * v["exact_match"] for v in c["by_group"].values())
+                                             / NUM_HELDOUT)
     assert Path(r["grid"]).is_file()
     assert m["resize_mode"] == "crop" and m["image_size"] == [16, 32]
     distinct = len({x["caption"].strip().casefold() for x in lines})

@@ -71,4 +71,21 @@ def test_the_script_prints_a_table_and_three_verdicts(tmp_path):
     assert "| ett | 3 | 3.000 | 2.000 | loss_cap: 2.500 -> 1.500 |" in out
     assert "reads:        PASS" in out and "reconstructs: no OCR" in out and "draws:        no OCR" in out
     assert "VQA accuracy 25.0% on 12" in out
-    assert set(json.loads((tmp_path / "v.json").read_text())) == {"reads", "reads_ett", "reconstructs", "draws"}
+    assert set(json.loads((tmp_path / "v.json").read_text())) == {"reads", "reads_ett", "reconstructs", "draws",
+                                                                  "generalises"}
+    assert "generalises:  no per-family caption scores" in out
+
+
+def test_generalises_needs_every_held_out_family_to_read_and_reconstruct():
+    """issue 23 item 3: the worst held-out font family decides (goal: >= 70 % exact match, OCR CER <= 0.15 each)."""
+    sft = {"caption": {"by_group": {"Liberation Sans": {"n": 50, "exact_match": 0.9, "cer": 0.02},
+                                    "URW Gothic": {"n": 48, "exact_match": 0.72, "cer": 0.1}}}}
+    ett = {"recon": {"by_group": {"Liberation Sans": {"n": 50, "ocr_cer_recon": 0.05},
+                                  "URW Gothic": {"n": 48, "ocr_cer_recon": 0.14}}}}
+    v = S.family_verdict(sft, ett)
+    assert v["ok"] and "URW Gothic 72% (n=48)" in v["line"] and "URW Gothic 0.140" in v["line"]
+    sft["caption"]["by_group"]["URW Gothic"]["exact_match"] = 0.69
+    assert not S.family_verdict(sft, ett)["ok"]
+    sft["caption"]["by_group"]["URW Gothic"]["exact_match"] = 0.8
+    ett["recon"]["by_group"]["URW Gothic"]["ocr_cer_recon"] = 0.16
+    assert not S.family_verdict(sft, ett)["ok"]

@@ -48,8 +48,9 @@ def _well_formed(conversations) -> bool:
 class Batcher:
     """``make_example`` (one decoded sample -> token ids, labels, pixels) and ``collate`` (padding)."""
 
-    def __init__(self, cfg: Config, text: TextTokenizer | None, train: bool = True):
+    def __init__(self, cfg: Config, text: TextTokenizer | None, train: bool = True, group_by: str | None = None):
         self.cfg, self.text, self.train = cfg, text, train
+        self.group_by = group_by  # evaluation: this json field of each sample goes to batch["group"] (e.g. family)
         self.size = tuple(cfg.data.image_size)
         self.resize_mode = cfg.data.resize_mode
         self.num_image_tokens = cfg.num_image_tokens
@@ -195,6 +196,9 @@ class Batcher:
             pixels = image_to_uint8(sample["image"], size=self.size, train=self.train, rng=self.rng,
                                     mode=self.resize_mode)
         ex = {"pixels": pixels, "text": str(text or ""), "gen": task == "t2i"}
+        if self.group_by:
+            group = meta.get(self.group_by)
+            ex["group"] = None if group is None else str(group)
         if self.text is not None:
             if task == "sft":
                 try:
@@ -215,6 +219,8 @@ class Batcher:
     def collate(self, examples: list[dict]) -> dict:
         batch = {"pixels": torch.stack([e["pixels"] for e in examples]),
                  "text": [e["text"] for e in examples]}
+        if self.group_by:
+            batch["group"] = [e.get("group") for e in examples]
         if self.text is None:
             return batch
         width = max(len(e["input_ids"]) for e in examples)

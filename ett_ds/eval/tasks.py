@@ -43,6 +43,19 @@ def caption_summary(hyps: list[str], refs: list[str]) -> dict:
             **caption_diversity(hyps, refs)}
 
 
+def by_group(recs: list[dict], score) -> dict | None:
+    """``{group: {"n": count, **score(its records)}}`` over the records' ``group`` (the eval data's ``--group-by``
+    field, e.g. each sample's font family); None when no record has one."""
+    groups = sorted({r["group"] for r in recs if r.get("group") is not None})
+    if not groups:
+        return None
+    out = {}
+    for g in groups:
+        sub = [r for r in recs if r.get("group") == g]
+        out[g] = {"n": len(sub), **score(sub)}
+    return out
+
+
 def result_warnings(result: dict) -> list[str]:
     """One-line warnings about a summary (low caption diversity)."""
     cap = result.get("caption") or {}
@@ -113,8 +126,16 @@ class ReconTask(EvalTask):
             rec["ocr_cer_original"] = M.corpus_cer([r["ocr_original"] for r in recs], refs, normalize=True)
             rec["ocr_em_recon"] = M.mean_exact_match([r["ocr_recon"] for r in recs], refs)
             rec["ocr_em_original"] = M.mean_exact_match([r["ocr_original"] for r in recs], refs)
+            groups = by_group(recs, lambda sub: {
+                "ocr_cer_recon": M.corpus_cer([r["ocr_recon"] for r in sub], [r["ref"] for r in sub], normalize=True),
+                "ocr_cer_original": M.corpus_cer([r["ocr_original"] for r in sub], [r["ref"] for r in sub],
+                                                 normalize=True),
+                "psnr": mean_finite([r["psnr"] for r in sub])})
         else:
             rec["ocr"] = "skipped: RapidOCR not installed or --ocr off"
+            groups = by_group(recs, lambda sub: {"psnr": mean_finite([r["psnr"] for r in sub])})
+        if groups:
+            rec["by_group"] = groups
         return rec
 
     def write(self, out, section, states):
@@ -138,7 +159,13 @@ class CaptionTask(EvalTask):
             r["caption"] = c
 
     def summarize(self, recs, states):
-        return caption_summary([r["caption"] for r in recs], [r["ref"] for r in recs])
+        out = caption_summary([r["caption"] for r in recs], [r["ref"] for r in recs])
+        groups = by_group(recs, lambda sub: {
+            k: v for k, v in caption_summary([r["caption"] for r in sub], [r["ref"] for r in sub]).items()
+            if k in ("exact_match", "cer")})
+        if groups:
+            out["by_group"] = groups
+        return out
 
 
 class T2ITask(EvalTask):

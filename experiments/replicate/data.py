@@ -1,6 +1,7 @@
 """The three splits of the replication, built with data_tools' own pieces (fonts, corpora, renderer, hash split).
 
-- ``train``: the training font family (``data_tools.demo.find_fonts``' first list), captions of the train bucket of
+- ``train``: the training fonts (``data_tools.demo.find_fonts``' first list: every text font but the held-out
+  collections), augmented as the demo's, captions of the train bucket of
   data_tools' stable caption hash (``synth_text.text_bucket``);
 - ``val`` and ``heldout``: the held-out fonts, split again by family (every third family to ``val``), and the
   held-out caption bucket, split again by a second hash (task ``numbers``: each string is in exactly one of val and
@@ -11,11 +12,11 @@
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import asdict, replace
 from pathlib import Path
 
 from data_tools.demo import DemoOptions, find_corpus, find_fonts, numbers_corpus
+from data_tools.fonts import collection
 from data_tools.spm import train_spm
 from data_tools.errors import UsageError
 from data_tools.synth_text import SynthConfig, load_corpus, synth_text, text_bucket
@@ -25,14 +26,6 @@ SPLITS = ("train", "val", "heldout")
 
 def family(font: str) -> str:
     return Path(font).stem.split("-")[0]
-
-
-def collection(font: str) -> str:
-    """The type family a font file belongs to, across its styles and widths: ``DejaVuSansMono-Bold.ttf`` and
-    ``DejaVuSerif.ttf`` are both ``DejaVu``, ``LiberationSans-Regular.ttf`` is ``Liberation``."""
-    fam = family(font)
-    m = re.match(r"(.+?)(Sans|Serif|Mono|Condensed|Narrow)", fam)
-    return m.group(1) if m else fam
 
 
 HELDOUT_PACKAGE = "fonts-liberation2"
@@ -54,7 +47,12 @@ def check_families(train_fonts: list[str], held_fonts: list[str], allow_shared: 
 
 
 def split_fonts(heldout_fonts: list[str]) -> tuple[list[str], list[str]]:
-    """(val fonts, held-out fonts): whole families, every third family to val; one family: both get it."""
+    """(val fonts, held-out fonts): whole collections apart when there are two or more (the last to val: URW Gothic
+    validates, Liberation is held out), else whole families, every third family to val; one family: both get it."""
+    cols = sorted({collection(f) for f in heldout_fonts})
+    if len(cols) > 1:
+        return ([f for f in heldout_fonts if collection(f) == cols[-1]],
+                [f for f in heldout_fonts if collection(f) != cols[-1]])
     fams = sorted({family(f) for f in heldout_fonts})
     if len(fams) < 2:
         return list(heldout_fonts), list(heldout_fonts)
@@ -83,7 +81,7 @@ def build(root: Path, *, task: str, image: str, digits: tuple[int, int], num: di
     corpus = (numbers_corpus(root / "corpus" / "numbers.txt", *digits) if numbers else find_corpus())
     plan = {"task": task, "options": asdict(opts), "num": num, "spm_vocab": spm_vocab, "corpus": corpus,
             "fonts": {"train": [Path(f).name for f in train_fonts], "val": [Path(f).name for f in val_fonts],
-                      "heldout": [Path(f).name for f in held_fonts]}, "version": 1}
+                      "heldout": [Path(f).name for f in held_fonts]}, "version": 2}
     if shared:
         plan["shared_family"] = shared
     record = root / "data.json"
@@ -107,6 +105,8 @@ def build(root: Path, *, task: str, image: str, digits: tuple[int, int], num: di
     for k, split in enumerate(SPLITS):
         files, text_split = corpora[split]
         cfg = replace(base, fonts=tuple(fonts[split]), corpus=tuple(files), seed=seed + k, text_split=text_split)
+        if split == "train" and opts.augment:  # as the demo: several families, augmented; val / held-out plain
+            cfg = replace(cfg, slant=opts.slant, stretch=opts.stretch, bold=opts.bold, blur=opts.blur)
         synth_text(cfg, root / split, num=num[split], prefix=split, samples_per_shard=500, workers=workers,
                    overwrite=True, progress=False)
     train_spm([str(root / "train")], str(root / "spm"), vocab_size=spm_vocab, seed=seed, split_digits=numbers)
