@@ -1,8 +1,9 @@
 """The typed configuration tree: the single source of truth for a run.
 
 A run is described by a YAML recipe plus ``key.sub=value`` overrides. Every field below has a docstring (the string
-literal right after it); ``python -m ett_ds.config --markdown`` turns them into the reference page (docs/configuration.md), so the docs
-cannot drift from the code. Unknown keys and wrongly typed values are rejected with one line naming the key.
+literal right after it); ``python -m ett_ds.config --markdown`` (the command is ``config_cli.py``) turns them into the
+reference page (docs/configuration.md), so the docs cannot drift from the code. Unknown keys and wrongly typed values
+are rejected with one line naming the key.
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from typing import Annotated
 
 import yaml
 
-from .typed_tree import ConfigError, build, field_docs, markdown_table, parse_value, set_path  # noqa: F401
+from .typed_tree import ConfigError, build, field_docs, parse_value, set_path  # noqa: F401
 from .typed_tree import Decay, Fraction, Len, NonNegFloat, NonNegInt, OneOf, PosFloat, PosInt
 
 RECIPES = Path(__file__).resolve().parent / "recipes"
@@ -367,43 +368,6 @@ def save_config(cfg: Config, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
-def markdown_reference(cls=None, prefix: str = "") -> str:
-    """The README's configuration reference: one row per field of the tree, from the field docstrings."""
-    return markdown_table(cls or Config, prefix)
-
-
-README_START, README_END = "<!-- config-reference:start -->", "<!-- config-reference:end -->"
-
-
-def readme_with_reference(text: str) -> str:
-    """README text with the block between the config-reference markers regenerated."""
-    head, rest = text.split(README_START, 1)
-    _, tail = rest.split(README_END, 1)
-    return f"{head}{README_START}\n{markdown_reference()}\n{README_END}{tail}"
-
-
-USAGE = """usage: python -m ett_ds.config [RECIPE] [key.sub=value ...] | --markdown | --write-readme PAGE
-
-Prints the resolved config of a recipe (a YAML path or a built-in name: tiny, own, qwen2.5-1.5b-ibq) with the
-overrides applied, as YAML: what `python -m ett_ds.train --config RECIPE key.sub=value ...` would run.
-  --markdown                 the key reference (docs/configuration.md): every key, type, default
-  --write-readme PAGE         regenerate that reference in PAGE (docs/configuration.md)"""
-
-
-if __name__ == "__main__":
-    if {"-h", "--help"} & set(sys.argv[1:]):
-        print(USAGE)
-    elif "--markdown" in sys.argv:
-        print(markdown_reference())
-    elif "--write-readme" in sys.argv:
-        readme = Path(sys.argv[sys.argv.index("--write-readme") + 1])
-        readme.write_text(readme_with_reference(readme.read_text()))
-    else:
-        args = [a for a in sys.argv[1:]]
-        try:
-            cfg = load_config(args[0] if args and "=" not in args[0] else None,
-                              [a for a in args if "=" in a])
-        except ConfigError as e:
-            print(f"error: {e} (python -m ett_ds.config --help)", file=sys.stderr)
-            sys.exit(2)
-        print(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+if __name__ == "__main__":  # python -m ett_ds.config: the command (and the reference page's generator) is config_cli.py
+    from .config_cli import main  # reason: config_cli imports this module; only this entry point needs it
+    sys.exit(main())

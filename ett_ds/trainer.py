@@ -1,7 +1,8 @@
 """The Trainer: one loop for every stage, on one DeepSpeed engine holding tokenizer, projector and LLM.
 
-The stage (config) decides what trains and which loss terms exist: L = L_cap (+ L_t2i) + loss.alpha * L_vq, with
-L_vq from ``tokenizers/objective.py``. Every rank runs every forward. The command line is ``ett_ds/train.py``.
+The stage (config) decides what trains and which loss terms exist: L = L_cap (+ L_t2i) + loss.alpha * L_vq
+(``models/losses.total_loss``), with L_vq from ``tokenizers/objective.py``. What a checkpoint holds of the run is
+registered in ``checkpoint/training.py``. Every rank runs every forward. The command line is ``ett_ds/train.py``.
 """
 from __future__ import annotations
 
@@ -14,13 +15,14 @@ import yaml
 
 from . import checkpoint as ckpt
 from . import config as C
-from .checkpoint import reshard
-from .checkpoint.manager import Adapter, CheckpointManager, RunLock
+from .checkpoint import reshard, training
+from .checkpoint.manager import RunLock
 from .data.batch import batch_to_device
 from .engine import deepspeed as eng
 from .engine import dist
 from .engine import preempt
 from .engine.ema import ShardEMA
+from .models import losses
 from .models.ett import MODEL_INPUTS, STAGE_SPECS, ETTModel
 from .models.text import TextTokenizer, ensure_text_tokenizer
 from .runlog import RunLog
@@ -58,7 +60,7 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         eng.setup_backends(cfg)
         # a checkpoint of another world size keeps its global batch: accumulation is recomputed (checkpoint/reshard.py)
-        self.reshard_note = reshard.keep_global_batch(cfg, resume_folder(cfg), self.world)
+        self.reshard_note = reshard.keep_global_batch(cfg, training.resume_folder(cfg), self.world)
         self.ds_config = eng.resolve_ds_config(cfg, self.world, llm_hidden_size(cfg))
         self.accum = self.ds_config["gradient_accumulation_steps"]
         eng.enable_zero_init(self.ds_config)
@@ -95,27 +97,7 @@ class Trainer:
         self.first_batch = None
         self.log = RunLog(self.run_dir, cfg.train.log_every, enabled=dist.is_rank0())
         self.resumed = None  # (folder, step) of the checkpoint resume() loaded
-        self.checkpoints = self.checkpoint_manager()
-
-    def checkpoint_manager(self) -> CheckpointManager:
-        """Every part of the training state, registered once: a save and a resume are one call each."""
-        m = CheckpointManager(self.engine, self.ckpt_root, self.cfg.train.keep_last, log=self.log.info)
-        if self.objective is not None:  # the discriminator, its optimizer, LeCAM anchors
-            m.register("gan", Adapter(self.objective.extra_state, self.objective.load_extra_state))
-        if self.ema is not None:  # this rank's EMA shards (joined from every old rank's after a world-size change)
-            ema = self.ema
-            m.register("ema", Adapter(ema.state_dict, reads_all=True,
-                                      load=lambda extra: ema.load_state_dict(reshard.ema_state(extra, ema.params))))
-            m.register_file(ckpt.TOKENIZER_EMA, self.write_tokenizer_ema)
-        m.register("rng", Adapter(ckpt.rng_state, ckpt.set_rng_state))
-        m.register("counters", Adapter(self.counters, self.set_counters), per_rank=False)
-        return m
-
-    def counters(self) -> dict:
-        return {"segment": self.segment, "samples_seen": self.samples_seen, "stage": self.cfg.stage}
-
-    def set_counters(self, state: dict) -> None:
-        self.step, self.segment, self.samples_seen = state["step"], state["segment"], state["samples_seen"]
+        self.checkpoints = training.trainer_manager(self)  # every part of the state, registered once
 
     def write_tokenizer_ema(self, path: Path) -> None:
         """Collective: the tokenizer with its EMA weights as safetensors (what init_from and evaluate read)."""
@@ -137,21 +119,8 @@ class Trainer:
 
     # -- one optimizer step --------------------------------------------------------------------------------------
     def loss_terms(self, out: dict, batch: dict) -> tuple[torch.Tensor, dict]:
-        """L = L_cap (+ L_t2i) + alpha * L_vq (``VQObjective`` owns what is inside L_vq); returns the total and
-        the detached terms for logging."""
-        terms = {}
-        total = torch.zeros((), device=self.device)
-        for key in ("loss_cap", "loss_t2i"):
-            if key in out:
-                total = total + out[key]
-                terms[key] = out[key]
-        if self.objective is not None:
-            l_vq, vq_terms = self.objective(batch["pixels"], out["recon"], out["quantizer_terms"], self.step)
-            terms.update(vq_terms)
-            terms["loss_vq"] = l_vq
-            total = total + self.vq_weight * l_vq
-        terms["loss"] = total
-        return total, {k: v.detach().float() for k, v in terms.items()}
+        """L = L_cap (+ L_t2i) + alpha * L_vq (``models.losses.total_loss``); the total and the detached terms."""
+        return losses.total_loss(out, batch, self.objective, self.vq_weight, self.step, self.device)
 
     def train_step(self, it) -> bool:
         """One optimizer step (``accum`` micro-batches). Returns whether the update was applied.
@@ -211,18 +180,18 @@ class Trainer:
 
     # -- checkpoints ---------------------------------------------------------------------------------------------
     def resume(self) -> None:
-        folder = resume_folder(self.cfg)
+        folder = training.resume_folder(self.cfg)
         if folder is None:
             return
-        settings = optimizer_settings(self.engine)  # what this config asks for, before the checkpoint's come back
+        settings = training.optimizer_settings(self.engine)  # this config's, before the checkpoint's come back
         self.checkpoints.load(folder)
-        restore_optimizer_settings(self.engine, settings)
+        training.restore_optimizer_settings(self.engine, settings)
         self.resumed = (folder, self.step)
         self.unverified = folder
         self.log.info(f"resumed from {folder} at step {self.step}")
         if self.reshard_note:
             self.log.info(self.reshard_note)
-        changed = changed_settings(folder, self.cfg)
+        changed = training.changed_settings(folder, self.cfg)
         if changed:
             self.log.info(f"optimizer/schedule settings changed since {folder.name}, applied from step {self.step} "
                           f"on: {changed}")
@@ -342,48 +311,6 @@ class Trainer:
         return last or {}
 
 
-# Optimizer hyperparameters a resume takes from the config, not from the checkpoint (DeepSpeed's optimizer load
-# restores the saved param groups). The schedule (warm-up, shape, max_steps) is read from the config at every step.
-GROUP_SETTINGS = ("ett_peak_lr", "betas", "weight_decay")
-SCHEDULE_KEYS = ("train.max_steps",)
-
-
-def optimizer_settings(engine) -> list[dict]:
-    return [{k: g[k] for k in GROUP_SETTINGS if k in g} for g in engine.optimizer.param_groups]
-
-
-def restore_optimizer_settings(engine, settings: list[dict]) -> None:
-    """Put the config's peak lr, betas and weight decay back on every param group after a checkpoint load and let
-    the schedule recompute the lr of the resumed step from them."""
-    groups = engine.optimizer.param_groups
-    if len(groups) != len(settings):
-        raise ckpt.ResumeError(f"the checkpoint's optimizer has {len(groups)} parameter groups, this run "
-                               f"{len(settings)}")
-    for group, s in zip(groups, settings):
-        group.update(s)
-    sched = engine.lr_scheduler
-    if sched is not None:
-        sched.load_state_dict(sched.state_dict())  # re-applies peak x factor(step)
-
-
-def changed_settings(folder: Path, cfg: C.Config) -> str:
-    """'optim.lr 0.0006 -> 0.001, ...' for the optimizer and schedule keys that differ between ``folder``'s
-    config.yaml and ``cfg`` ('' when none or the checkpoint has no config)."""
-    f = folder / ckpt.RUN_CONFIG
-    if not f.is_file():
-        return ""
-    old = yaml.safe_load(f.read_text()) or {}
-    new = C.to_dict(cfg)
-    out = []
-    keys = [f"optim.{k}" for k in sorted(set(new.get("optim", {})) | set(old.get("optim", {})))] + list(SCHEDULE_KEYS)
-    for key in keys:
-        section, name = key.split(".")
-        a, b = (old.get(section) or {}).get(name), (new.get(section) or {}).get(name)
-        if a != b:
-            out.append(f"{key} {a} -> {b}")
-    return ", ".join(out)
-
-
 def finite_gate(*losses: torch.Tensor | None) -> torch.Tensor:
     """1.0 when every given loss is finite, NaN otherwise; a device tensor (no host synchronisation)."""
     gate = None
@@ -414,16 +341,6 @@ def ensure_demo_data(cfg: C.Config) -> None:
     dist.barrier()
 
 
-def resume_folder(cfg: C.Config) -> Path | None:
-    """The checkpoint ``train.resume`` names: the newest complete one for ``auto``, none for ``never``."""
-    r = cfg.train.resume
-    if r == "auto":
-        return ckpt.latest(cfg.run_dir / "checkpoints")
-    if r in ("never", "", None):
-        return None
-    return Path(r)
-
-
 def _has_shards(urls: str) -> bool:
     from .data.shards import expand_urls
     try:
@@ -439,7 +356,7 @@ def check_inputs(cfg: C.Config) -> None:
     expand_urls(cfg.data.train)  # FileNotFoundError naming what is missing
     if cfg.train.eval_every and cfg.data.eval:
         expand_urls(cfg.data.eval)
-    folder = resume_folder(cfg)
+    folder = training.resume_folder(cfg)
     if folder is not None:
         if not folder.is_dir():
             raise ckpt.ResumeError(f"train.resume={folder}: no such checkpoint folder")

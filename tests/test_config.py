@@ -4,7 +4,8 @@ import sys
 
 import pytest
 
-from ett_ds.config import Config, ConfigError, field_docs, load_config, markdown_reference
+from ett_ds.config import Config, ConfigError, field_docs, load_config
+from ett_ds.config_cli import markdown_reference
 
 
 def test_builtin_recipes_load_and_validate():
@@ -84,7 +85,7 @@ def test_every_field_is_documented_and_reference_lists_it():
 
 def test_the_configuration_reference_page_is_generated_from_the_code():
     from pathlib import Path
-    from ett_ds.config import readme_with_reference
+    from ett_ds.config_cli import readme_with_reference
     repo = Path(__file__).resolve().parents[1]
     page = (repo / "docs" / "configuration.md").read_text()
     assert page == readme_with_reference(page), \

@@ -33,7 +33,7 @@ def test_llm_activation_checkpointing_without_deprecated_call_and_non_reentrant(
 
 
 def test_config_reference_names_types_as_written():
-    from ett_ds.config import markdown_reference
+    from ett_ds.config_cli import markdown_reference
     table = markdown_reference()
     assert "<class" not in table and "typing." not in table
     assert "| `name` | str | `'ett'` |" in table

@@ -15,7 +15,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 
+from ..config import Config, to_dict
+from . import reshard
+from .layout import RUN_CONFIG, TOKENIZER_EMA, ResumeError, latest
 from .manager import Adapter, CheckpointManager
 
 
@@ -52,3 +56,81 @@ def save(engine, ckpt_root: Path, step: int, trainer_state: dict, extra: dict, c
     m.register("rng", Adapter(rng_state, set_rng_state))
     m.register("trainer_state", Adapter(lambda: dict(trainer_state), lambda _: None), per_rank=False)
     return m.save(step, config_yaml)
+
+
+# -- a Trainer's state ---------------------------------------------------------------------------------------------
+def trainer_manager(tr) -> CheckpointManager:
+    """Every part of a Trainer's state, registered once: its save and resume are one call each. Reads ``tr``'s
+    engine, ``objective`` (discriminator), ``ema``, counters (``step``, ``segment``, ``samples_seen``) and
+    ``write_tokenizer_ema``."""
+    m = CheckpointManager(tr.engine, tr.ckpt_root, tr.cfg.train.keep_last, log=tr.log.info)
+    if tr.objective is not None:  # the discriminator, its optimizer, LeCAM anchors
+        m.register("gan", Adapter(tr.objective.extra_state, tr.objective.load_extra_state))
+    if tr.ema is not None:  # this rank's EMA shards (joined from every old rank's after a world-size change)
+        ema = tr.ema
+        m.register("ema", Adapter(ema.state_dict, reads_all=True,
+                                  load=lambda extra: ema.load_state_dict(reshard.ema_state(extra, ema.params))))
+        m.register_file(TOKENIZER_EMA, tr.write_tokenizer_ema)
+    m.register("rng", Adapter(rng_state, set_rng_state))
+    m.register("counters", Adapter(lambda: counters(tr), lambda state: set_counters(tr, state)), per_rank=False)
+    return m
+
+
+def counters(tr) -> dict:
+    return {"segment": tr.segment, "samples_seen": tr.samples_seen, "stage": tr.cfg.stage}
+
+
+def set_counters(tr, state: dict) -> None:
+    tr.step, tr.segment, tr.samples_seen = state["step"], state["segment"], state["samples_seen"]
+
+
+def resume_folder(cfg: Config) -> Path | None:
+    """The checkpoint ``train.resume`` names: the newest complete one for ``auto``, none for ``never``."""
+    r = cfg.train.resume
+    if r == "auto":
+        return latest(cfg.run_dir / "checkpoints")
+    if r in ("never", "", None):
+        return None
+    return Path(r)
+
+
+# Optimizer hyperparameters a resume takes from the config, not from the checkpoint (DeepSpeed's optimizer load
+# restores the saved param groups). The schedule (warm-up, shape, max_steps) is read from the config at every step.
+GROUP_SETTINGS = ("ett_peak_lr", "betas", "weight_decay")
+SCHEDULE_KEYS = ("train.max_steps",)
+
+
+def optimizer_settings(engine) -> list[dict]:
+    return [{k: g[k] for k in GROUP_SETTINGS if k in g} for g in engine.optimizer.param_groups]
+
+
+def restore_optimizer_settings(engine, settings: list[dict]) -> None:
+    """Put the config's peak lr, betas and weight decay back on every param group after a checkpoint load and let
+    the schedule recompute the lr of the resumed step from them."""
+    groups = engine.optimizer.param_groups
+    if len(groups) != len(settings):
+        raise ResumeError(f"the checkpoint's optimizer has {len(groups)} parameter groups, this run "
+                          f"{len(settings)}")
+    for group, s in zip(groups, settings):
+        group.update(s)
+    sched = engine.lr_scheduler
+    if sched is not None:
+        sched.load_state_dict(sched.state_dict())  # re-applies peak x factor(step)
+
+
+def changed_settings(folder: Path, cfg: Config) -> str:
+    """'optim.lr 0.0006 -> 0.001, ...' for the optimizer and schedule keys that differ between ``folder``'s
+    config.yaml and ``cfg`` ('' when none or the checkpoint has no config)."""
+    f = folder / RUN_CONFIG
+    if not f.is_file():
+        return ""
+    old = yaml.safe_load(f.read_text()) or {}
+    new = to_dict(cfg)
+    out = []
+    keys = [f"optim.{k}" for k in sorted(set(new.get("optim", {})) | set(old.get("optim", {})))] + list(SCHEDULE_KEYS)
+    for key in keys:
+        section, name = key.split(".")
+        a, b = (old.get(section) or {}).get(name), (new.get(section) or {}).get(name)
+        if a != b:
+            out.append(f"{key} {a} -> {b}")
+    return ", ".join(out)

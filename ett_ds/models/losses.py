@@ -50,3 +50,23 @@ def head_caption_loss(head, hidden: torch.Tensor, targets: torch.Tensor, chunks:
         else:
             total = total + piece(h, t)
     return total / (targets != IGNORE).sum().clamp_min(1)
+
+
+def total_loss(out: dict, batch: dict, objective, vq_weight: float, step: int,
+               device: torch.device) -> tuple[torch.Tensor, dict]:
+    """L = L_cap (+ L_t2i) + vq_weight * L_vq from a forward's ``out`` and its ``batch`` (``objective``, a
+    ``tokenizers.objective.VQObjective`` or None, owns what is inside L_vq; ``vq_weight`` is loss.alpha, or 1 where
+    L_vq is the whole loss); returns the total and the detached terms for logging."""
+    terms = {}
+    total = torch.zeros((), device=device)
+    for key in ("loss_cap", "loss_t2i"):
+        if key in out:
+            total = total + out[key]
+            terms[key] = out[key]
+    if objective is not None:
+        l_vq, vq_terms = objective(batch["pixels"], out["recon"], out["quantizer_terms"], step)
+        terms.update(vq_terms)
+        terms["loss_vq"] = l_vq
+        total = total + vq_weight * l_vq
+    terms["loss"] = total
+    return total, {k: v.detach().float() for k, v in terms.items()}

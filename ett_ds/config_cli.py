@@ -1,0 +1,61 @@
+"""``python -m ett_ds.config``: a recipe's resolved config, and the key reference page generated from the tree.
+
+``ett_ds/config.py`` declares the tree; this module is its command line (``config.py`` hands ``python -m
+ett_ds.config`` to :func:`main`) and writes the reference (docs/configuration.md) from the fields' docstrings.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import yaml
+
+from .config import Config, ConfigError, load_config, to_dict
+from .typed_tree import markdown_table
+
+
+def markdown_reference(cls=None, prefix: str = "") -> str:
+    """The README's configuration reference: one row per field of the tree, from the field docstrings."""
+    return markdown_table(cls or Config, prefix)
+
+
+README_START, README_END = "<!-- config-reference:start -->", "<!-- config-reference:end -->"
+
+
+def readme_with_reference(text: str) -> str:
+    """README text with the block between the config-reference markers regenerated."""
+    head, rest = text.split(README_START, 1)
+    _, tail = rest.split(README_END, 1)
+    return f"{head}{README_START}\n{markdown_reference()}\n{README_END}{tail}"
+
+
+USAGE = """usage: python -m ett_ds.config [RECIPE] [key.sub=value ...] | --markdown | --write-readme PAGE
+
+Prints the resolved config of a recipe (a YAML path or a built-in name: tiny, own, qwen2.5-1.5b-ibq) with the
+overrides applied, as YAML: what `python -m ett_ds.train --config RECIPE key.sub=value ...` would run.
+  --markdown                 the key reference (docs/configuration.md): every key, type, default
+  --write-readme PAGE         regenerate that reference in PAGE (docs/configuration.md)"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else list(argv)
+    if {"-h", "--help"} & set(args):
+        print(USAGE)
+    elif "--markdown" in args:
+        print(markdown_reference())
+    elif "--write-readme" in args:
+        readme = Path(args[args.index("--write-readme") + 1])
+        readme.write_text(readme_with_reference(readme.read_text()))
+    else:
+        try:
+            cfg = load_config(args[0] if args and "=" not in args[0] else None,
+                              [a for a in args if "=" in a])
+        except ConfigError as e:
+            print(f"error: {e} (python -m ett_ds.config --help)", file=sys.stderr)
+            return 2
+        print(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
