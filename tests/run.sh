@@ -16,6 +16,19 @@ if [ "$(cat "$_tstamp" 2>/dev/null)" != "$_twant" ]; then
         echo "[tests] pip failed; tests that need requirements-test.txt will skip"
     fi
 fi
+# the optional lmms-eval extra (requirements-lmms.txt) for tests/test_lmms_eval.py: --no-deps, since lmms-eval's own
+# requirements would replace the pinned torch; ETT_LMMS_EXTRA tells the test whether it is installed or failed to be
+_lstamp="$(python -c 'import sys; print(sys.prefix)')/.ett_ds_lmms_installed"
+_lwant="$(sha1sum requirements-lmms.txt | cut -d' ' -f1)"
+if [ "$(cat "$_lstamp" 2>/dev/null)" != "$_lwant" ]; then
+    echo "[tests] installing the lmms-eval extra (pip --no-deps -r requirements-lmms.txt)"
+    if python -m pip install -q --disable-pip-version-check --no-deps -r requirements-lmms.txt; then
+        echo "$_lwant" > "$_lstamp"
+    else
+        echo "[tests] pip failed; tests/test_lmms_eval.py will skip"
+    fi
+fi
+if [ "$(cat "$_lstamp" 2>/dev/null)" = "$_lwant" ]; then export ETT_LMMS_EXTRA=installed; else export ETT_LMMS_EXTRA=failed; fi
 if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then
     pkgs=$(grep -v '^#' tests/apt-packages.txt | tr '\n' ' ')
     missing=$(for p in $pkgs; do dpkg -s "$p" >/dev/null 2>&1 || echo "$p"; done)
