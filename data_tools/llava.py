@@ -70,7 +70,7 @@ def read_rows(path: Path) -> list:
 
 def conversation_problem(conversations) -> str | None:
     """None when the sft stage can train on ``conversations``, else why not (one line)."""
-    from ett_ds.data.batch import IMAGE_MARK, ROLES, _well_formed  # the stage's own rules
+    from ett_ds.data.batch import IMAGE_MARK, ROLES, _well_formed  # reason: data_tools is torch-free, batch is not
     if not _well_formed(conversations):
         return "not a non-empty list of turns with string from/value"
     roles = [ROLES.get(str(t.get("from", t.get("role", ""))).lower()) for t in conversations]

@@ -8,7 +8,7 @@ are rejected with one line naming the key.
 from __future__ import annotations
 
 import dataclasses
-import sys
+import runpy
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated
@@ -368,6 +368,5 @@ def save_config(cfg: Config, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
-if __name__ == "__main__":  # python -m ett_ds.config: the command (and the reference page's generator) is config_cli.py
-    from .config_cli import main  # reason: config_cli imports this module; only this entry point needs it
-    sys.exit(main())
+if __name__ == "__main__":  # python -m ett_ds.config runs the command, config_cli.py (which imports this module)
+    runpy.run_module("ett_ds.config_cli", run_name="__main__", alter_sys=True)

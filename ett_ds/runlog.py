@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from .engine import dist
+from .eval.metrics import save_grid, stats_from_histogram
 
 
 class RunLog:
@@ -146,7 +147,6 @@ class RunLog:
         row.update({f"lr_{k}": v for k, v in lrs.items()})
         row["samples_per_s"] = vals[-2] / dt
         row["tokens_per_s"] = vals[-1] / dt
-        from .eval.metrics import stats_from_histogram
         cb = stats_from_histogram(self.hist)
         row["codebook_usage"] = cb["usage"]
         row["codebook_perplexity"] = cb["perplexity"]
@@ -173,7 +173,6 @@ class RunLog:
         None or a string under each image (``eval.metrics.save_grid``)."""
         if not self.enabled:
             return None
-        from .eval.metrics import save_grid
         out = self.run_dir / "images" / f"{name.replace('/', '_')}_step{step:08d}.png"
         out.parent.mkdir(parents=True, exist_ok=True)
         save_grid([r.detach().float().cpu() for r in rows], out, labels=labels, captions=captions, scale=scale)

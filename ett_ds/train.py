@@ -13,6 +13,7 @@ import sys
 from . import checkpoint as ckpt
 from . import config as C
 from .checkpoint import CheckpointError
+from .data.decode import DataErrorRateExceeded
 from .engine import dist, preempt, preflight
 from .trainer import Trainer, TrainingDiverged
 
@@ -55,7 +56,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     dist.init_distributed()
-    from .data.decode import DataErrorRateExceeded
     trainer = None
     try:
         trainer = Trainer(cfg)

@@ -17,18 +17,22 @@ from . import checkpoint as ckpt
 from . import config as C
 from .checkpoint import reshard, training
 from .checkpoint.manager import RunLock
-from .data.batch import batch_to_device
+from .checkpoint.weights import load_into_model, save_tokenizer
+from .data.batch import Batcher, batch_to_device
+from .data.shards import expand_urls, train_batches
 from .engine import deepspeed as eng
 from .engine import dist
 from .engine import preempt
-from .engine.ema import ShardEMA
+from .engine.ema import ShardEMA, _shard
 from .models import losses
+from .generation import generate_images
 from .models.ett import MODEL_INPUTS, STAGE_SPECS, ETTModel
 from .models.text import TextTokenizer, ensure_text_tokenizer
 from .runlog import RunLog
 from .tokenizers.checkpoint import load_tokenizer_weights, tokenizer_config_from_yaml
 from .tokenizers.dynamics import TokenizerDynamics
 from .tokenizers.objective import VQObjective
+from .validate import Validator, report_ema
 
 
 class TrainingDiverged(RuntimeError):
@@ -75,7 +79,6 @@ class Trainer:
         if cfg.model.tokenizer.checkpoint:
             load_tokenizer_weights(model.tokenizer, cfg.model.tokenizer.checkpoint, cfg.model.tokenizer.use_ema_weights)
         if cfg.train.init_from:
-            from .checkpoint.weights import load_into_model
             self.init_report = load_into_model(model, Path(cfg.train.init_from))
         self.engine = eng.initialize(model, cfg, self.ds_config)
         self.model = self.engine.module
@@ -101,14 +104,11 @@ class Trainer:
 
     def write_tokenizer_ema(self, path: Path) -> None:
         """Collective: the tokenizer with its EMA weights as safetensors (what init_from and evaluate read)."""
-        from .checkpoint.weights import save_tokenizer
         with self.ema.swapped():
             save_tokenizer(self.model.tokenizer, path, self.cfg.model.tokenizer)
 
     # -- data ----------------------------------------------------------------------------------------------------
     def batches(self):
-        from .data.batch import Batcher
-        from .data.shards import train_batches
         batcher = Batcher(self.cfg, self.text, train=True)
         return train_batches(self.cfg.data.train, batch_size=self.cfg.train.micro_batch_size,
                              make_example=batcher.make_example, collate=batcher.collate, seed=self.cfg.seed,
@@ -199,7 +199,6 @@ class Trainer:
     def weights_finite(self) -> bool:
         """Collective: every rank's shards (ZeRO partitions and fp32 masters), the discriminator and the EMA are
         finite. One all-reduce and one host read per checkpoint, not per step."""
-        from .engine.ema import _shard
         tensors = [_shard(p) for p in self.model.parameters()]
         tensors += list(getattr(self.engine.optimizer, "fp32_partitioned_groups_flat", None) or [])
         if self.objective is not None:
@@ -226,7 +225,6 @@ class Trainer:
         """Input vs reconstruction of the first batch, or (t2i) samples for its first captions; all ranks compute
         (ZeRO-3), rank 0 writes."""
         if self.spec.generate:
-            from .generation import generate_images
             prompts = list(self.first_batch["text"][:4])
             samples = generate_images(self.model, self.text, prompts, seed=self.cfg.seed)
             self.log.images(self.step, [self.first_batch["pixels"][:4], samples], ["data", "samples"], name="samples",
@@ -265,7 +263,6 @@ class Trainer:
             (self.run_dir / "ds_config.json").write_text(json.dumps(self.ds_config, indent=1))
         self.log.start(total=cfg.train.max_steps, initial=self.step)
         self.log.truncate(self.step)  # rows a killed attempt logged past the checkpoint would come twice
-        from .validate import Validator
         validator = Validator(self)  # held-out validation every train.eval_every steps (read on first use)
         it = iter(self.batches())
         last = None
@@ -305,7 +302,6 @@ class Trainer:
                               f"{preempt.REQUEUE_EXIT} (requeue)")
                 break
         if self.ema is not None and not self.preempted:  # the raw vs the EMA weights, which are handed on
-            from .validate import report_ema
             report_ema(self)
         self.log.close()
         return last or {}
@@ -342,7 +338,6 @@ def ensure_demo_data(cfg: C.Config) -> None:
 
 
 def _has_shards(urls: str) -> bool:
-    from .data.shards import expand_urls
     try:
         return bool(expand_urls(urls))
     except (FileNotFoundError, ValueError):
@@ -352,7 +347,6 @@ def _has_shards(urls: str) -> bool:
 def check_inputs(cfg: C.Config) -> None:
     """Fail (one line) before anything is written when the training shards or the checkpoint to resume from are
     missing, or the checkpoint does not hold the shards of the world size it records."""
-    from .data.shards import expand_urls
     expand_urls(cfg.data.train)  # FileNotFoundError naming what is missing
     if cfg.train.eval_every and cfg.data.eval:
         expand_urls(cfg.data.eval)

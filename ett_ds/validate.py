@@ -36,9 +36,12 @@ import time
 import numpy as np
 import torch
 
-from .data.batch import batch_to_device
+from .data.batch import Batcher, batch_to_device
+from .data.eval_stream import eval_batches
 from .engine import dist
+from .eval import metrics as M
 from .eval.tasks import caption_summary
+from .generation import caption, generate_images
 from .models.ett import MODEL_INPUTS
 
 @contextlib.contextmanager
@@ -87,8 +90,7 @@ def _rows(batch: dict, idx: list[int]) -> dict:
 def greedy_captions(model, text, pixels: torch.Tensor, max_new_tokens: int) -> list[str]:
     """Greedy captions with the stage's prompt (``generation.caption``: after the image, or for ``sft`` as a
     one-turn conversation in ``data.chat_template``)."""
-    from . import generation as G
-    return G.caption(model, text, pixels, max_new_tokens=max_new_tokens)
+    return caption(model, text, pixels, max_new_tokens=max_new_tokens)
 
 
 class Validator:
@@ -105,8 +107,6 @@ class Validator:
 
     # -- data (read once) ----------------------------------------------------------------------------------------
     def _load(self) -> None:
-        from .data.batch import Batcher
-        from .data.eval_stream import eval_batches
         cfg, tr = self.cfg, self.tr
         batcher = Batcher(cfg, tr.text if tr.spec.uses_llm else None, train=False)
         # every rank reads the same first eval_samples samples (rank 0 of 1: one sorted, unsplit pass)
@@ -147,7 +147,6 @@ class Validator:
         return metrics
 
     def _losses(self, step: int) -> tuple[dict, dict, dict]:
-        from .eval import metrics as M
         tr, cfg = self.tr, self.cfg
         sums: dict[str, torch.Tensor] = {}
         counts: dict[str, torch.Tensor] = {}
@@ -223,7 +222,6 @@ class Validator:
         return {"eval/captions": table}
 
     def _t2i(self, metrics: dict, grids: dict) -> None:
-        from .generation import generate_images
         tr = self.tr
         rows = [i for i, t in enumerate(self.shown["text"]) if t.strip()]
         if not rows:
@@ -241,7 +239,6 @@ def report_ema(tr, gap_db: float = 1.0) -> dict:
     """Collective, at the end of a run with an EMA: the PSNR of the raw and of the EMA weights (the ones checkpoints
     hand on to init_from, evaluate and export) on each rank's first training batch, averaged over ranks; one line,
     and a warning when the EMA is more than ``gap_db`` worse. Returns ``{"psnr": raw, "psnr_ema": ema}``."""
-    from .eval import metrics as M
     if tr.ema is None or tr.first_batch is None:
         return {}
     x = tr.first_batch["pixels"].float()

@@ -15,6 +15,7 @@ import torch
 
 from ..engine import dist
 from ..models.llm import gathered
+from ..models.lora import fit_state_dict  # across a LoRA boundary: X.weight <-> X.base_layer.weight, merges
 from .layout import TOKENIZER_EMA, CheckpointError, is_complete
 from .safe import read_safetensors, reads_safely, save_safetensors
 
@@ -42,7 +43,6 @@ def load_into_model(model: torch.nn.Module, folder: Path) -> dict:
     """
     sd = consolidated_state_dict(folder)
     own = dict(model.named_parameters())
-    from ..models.lora import fit_state_dict  # across a LoRA boundary: X.weight <-> X.base_layer.weight, merges
     sd = fit_state_dict(sd, {n: tuple(getattr(t, "ds_shape", t.shape)) for n, t in
                              [*model.named_parameters(remove_duplicate=False), *model.named_buffers()]}, folder)
     loaded, missing = [], []

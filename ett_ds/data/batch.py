@@ -22,6 +22,7 @@ import random
 import torch
 
 from ..config import Config
+from ..models.ett import STAGE_SPECS
 from ..models.losses import IGNORE
 from ..models.text import TextTokenizer
 from .format import IMAGE_MARK, SampleError, sample_caption
@@ -55,7 +56,6 @@ class Batcher:
         self.resize_mode = cfg.data.resize_mode
         self.num_image_tokens = cfg.num_image_tokens
         self.default_task = {"sft": "sft", "t2i": "t2i"}.get(cfg.stage, "caption")
-        from ..models.ett import STAGE_SPECS
         # text-only conversations train where the image only feeds the LLM; a reconstructing stage would learn blanks
         self.text_only_ok = not STAGE_SPECS[cfg.stage].reconstruct
         # The global `random` module: the input pipeline seeds it per (seed, segment, rank, worker), and the

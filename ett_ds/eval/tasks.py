@@ -16,7 +16,9 @@ from pathlib import Path
 
 import torch
 
+from ..generation import caption, generate_images
 from . import metrics as M
+from .vqa import run_vqa, summarize_vqa
 
 TASKS = ("recon", "caption", "t2i", "vqa")
 DIVERSITY_WARN = 0.2
@@ -154,7 +156,6 @@ class CaptionTask(EvalTask):
 
     @torch.no_grad()
     def update(self, pixels, recs):
-        from ..generation import caption
         for r, c in zip(recs, caption(self.model, self.text, pixels, max_new_tokens=self.max_new_tokens)):
             r["caption"] = c
 
@@ -182,7 +183,6 @@ class T2ITask(EvalTask):
 
     @torch.no_grad()
     def after_pass(self, recs):
-        from ..generation import generate_images
         mine = recs[: math.ceil(self.num / self.world)]
         prompts = [r["ref"] for r in mine]
         if prompts:
@@ -224,7 +224,6 @@ class VQATask(EvalTask):
         self.stats: dict = {}
 
     def after_pass(self, recs):
-        from .vqa import run_vqa
         self.recs, self.stats = run_vqa(*self.args)
 
     def state(self):
@@ -234,7 +233,6 @@ class VQATask(EvalTask):
         return [r for s in states for r in s["recs"]][: self.max_samples or None]
 
     def summarize(self, recs, states):
-        from .vqa import summarize_vqa
         return summarize_vqa(self._all(states), self.prompt)
 
     def write(self, out, section, states):

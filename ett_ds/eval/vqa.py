@@ -20,6 +20,14 @@ import re
 from collections import Counter
 from pathlib import Path
 
+import torch
+
+from ..data.decode import decode_sample, iter_tar_samples
+from ..data.format import SampleError
+from ..data.shards import expand_urls
+from ..data.transforms import image_to_uint8, to_unit_range
+from ..generation import _eval, _texts, caption, chat_prompt, decode_tokens, first_user_turn
+
 DEFAULT_PROMPT = "{question} Answer with a single word or number."
 
 NUMBER_WORDS = {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5",
@@ -87,8 +95,6 @@ def _answers(meta: dict) -> list[str] | None:
 
 
 def _record(meta: dict, key: str, image_ref: str, raw: dict, stats: Counter, decode: dict) -> dict | None:
-    from ..data.decode import decode_sample
-    from ..data.format import SampleError
     question, answers = meta.get("question"), _answers(meta)
     if not isinstance(question, str) or not question.strip() or answers is None:
         stats["no_question"] += 1
@@ -130,8 +136,6 @@ def iter_vqa(data: str, stats: Counter, decode: dict, rank: int = 0, world: int 
             if rec is not None:
                 yield rec
         return
-    from ..data.decode import iter_tar_samples
-    from ..data.shards import expand_urls
     i = 0
     for url in expand_urls(data):
         for raw in iter_tar_samples(url, stats):
@@ -153,9 +157,6 @@ def iter_vqa(data: str, stats: Counter, decode: dict, rank: int = 0, world: int 
 # -- answers -------------------------------------------------------------------------------------------------------
 def answer_batch(model, text, pixels, prompt: str, max_new_tokens: int) -> list[str]:
     """Greedy answers for (B, 3, H, W) images in [-1, 1] that share one prompt."""
-    import torch
-
-    from ..generation import _eval, _texts, caption, chat_prompt, decode_tokens, first_user_turn
     if model.cfg.stage != "sft":
         return caption(model, text, pixels, prompt=prompt, max_new_tokens=max_new_tokens)
     device = next(model.tokenizer.parameters()).device
@@ -168,8 +169,6 @@ def run_vqa(model, text, cfg, data: str, template: str, batch_size: int, max_new
             rank: int = 0, world: int = 1, max_samples: int | None = None) -> tuple[list[dict], Counter]:
     """This rank's per-question records (prediction and accuracy filled in) and the data skip counts. Questions
     that share a prompt are answered in batches of ``batch_size``."""
-    from ..data.transforms import image_to_uint8, to_unit_range
-    import torch
     if "{question}" not in template:
         raise ValueError("--vqa-prompt must contain {question}")
     stats: Counter = Counter()

@@ -13,6 +13,7 @@ import torch
 import torch.nn as nn
 
 from ..config import LLMConfig
+from . import lora
 
 
 def build_llm(cfg: LLMConfig) -> nn.Module:
@@ -39,8 +40,7 @@ def build_llm(cfg: LLMConfig) -> nn.Module:
     model.config.use_cache = False
     lora_cfg = getattr(cfg, "lora", None)
     if lora_cfg is not None and lora_cfg.r > 0:
-        from . import lora  # peft's LoRA layers, in place: partitioned with the rest at deepspeed.initialize
-        lora.inject(model, lora_cfg)
+        lora.inject(model, lora_cfg)  # peft's LoRA layers, in place: partitioned with the rest at deepspeed.initialize
     return model
 
 

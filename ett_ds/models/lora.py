@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from ..checkpoint.layout import RUN_CONFIG
 from ..config import ConfigError
 
 ADAPTER_TAG = ".lora_"  # in every adapter parameter's name: ...q_proj.lora_A.default.weight
@@ -112,7 +113,6 @@ def count(module: nn.Module, trainable_only: bool = True, adapters_only: bool = 
 def _scaling(folder: Path, r: int) -> float:
     """alpha / r of the LoRA run that wrote ``folder`` (its config.yaml)."""
     import yaml
-    from ..checkpoint.layout import RUN_CONFIG
     tree = yaml.safe_load((Path(folder) / RUN_CONFIG).read_text()) or {}
     lora = ((tree.get("model") or {}).get("llm") or {}).get("lora") or {}
     return float(lora.get("alpha", r)) / r

@@ -195,8 +195,8 @@ def ensure_text_tokenizer(cfg) -> None:
     new sentencepiece model trained from ``data.train``'s captions (at most 200,000; up to
     ``init_config.vocab_size`` - 3 pieces, the 3 image tokens completing the LLM's table). A ``text_tokenizer``
     that is set and missing is a one-line error saying where tokenizers come from."""
-    from ..engine import dist
-    from .ett import STAGE_SPECS
+    from ..engine import dist  # reason: text.py stays torch-free (its objects are unpickled in DataLoader workers)
+    from .ett import STAGE_SPECS  # reason: as above (ett.py builds the model: torch, transformers)
     llm = cfg.model.llm
     if not STAGE_SPECS[cfg.stage].uses_llm:
         return

@@ -16,6 +16,7 @@ import torch.nn as nn
 
 from ..config import LossConfig
 from .discriminator import GANLoss
+from .perceptual import PerceptualLoss
 
 
 def l1_loss(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -29,7 +30,6 @@ class VQObjective(nn.Module):
         self.gan = GANLoss(cfg, in_channels)
         self.perceptual = None
         if cfg.perceptual_weights:
-            from .perceptual import PerceptualLoss
             self.perceptual = PerceptualLoss(cfg.perceptual_weights)
 
     def term_weight(self, name: str) -> float:
