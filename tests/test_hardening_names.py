@@ -77,6 +77,20 @@ def test_typed_urls_stay_urls():
                                                                       "http://host/b-1.tar"]
 
 
+def test_a_file_url_is_opened_as_a_file_never_run(tmp_path, monkeypatch):
+    """`file://pipe:CMD` names a file called `pipe:CMD`: it is opened (or missing), its command never runs."""
+    from ett_ds.data.decode import open_shard
+    monkeypatch.chdir(tmp_path)
+    cmd = f"pipe:touch {tmp_path}/PWNED; cat x.tar"
+    with pytest.raises(FileNotFoundError):
+        open_shard("file://" + cmd)
+    assert not (tmp_path / "PWNED").exists()
+    (tmp_path / cmd.replace("/", "_")).write_bytes(b"tar bytes")
+    with open_shard("file://" + cmd.replace("/", "_")) as f:
+        assert f.read() == b"tar bytes"
+    assert not (tmp_path / "PWNED").exists()
+
+
 # ------------------------------------------------------------------------------------------------ in-process readers
 def make_example(sample):
     return sample["__key__"]

@@ -35,13 +35,13 @@ def is_url(url: str) -> bool:
 
 
 def open_shard(url: str):
-    """A readable binary stream for a local path, ``file://``, ``pipe:CMD`` or a URL, through webdataset's own
-    opener (``webdataset.gopen``: ``pipe:`` runs the command, http(s) runs curl; a failing command or HTTP error
-    surfaces as OSError when the stream is read or closed)."""
+    """A readable binary stream: a local path or ``file://`` through plain ``open``; ``pipe:CMD`` or a URL through
+    webdataset's own opener (``webdataset.gopen``: ``pipe:`` runs the command, http(s) runs curl; a failing command
+    or HTTP error surfaces as OSError when the stream is read or closed)."""
     from webdataset.gopen import gopen
     url = str(url)
-    if url.startswith("file://"):
-        url = url[len("file://"):]
+    if not is_url(url):  # a local file, always opened as one: `file://pipe:...` names a file, it never runs
+        return open(url[len("file://"):] if url.startswith("file://") else url, "rb")
     return gopen(url, "rb")
 
 
