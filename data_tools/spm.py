@@ -17,7 +17,8 @@ import tarfile
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from ett_ds.data.format import CAPTION_EXT, TEXT_EXTS, json_caption, split_name
+from ett_ds.data.format import (CAPTION_EXT, TEXT_EXTS, SampleError, clean_caption, json_caption, read_json,
+                                sample_caption, split_name)
 
 from .errors import UsageError
 
@@ -99,9 +100,8 @@ def captions_from_shards(urls: str, max_sentences: int = 200_000) -> list[str]:
     caption are passed over."""
     from collections import Counter
 
-    from ett_ds.data.decode import iter_tar_samples
-    from ett_ds.data.format import SampleError, clean_caption, read_json, sample_caption
-    from ett_ds.data.shards import expand_urls
+    from ett_ds.data.decode import iter_tar_samples  # reason: decode and shards import torch, data_tools does not
+    from ett_ds.data.shards import expand_urls  # reason: as above
 
     out: list[str] = []
     stats: Counter = Counter()

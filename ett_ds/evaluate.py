@@ -54,13 +54,19 @@ from pathlib import Path
 
 import torch
 
+from .checkpoint import CheckpointError
+from .checkpoint.loading import load_model
 from .commandline import DefaultsHelpFormatter  # the docstring as written, every default shown
 from .data.batch import Batcher
 from .data.decode import DataErrorRateExceeded, check_error_rate
 from .data.eval_stream import eval_batches
 from .data.shards import expand_urls
+from .data.transforms import to_unit_range
+from .engine import dist
+from .eval import ocr
 from .eval.tasks import (TASKS, CaptionTask, EvalTask, ReconTask, T2ITask, VQATask, caption_diversity,  # noqa: F401
                          result_warnings)
+from .eval.vqa import DEFAULT_PROMPT
 from .models.ett import STAGE_SPECS
 
 
@@ -70,7 +76,6 @@ class EvalError(Exception):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .eval.vqa import DEFAULT_PROMPT
     ap = argparse.ArgumentParser(prog="python -m ett_ds.evaluate", description=__doc__,
                                  formatter_class=DefaultsHelpFormatter)
     ap.add_argument("--ckpt", required=True, help="step folder, run folder or export folder")
@@ -107,7 +112,6 @@ def parse_args(argv):
 
 # -- distributed ---------------------------------------------------------------------------------------------------
 def _dist_setup() -> tuple[int, int]:
-    from .engine import dist
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         dist.init_distributed()
     return dist.rank(), dist.world_size()
@@ -124,7 +128,6 @@ def gather(obj, world: int) -> list:
 
 # -- pieces --------------------------------------------------------------------------------------------------------
 def _ocr_reader(mode: str):
-    from .eval import ocr
     if mode == "off" or (mode == "auto" and not ocr.available()):
         return None
     if not ocr.available():
@@ -133,8 +136,6 @@ def _ocr_reader(mode: str):
 
 
 def _load(ckpt: str, tasks: list[str], device):
-    from .checkpoint import CheckpointError
-    from .checkpoint.loading import load_model
     require = "llm" if ("caption" in tasks or "vqa" in tasks) else None
     try:
         return load_model(ckpt, device=device, require=require)
@@ -199,7 +200,6 @@ def build_tasks(names: list[str], loaded, reader, args, data, rank: int, world: 
 
 def _shared_pass(tasks: list[EvalTask], loaded, data, args, rank: int, world: int, device) -> tuple[list, Counter]:
     """The one pass over the evaluation shards: each per-batch task fills the records of the batch's valid rows."""
-    from .data.transforms import to_unit_range
     cfg = loaded.cfg
     per_batch = [t for t in tasks if t.per_batch]
     recs, stats = [], Counter()

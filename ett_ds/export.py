@@ -58,6 +58,7 @@ from .checkpoint.loading import load_model, no_zero_init, resolve
 from .checkpoint.safe import save_safetensors, umask_mode
 from .commandline import DefaultsHelpFormatter
 from .config import save_config
+from .hf import FILES, HERE
 from .models import lora
 from .models.text import chat_template_jinja
 
@@ -137,8 +138,6 @@ def write_hf_model(out: Path, model, cfg, text, dtype: torch.dtype, layout: dict
     ``processor_config.json`` (image fitting, prompt layout) and ``text_tokenizer.json`` (which text tokenizer);
     the vision layout in ``tokenizer_config.json`` gains the ``auto_map`` that sends ``AutoTokenizer`` there."""
     from safetensors import safe_open
-
-    from .hf import FILES, HERE
     for name in FILES:
         shutil.copyfile(HERE / name, out / name)
         umask_mode(out / name)
