@@ -24,6 +24,8 @@ for key, value in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "LOCAL_WOR
                    "MASTER_ADDR": "127.0.0.1"}.items():
     os.environ.setdefault(key, value)
 os.environ.setdefault("MASTER_PORT", str(_free_port()))
+if os.environ.get("PYTEST_XDIST_WORKER"):  # each worker its own port (workers inherit the controller's environment)
+    os.environ["MASTER_PORT"] = str(_free_port())
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, str(REPO))
 

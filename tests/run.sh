@@ -39,4 +39,11 @@ if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then
     fi
 fi
 export OMP_NUM_THREADS=1 DS_ACCELERATOR=cpu
-exec python -m pytest -q -p no:cacheprovider "$@" tests
+# one pytest worker per core (pytest-xdist, requirements-test.txt), whole files per worker so that a file's
+# module-scoped fixtures (a demo folder, a trained checkpoint) are built once; ETT_TEST_WORKERS=1 runs in one process
+workers="${ETT_TEST_WORKERS:-$(python -c 'import os; print(min(2, len(os.sched_getaffinity(0))))')}"
+parallel=()
+if [ "$workers" -gt 1 ] && python -c 'import xdist' 2>/dev/null; then
+    parallel=(-n "$workers" --dist loadfile)
+fi
+exec python -m pytest -q -p no:cacheprovider ${parallel[@]+"${parallel[@]}"} "$@" tests

@@ -146,8 +146,9 @@ def test_the_run_trains_inherits_and_records_its_text_tokenizer(shards, tmp_path
     assert tok.model.llm.text_tokenizer is None and not (tmp_path / "c").exists()
 
 
-def test_a_missing_text_tokenizer_says_where_tokenizers_come_from(shards):
+def test_a_missing_text_tokenizer_says_where_tokenizers_come_from(shards, tmp_path, monkeypatch):
     from ett_ds.models.text import TextTokenizer, ensure_text_tokenizer
+    monkeypatch.chdir(tmp_path)  # the recipe's relative data/demo/spm.model: absent here even where a demo was built
     cfg = load_config("tiny", [f"data.train={shards['train']}"])  # the demo recipe on one's own shards
     with pytest.raises(FileNotFoundError) as e:
         ensure_text_tokenizer(cfg)
