@@ -54,7 +54,8 @@ from pathlib import Path
 import torch
 
 from .checkpoint import EXPORT_CONFIG, EXTRA_PARTS, CheckpointError
-from .checkpoint.loading import load_model, no_zero_init, resolve
+from .checkpoint.loading import load_model, resolve
+from .engine.zero3 import no_zero_init
 from .checkpoint.safe import save_safetensors, umask_mode
 from .commandline import DefaultsHelpFormatter
 from .config import save_config

@@ -26,10 +26,11 @@ from .engine import preempt
 from .engine.ema import ShardEMA, _shard
 from .models import losses
 from .generation import generate_images
-from .models.ett import MODEL_INPUTS, STAGE_SPECS, ETTModel
-from .models.text import TextTokenizer, ensure_text_tokenizer
+from .models.build import build_model
+from .models.ett import MODEL_INPUTS, STAGE_SPECS
+from .models.text import ensure_text_tokenizer
 from .runlog import RunLog
-from .tokenizers.checkpoint import load_tokenizer_weights, tokenizer_config_from_yaml
+from .tokenizers.checkpoint import tokenizer_config_from_yaml
 from .tokenizers.dynamics import TokenizerDynamics
 from .tokenizers.objective import VQObjective
 from .validate import Validator, report_ema
@@ -70,14 +71,8 @@ class Trainer:
         eng.enable_zero_init(self.ds_config)
         ensure_demo_data(cfg)
         ensure_text_tokenizer(cfg)  # none set, random-init LLM: the run's own spm.model (recorded in cfg)
-        self.text = None
-        if self.spec.uses_llm:
-            self.text = TextTokenizer(cfg.model.llm.text_tokenizer or cfg.model.llm.path,
-                                      cfg.model.llm.trust_remote_code)
-        model = ETTModel(cfg, self.text.vocab_size if self.text else None,
-                         self.text.image_id if self.text else None)
-        if cfg.model.tokenizer.checkpoint:
-            load_tokenizer_weights(model.tokenizer, cfg.model.tokenizer.checkpoint, cfg.model.tokenizer.use_ema_weights)
+        # partitioned at creation under ZeRO-3; the tokenizer's initial weights (model.tokenizer.checkpoint) read
+        model, self.text = build_model(cfg, zero_init=True)
         if cfg.train.init_from:
             self.init_report = load_into_model(model, Path(cfg.train.init_from))
         self.engine = eng.initialize(model, cfg, self.ds_config)

@@ -18,7 +18,8 @@ import torch
 from PIL import Image
 
 from ett_ds import export, infer
-from ett_ds.checkpoint.loading import load_model, no_zero_init
+from ett_ds.checkpoint.loading import load_model
+from ett_ds.engine.zero3 import no_zero_init
 from ett_ds.data.batch import Batcher
 from ett_ds.engine import dist
 from ett_ds.generation import _image_tokens, _sample_text, _Stream

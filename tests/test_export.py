@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from ett_ds import export
-from ett_ds.checkpoint.loading import load_model, no_zero_init
+from ett_ds.checkpoint.loading import load_model
+from ett_ds.engine.zero3 import no_zero_init
 from ett_ds.data.batch import Batcher
 from ett_ds.engine import dist
 from ett_ds.tokenizers.checkpoint import load_tokenizer_weights, tokenizer_config_from_yaml

@@ -64,7 +64,8 @@ def test_hf_model_exports_with_its_tokenizer_and_reopens_in_transformers(tmp_pat
     special tokens, and the same logits as the ett_ds model."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from ett_ds import export
-    from ett_ds.checkpoint.loading import load_model, no_zero_init
+    from ett_ds.checkpoint.loading import load_model
+    from ett_ds.engine.zero3 import no_zero_init
     from tests.stage_batches import trained_checkpoint
     dist.init_distributed()
     make_hf_folder(tmp_path / "qwen")

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +22,7 @@ import torch
 import yaml
 
 from ..config import Config, ConfigError, config_from_dict
+from ..models.build import build_model
 from ..models.ett import STAGE_SPECS, ETTModel
 from ..models.text import TextTokenizer
 from ..tokenizers.checkpoint import load_tokenizer_weights
@@ -76,20 +76,6 @@ def check_kind(cfg: Config, require: str | None, source: Path) -> None:
                               "caption and chat need a checkpoint of an LLM stage")
 
 
-@contextlib.contextmanager
-def no_zero_init():
-    """Build modules unpartitioned even when a ZeRO-3 trainer in this process registered HfDeepSpeedConfig."""
-    dsi = sys.modules.get("transformers.integrations.deepspeed")
-    saved = getattr(dsi, "_hf_deepspeed_config_weak_ref", None)
-    if dsi is not None:
-        dsi._hf_deepspeed_config_weak_ref = None
-    try:
-        yield
-    finally:
-        if dsi is not None:
-            dsi._hf_deepspeed_config_weak_ref = saved
-
-
 def text_tokenizer_path(cfg: Config, kind: str, folder: Path) -> Path:
     if kind == "export":
         spm = folder / "spm.model"
@@ -105,19 +91,16 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
     kind, folder = resolve(path)
     cfg = read_config(kind, folder)
     check_kind(cfg, require, folder)
-    spec = STAGE_SPECS[cfg.stage]
-    text = None
-    if spec.uses_llm:
+    tpath = None
+    if STAGE_SPECS[cfg.stage].uses_llm:
         tpath = Path(text_tokenizer) if text_tokenizer else text_tokenizer_path(cfg, kind, folder)
         if not tpath.exists():
             raise CheckpointError(f"text tokenizer {tpath} (from {folder}'s config) not found; pass its new location "
                                   "or use an export folder, which carries its own copy")
-        text = TextTokenizer(tpath, cfg.model.llm.trust_remote_code)
-    if kind == "export" and spec.uses_llm:
-        cfg.model.llm.path, cfg.model.llm.init_config = str(folder / "llm"), None
+        if kind == "export":
+            cfg.model.llm.path, cfg.model.llm.init_config = str(folder / "llm"), None
     try:
-        with no_zero_init():
-            model = ETTModel(cfg, text.vocab_size if text else None, text.image_id if text else None)
+        model, text = build_model(cfg, tpath, zero_init=False)  # the config's tokenizer checkpoint is cleared
     except (FileNotFoundError, OSError) as e:
         raise CheckpointError(f"cannot rebuild the model of {folder}: {str(e).splitlines()[0]}") from None
     if kind == "export":

@@ -131,7 +131,7 @@ def pretrain(folder: Path, cfg, captions: list[str], corpus: list[str], *, steps
     import dataclasses
 
     import torch
-    from ett_ds.checkpoint.loading import no_zero_init
+    from ett_ds.engine.zero3 import no_zero_init
     from ett_ds.models.llm import build_llm, resize_for_vocab
     from ett_ds.models.text import TextTokenizer
 
