@@ -1,16 +1,27 @@
 """``python -m data_tools SUBCOMMAND``: argument parsing and one-line errors; the work lives in the other modules.
 
-``main(argv)`` returns the exit code (0 ok, 1 verify found problems, 2 usage error) and never prints a traceback
-for a bad argument or a missing input, so tests and scripts can call it directly.
+``main(argv)`` returns the exit code (0 ok, 1 verify found problems, 2 usage error, 130 interrupted) and never prints
+a traceback for a bad argument or a missing input (``ett_ds.commandline.run_cli``), so tests and scripts can call it
+directly.
 """
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 from pathlib import Path
 
+from ett_ds.commandline import run_cli
+
+from . import importers
+from .demo import DemoOptions, build_demo
 from .errors import Parser, UsageError
+from .instruct import main as instruct_main
+from .llava import llava_to_shards
+from .shard import EncodeOptions, items_from_folder, items_from_manifest, shard_items
+from .spm import train_spm
+from .synth_text import SynthConfig, resolve_fonts, synth_text
 
 
 def _size(text: str) -> tuple[int, int]:
@@ -157,7 +168,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _doc(module: str) -> str:
-    import importlib
     return importlib.import_module(f"data_tools.{module}").__doc__
 
 
@@ -175,7 +185,6 @@ def _words(text: str | None) -> tuple[int, int] | None:
 
 
 def _encode_options(a, **overrides):
-    from .shard import EncodeOptions
     kw = dict(format=a.format, quality=a.quality, max_side=a.max_side, min_side=a.min_side,
               max_pixels=a.max_pixels, validate=a.validate)
     kw.update(overrides)
@@ -187,7 +196,6 @@ def _print_summary(stats: dict) -> None:
 
 
 def _cmd_shard(a) -> int:
-    from .shard import items_from_folder, items_from_manifest, shard_items
     src = Path(a.input)
     if not src.exists():
         raise UsageError(f"input not found: {src}")
@@ -206,7 +214,6 @@ def _cmd_shard(a) -> int:
 
 
 def _cmd_llava(a) -> int:
-    from .llava import llava_to_shards
     stats = llava_to_shards(a.input, a.out, image_root=a.image_root, prefix=a.prefix,
                             samples_per_shard=a.samples_per_shard, opts=_encode_options(a), workers=a.workers,
                             resume=a.resume, overwrite=a.overwrite, progress=not a.no_progress)
@@ -215,9 +222,9 @@ def _cmd_llava(a) -> int:
 
 
 def _cmd_verify(a) -> int:
-    from ett_ds.data.decode import is_url
+    from ett_ds.data.decode import is_url  # reason: torch (ett_ds.data); the other commands run without it
 
-    from .verify import verify_dir, verify_urls
+    from .verify import verify_dir, verify_urls  # reason: torch, as above
     if is_url(a.dir):
         report = verify_urls(a.dir)
     elif not Path(a.dir).is_dir():
@@ -237,7 +244,6 @@ def _cmd_verify(a) -> int:
 
 
 def _cmd_synth(a) -> int:
-    from .synth_text import SynthConfig, resolve_fonts, synth_text
     if a.min_chars > a.max_chars:
         raise UsageError("--min-chars is larger than --max-chars")
     for c in a.corpus:
@@ -255,8 +261,6 @@ def _cmd_synth(a) -> int:
 
 
 def _cmd_import(a) -> int:
-    from . import importers
-    from .shard import shard_items
     if a.source == "tuxpaint":
         root = Path(a.root) if a.root else importers.TUXPAINT_DIR
         items = importers.tuxpaint_items(root, a.only_category, a.exclude_category)
@@ -276,13 +280,11 @@ def _cmd_import(a) -> int:
 
 
 def _cmd_spm(a) -> int:
-    from .spm import train_spm
     _print_summary(train_spm(a.input, a.out, vocab_size=a.vocab_size, model_type=a.model_type, seed=a.seed))
     return 0
 
 
 def _cmd_demo(a) -> int:
-    from .demo import DemoOptions, build_demo
     given = {"num_train": a.num_train, "num_heldout": a.num_heldout, "max_chars": a.max_chars,
              "vocab_size": a.vocab_size, "samples_per_shard": a.samples_per_shard, "seed": a.seed,
              "augment": False if a.no_augment else None}
@@ -303,7 +305,6 @@ def _cmd_demo(a) -> int:
 
 
 def _cmd_instruct(a) -> int:
-    from .instruct import main as instruct_main
     return instruct_main(a.rest)
 
 
@@ -311,8 +312,7 @@ COMMANDS = {"instruct": _cmd_instruct, "shard": _cmd_shard, "llava": _cmd_llava,
             "train-spm": _cmd_spm, "demo": _cmd_demo}
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
+def _main(argv: list[str]) -> int:
     if argv[:1] == ["instruct"]:  # its own parser: forward everything after the sub-command name
         return _cmd_instruct(argparse.Namespace(rest=argv[1:]))
     try:
@@ -320,9 +320,10 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, "resume", False) and getattr(args, "overwrite", False):
             raise UsageError("--resume and --overwrite exclude each other")
         return COMMANDS[args.cmd](args)
-    except UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print("interrupted; rerun with --resume to continue", file=sys.stderr)
         return 130
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_cli(_main, argv)

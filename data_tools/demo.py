@@ -34,6 +34,7 @@ from pathlib import Path
 
 from .errors import UsageError
 from .fonts import demo_split
+from .instruct import read_samples
 from .spm import train_spm
 from .synth_text import SynthConfig, synth_text
 
@@ -161,7 +162,6 @@ def write_vqa_split(out: Path, task: str, rebuild: bool = False) -> int:
     """``heldout_vqa.jsonl`` + ``heldout_vqa/KEY.png`` from the held-out shards: per image the task's questions, each
     with 10 identical answers (``ett_ds.evaluate --tasks vqa``). Kept when present unless ``rebuild``; the JSONL is
     written last, under a temporary name, so it only exists complete. Returns the number of questions."""
-    from .instruct import read_samples
     jsonl, images = out / "heldout_vqa.jsonl", out / "heldout_vqa"
     if jsonl.exists() and not rebuild:
         return sum(1 for line in jsonl.read_text().splitlines() if line.strip())

@@ -1,10 +1,10 @@
 """The one exception type the CLI turns into a one-line message and exit code 2 (no traceback), and the parser
 that raises it."""
 
-from ett_ds.commandline import OneLineParser
+from ett_ds.commandline import OneLineParser, UserError
 
 
-class UsageError(Exception):
+class UsageError(UserError):
     """A bad argument or a missing input: the user can fix it; a traceback would not help them."""
 
 

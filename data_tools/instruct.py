@@ -32,6 +32,8 @@ from ett_ds.data.format import (CAPTION_EXT, JSON_EXT, MAX_IMAGE_BYTES, MAX_TEXT
                                 clean_caption, image_exts, key_problem, load_image, member_too_large, open_image,
                                 open_tar_stream, pixel_limit, read_json, sample_caption, split_name)
 
+from ett_ds.commandline import run_cli
+
 from .errors import Parser, UsageError
 from .tario import ShardTarWriter, json_bytes
 
@@ -150,7 +152,7 @@ def convert_shard(src: Path, dst: Path, templates: list[str], seed: int,
     return stats
 
 
-def main(argv: list[str] | None = None) -> int:
+def _main(argv: list[str]) -> int:
     ap = Parser(prog="data_tools instruct", description=__doc__)  # defaults shown in --help
     ap.add_argument("--in", dest="inp", required=True, help="a folder of .tar shards or one .tar")
     ap.add_argument("--out", required=True, help="output folder")
@@ -163,40 +165,40 @@ def main(argv: list[str] | None = None) -> int:
                     help="a txt/json member above N bytes is not read; its sample -> too_large_text")
     ap.add_argument("--max-image-bytes", type=int, default=MAX_IMAGE_BYTES,
                     help="an image member above N bytes is not read; its sample -> too_large_image")
-    try:
-        args = ap.parse_args(argv)
-        src = Path(args.inp)
-        shards = sorted(src.glob("*.tar")) if src.is_dir() else [src]
-        if not shards or not all(s.is_file() for s in shards):
-            raise UsageError(f"--in {src}: no .tar shards found")
-        templates = list(QUESTIONS[args.questions])
-        if args.templates:
-            try:
-                templates = [t.strip() for t in Path(args.templates).read_text().splitlines() if t.strip()]
-            except OSError as e:
-                raise UsageError(f"--templates {args.templates}: {e.strerror}") from None
-            if not templates:
-                raise UsageError(f"--templates {args.templates}: no questions in the file")
-        out = Path(args.out)
-        if out.resolve() == (src if src.is_dir() else src.parent).resolve():
-            raise UsageError("--out must differ from the input folder")
-        out.mkdir(parents=True, exist_ok=True)
-        total: Counter = Counter()
-        sizes = {}
-        for shard in shards:
-            try:
-                stats = convert_shard(shard, out / shard.name, templates, args.seed, args.max_pixels,
-                                      args.max_text_bytes, args.max_image_bytes)
-            except (tarfile.TarError, EOFError, OSError) as e:
-                raise UsageError(f"{shard}: unreadable tar ({e})") from None
-            sizes[shard.name] = stats["ok"]
-            total += stats
-        (out / "sizes.json").write_text(json.dumps(sizes, indent=1, sort_keys=True))
-    except UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    args = ap.parse_args(argv)
+    src = Path(args.inp)
+    shards = sorted(src.glob("*.tar")) if src.is_dir() else [src]
+    if not shards or not all(s.is_file() for s in shards):
+        raise UsageError(f"--in {src}: no .tar shards found")
+    templates = list(QUESTIONS[args.questions])
+    if args.templates:
+        try:
+            templates = [t.strip() for t in Path(args.templates).read_text().splitlines() if t.strip()]
+        except OSError as e:
+            raise UsageError(f"--templates {args.templates}: {e.strerror}") from None
+        if not templates:
+            raise UsageError(f"--templates {args.templates}: no questions in the file")
+    out = Path(args.out)
+    if out.resolve() == (src if src.is_dir() else src.parent).resolve():
+        raise UsageError("--out must differ from the input folder")
+    out.mkdir(parents=True, exist_ok=True)
+    total: Counter = Counter()
+    sizes = {}
+    for shard in shards:
+        try:
+            stats = convert_shard(shard, out / shard.name, templates, args.seed, args.max_pixels,
+                                  args.max_text_bytes, args.max_image_bytes)
+        except (tarfile.TarError, EOFError, OSError) as e:
+            raise UsageError(f"{shard}: unreadable tar ({e})") from None
+        sizes[shard.name] = stats["ok"]
+        total += stats
+    (out / "sizes.json").write_text(json.dumps(sizes, indent=1, sort_keys=True))
     print(json.dumps({"shards": len(shards), **dict(sorted(total.items()))}))
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_cli(_main, argv)
 
 
 if __name__ == "__main__":

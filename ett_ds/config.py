@@ -16,10 +16,9 @@ from typing import Annotated
 import yaml
 
 from .typed_tree import ConfigError, build, field_docs, parse_value, set_path  # noqa: F401
-from .typed_tree import Decay, Fraction, Len, NonNegFloat, NonNegInt, OneOf, PosFloat, PosInt
+from .typed_tree import Decay, Fraction, Len, NonNegFloat, NonNegInt, OneOf, PosFloat, PosFraction, PosInt
 
 RECIPES = Path(__file__).resolve().parent / "recipes"
-
 
 STAGES = ("tokenizer", "align", "ett", "frozen", "sft", "t2i")
 TOKENIZER_TYPES = ("ibq", "vqgan")  # the keys of tokenizers.REGISTRY (checked there, when a tokenizer is built)
@@ -256,6 +255,32 @@ class EngineConfig:
 
 
 @dataclass
+class SamplingConfig:
+    caption_max_new_tokens: PosInt = 32
+    "Longest caption in tokens (`infer caption`)."
+    chat_max_new_tokens: PosInt = 128
+    "Longest chat reply in tokens (`infer chat`)."
+    temperature: NonNegFloat = 0.0
+    "Text sampling temperature (`infer caption`/`chat`); 0 is greedy, the most likely token at every position."
+    top_k: NonNegInt = 0
+    "Text: sample among the k most likely tokens (0: all)."
+    top_p: PosFraction = 1.0
+    "Text: nucleus sampling, among the most likely tokens that hold this much probability (1: all)."
+    cfg_scale: NonNegFloat = 3.0
+    "Text to image: classifier-free guidance scale (`infer generate`, `evaluate --tasks t2i`, the held-out t2i grids of `train.eval_every`); 0 turns guidance off, 1 equals none."
+    t2i_temperature: NonNegFloat = 1.0
+    "Text to image: sampling temperature of the image codes (0: greedy)."
+    t2i_top_k: NonNegInt = 0
+    "Text to image: sample among the k most likely codes (0: all)."
+    t2i_top_p: PosFraction = 1.0
+    "Text to image: nucleus sampling of the codes (1: all)."
+
+    def t2i(self) -> dict:  # generation.generate_images' keywords (cfg_scale 0: None, no unguided stream)
+        return {"cfg_scale": self.cfg_scale if self.cfg_scale > 0 else None, "temperature": self.t2i_temperature,
+                "top_k": self.t2i_top_k, "top_p": self.t2i_top_p}
+
+
+@dataclass
 class Config:
     name: str = "ett"
     "Run name; the run folder is `{out_dir}/{name}`."
@@ -277,6 +302,8 @@ class Config:
     "Loop."
     engine: EngineConfig = field(default_factory=EngineConfig)
     "DeepSpeed engine."
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    "Sampling of captions, chat and images: the defaults of `ett_ds.infer` and `ett_ds.evaluate` (a flag overrides), and of the held-out t2i grids in training."
 
     @property
     def run_dir(self) -> Path:

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import yaml
 
-from .config import Config, ConfigError, load_config, to_dict
+from .commandline import run_cli
+from .config import Config, load_config, to_dict
 from .typed_tree import markdown_table
 
 
@@ -37,8 +38,7 @@ overrides applied, as YAML: what `python -m ett_ds.train --config RECIPE key.sub
   --write-readme PAGE         regenerate that reference in PAGE (docs/configuration.md)"""
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = sys.argv[1:] if argv is None else list(argv)
+def _main(args: list[str]) -> int:
     if {"-h", "--help"} & set(args):
         print(USAGE)
     elif "--markdown" in args:
@@ -47,14 +47,13 @@ def main(argv: list[str] | None = None) -> int:
         readme = Path(args[args.index("--write-readme") + 1])
         readme.write_text(readme_with_reference(readme.read_text()))
     else:
-        try:
-            cfg = load_config(args[0] if args and "=" not in args[0] else None,
-                              [a for a in args if "=" in a])
-        except ConfigError as e:
-            print(f"error: {e} (python -m ett_ds.config --help)", file=sys.stderr)
-            return 2
+        cfg = load_config(args[0] if args and "=" not in args[0] else None, [a for a in args if "=" in a])
         print(yaml.safe_dump(to_dict(cfg), sort_keys=False))
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_cli(_main, argv, hint=" (python -m ett_ds.config --help)")
 
 
 if __name__ == "__main__":

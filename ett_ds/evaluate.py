@@ -9,7 +9,8 @@ Tasks
   against the reference; per-sample outputs go to ``<out stem>_samples.jsonl``.
 - ``t2i``: an image generated from each of the first ``--t2i-samples`` captions, read back by the OCR reader (CER,
   and ``ocr_exact_match``: the share of images read back as exactly their prompt),
-  and a grid ``<out stem>_t2i.png``. Skipped with a note when the checkpoint has no visual head.
+  and a grid ``<out stem>_t2i.png``. Skipped with a note when the checkpoint has no visual head. Guidance,
+  temperature, top-k and top-p are the checkpoint config's ``sampling`` values unless a flag sets them.
 - ``vqa``: short-answer visual question answering on ``--data`` = a JSONL of ``{image (relative to the JSONL),
   question, answers: [10 strings]}`` or shards whose json holds question/answers: greedy answers to
   ``--vqa-prompt`` (an ``sft`` checkpoint is asked in a one-turn chat), scored with the standard VQA accuracy
@@ -20,7 +21,8 @@ Tasks
 several ranks (torchrun / deepspeed), every rank evaluates its own slice of the shards (the same number of batches
 on every rank, padding rows masked by ``batch["valid"]``); rank 0 gathers the records, prints a table and writes
 the files. The model is a plain module per rank (``ett_ds.checkpoint.loading``), not a ZeRO-3 engine.
-Errors (missing checkpoint or data, a task the checkpoint cannot do) print one line and exit 2.
+Errors (missing checkpoint or data, a task the checkpoint cannot do) print one line and exit 2
+(``commandline.run_cli``).
 
 Images are fitted to the checkpoint's ``data.image_size`` by its ``data.resize_mode`` (crop | pad | stretch, as in
 training; ``--resize-mode`` overrides it); one warning line says when the images' aspect ratio differs from the
@@ -44,6 +46,7 @@ Metrics (texts are compared after case-folding and collapsing whitespace)
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -56,7 +59,7 @@ import torch
 
 from .checkpoint import CheckpointError
 from .checkpoint.loading import load_model
-from .commandline import DefaultsHelpFormatter  # the docstring as written, every default shown
+from .commandline import DefaultsHelpFormatter, UserError, run_cli  # the docstring as written, every default shown
 from .data.batch import Batcher
 from .data.decode import DataErrorRateExceeded, check_error_rate
 from .data.eval_stream import eval_batches
@@ -71,8 +74,8 @@ from .models.ett import STAGE_SPECS
 
 
 
-class EvalError(Exception):
-    """A one-line user error (exit 2)."""
+class EvalError(UserError):
+    """A bad argument or input of ``python -m ett_ds.evaluate``: one line, exit code 2."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -89,10 +92,15 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--ocr", choices=("auto", "on", "off"), default="auto",
                     help="OCR scoring (auto: when rapidocr-onnxruntime is installed)")
     ap.add_argument("--t2i-samples", type=int, default=8, help="captions turned into images for t2i")
-    ap.add_argument("--cfg-scale", type=float, default=3.0, help="t2i classifier-free guidance scale")
-    ap.add_argument("--t2i-temperature", type=float, default=1.0,
-                    help="t2i sampling temperature (0: greedy, the most likely code at every position)")
-    ap.add_argument("--t2i-top-k", type=int, default=0, help="t2i: sample among the k most likely codes (0: all)")
+    ap.add_argument("--cfg-scale", type=float, default=None, help="t2i classifier-free guidance scale; <= 0 turns it "
+                    "off (default: the checkpoint's sampling.cfg_scale)")
+    ap.add_argument("--t2i-temperature", type=float, default=None,
+                    help="t2i sampling temperature, 0: greedy, the most likely code at every position (default: the "
+                         "checkpoint's sampling.t2i_temperature)")
+    ap.add_argument("--t2i-top-k", type=int, default=None, help="t2i: sample among the k most likely codes, 0: all "
+                    "(default: the checkpoint's sampling.t2i_top_k)")
+    ap.add_argument("--t2i-top-p", type=float, default=None, help="t2i: nucleus sampling of the codes, 1: all "
+                    "(default: the checkpoint's sampling.t2i_top_p)")
     ap.add_argument("--seed", type=int, default=0, help="t2i sampling seed")
     ap.add_argument("--vqa-prompt", default=DEFAULT_PROMPT, help="vqa: the question's prompt, with {question}")
     ap.add_argument("--vqa-max-new-tokens", type=int, default=10, help="vqa: longest answer in tokens")
@@ -185,13 +193,22 @@ def _check_data(data, tasks: list[str], args) -> bool:
     return jsonl
 
 
+T2I_FLAGS = ("cfg_scale", "t2i_temperature", "t2i_top_k", "t2i_top_p")  # each the same key of cfg.sampling
+
+
+def t2i_sampling(args, cfg) -> dict:
+    """``generate_images``' guidance and sampling keywords: each t2i flag given, else the checkpoint config's
+    ``sampling`` value."""
+    given = {k: getattr(args, k) for k in T2I_FLAGS if getattr(args, k) is not None}
+    return dataclasses.replace(cfg.sampling, **given).t2i()
+
+
 def build_tasks(names: list[str], loaded, reader, args, data, rank: int, world: int) -> list[EvalTask]:
     model, text, cfg = loaded.model, loaded.text, loaded.cfg
     make = {
         "recon": lambda: ReconTask(model, reader),
         "caption": lambda: CaptionTask(model, text, cfg.data.max_text_tokens + 1),
-        "t2i": lambda: T2ITask(model, text, reader, args.t2i_samples, world, args.cfg_scale, args.t2i_temperature,
-                               args.t2i_top_k, args.seed),
+        "t2i": lambda: T2ITask(model, text, reader, args.t2i_samples, world, t2i_sampling(args, cfg), args.seed),
         "vqa": lambda: VQATask(model, text, cfg, str(data), args.vqa_prompt, args.batch_size,
                                args.vqa_max_new_tokens, rank, world, args.max_samples),
     }
@@ -224,39 +241,44 @@ def _shared_pass(tasks: list[EvalTask], loaded, data, args, rank: int, world: in
     return recs, stats
 
 
-def run(args) -> dict | None:
-    names = _parse_tasks(args.tasks)
+def _setup(args, names: list[str]):
+    """Load: the process group, the device, the checkpoint's model and config, and the data it is scored on."""
     if not Path(args.ckpt).exists():
         raise EvalError(f"checkpoint not found: {args.ckpt}")
     rank, world = _dist_setup()
     local = int(os.environ.get("LOCAL_RANK", 0))
     device = torch.device(args.device or (f"cuda:{local}" if torch.cuda.is_available() else "cpu"))
     loaded = _load(args.ckpt, names, device)
-    cfg = loaded.cfg
     if args.resize_mode is not None:
-        cfg.data.resize_mode = args.resize_mode
-    data = args.data or cfg.data.eval
+        loaded.cfg.data.resize_mode = args.resize_mode
+    data = args.data or loaded.cfg.data.eval
     _check_data(data, names, args)
-    notes = {}
+    return loaded, data, rank, world, device
+
+
+def _runnable(names: list[str], cfg) -> dict:
+    """Drops from ``names`` what the checkpoint cannot do (t2i without a visual head); the notes saying so."""
     if "t2i" in names and not STAGE_SPECS[cfg.stage].generate:
         names.remove("t2i")
-        notes["t2i"] = {"skipped": f"stage={cfg.stage} checkpoint has no visual head (t2i needs a stage=t2i one)"}
-    reader = _ocr_reader(args.ocr) if ("recon" in names or "t2i" in names) else None
-    tasks = build_tasks(names, loaded, reader, args, data, rank, world)
-    t0 = time.time()
-    with torch.no_grad():
-        recs, stats = _shared_pass(tasks, loaded, data, args, rank, world, device)
-        for task in tasks:
-            task.after_pass(recs)
-            stats.update(getattr(task, "stats", None) or {})
+        return {"t2i": {"skipped": f"stage={cfg.stage} checkpoint has no visual head (t2i needs a stage=t2i one)"}}
+    return {}
+
+
+def _gather_checked(recs, stats, tasks, world: int, cfg, data):
+    """Every rank's records, counters and task states; past the checkpoint's data.max_error_rate a one-line error."""
     gathered = gather((recs, stats, [t.state() for t in tasks]), world)
     data_stats = sum((g[1] for g in gathered), Counter())
     try:  # every rank holds the same totals after the gather, so every rank stops alike (no hung collective)
         check_error_rate(data_stats, cfg.data.max_error_rate, min_samples=1, where=str(data))
     except DataErrorRateExceeded as e:
         raise EvalError(f"{e} (data.max_error_rate comes from the checkpoint's config)") from None
-    if rank != 0:
-        return None
+    return gathered, data_stats
+
+
+def _write(args, loaded, data, world: int, names: list[str], tasks, gathered, data_stats, notes: dict,
+           t0: float) -> dict:
+    """Rank 0: each task's summary and files, the warnings, the per-sample records and the metrics JSON."""
+    cfg = loaded.cfg
     all_recs = [r for g in gathered for r in g[0]][: args.max_samples or None]
     result = {"ckpt": str(loaded.source), "stage": cfg.stage, "visual_input": cfg.model.visual_input,
               "data": str(data), "world_size": world, "tasks": names, "resize_mode": cfg.data.resize_mode,
@@ -281,17 +303,36 @@ def run(args) -> dict | None:
     return result
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(sys.argv[1:] if argv is None else argv)
-    try:
-        result = run(args)
-    except (EvalError, FileNotFoundError) as e:
-        print(f"error: {str(e).splitlines()[0] if str(e) else e}", file=sys.stderr)
-        return 2
+def run(args) -> dict | None:
+    """Load, build the tasks, one pass over the data, gather, write (rank 0; the other ranks return None)."""
+    names = _parse_tasks(args.tasks)
+    loaded, data, rank, world, device = _setup(args, names)
+    notes = _runnable(names, loaded.cfg)
+    reader = _ocr_reader(args.ocr) if ("recon" in names or "t2i" in names) else None
+    tasks = build_tasks(names, loaded, reader, args, data, rank, world)
+    t0 = time.time()
+    with torch.no_grad():
+        recs, stats = _shared_pass(tasks, loaded, data, args, rank, world, device)
+        for task in tasks:
+            task.after_pass(recs)
+            stats.update(getattr(task, "stats", None) or {})
+    gathered, data_stats = _gather_checked(recs, stats, tasks, world, loaded.cfg, data)
+    if rank != 0:
+        return None
+    return _write(args, loaded, data, world, names, tasks, gathered, data_stats, notes, t0)
+
+
+def _main(argv: list[str]) -> int:
+    args = parse_args(argv)
+    result = run(args)
     if result is not None and not args.quiet:
         print_table(result)
         print(f"wrote {args.out}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_cli(_main, argv)
 
 
 if __name__ == "__main__":

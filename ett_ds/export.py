@@ -57,7 +57,7 @@ from .checkpoint import EXPORT_CONFIG, EXTRA_PARTS, CheckpointError
 from .checkpoint.loading import load_model, resolve
 from .engine.zero3 import no_zero_init
 from .checkpoint.safe import save_safetensors, umask_mode
-from .commandline import DefaultsHelpFormatter
+from .commandline import DefaultsHelpFormatter, UserError, run_cli
 from .config import save_config
 from .hf import FILES, HERE
 from .models import lora
@@ -248,25 +248,29 @@ def check_llm(folder: Path, llm: torch.nn.Module) -> None:
         raise CheckpointError(f"{folder}: reopened LLM differs at {bad[:3]}")
 
 
-def main(argv: list[str] | None = None) -> int:
+def _main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="python -m ett_ds.export", description=__doc__,
                                  formatter_class=DefaultsHelpFormatter)
     ap.add_argument("--ckpt", required=True, help="a training step folder (or a run folder: its newest step)")
     ap.add_argument("--out", required=True, help="a new (or empty) folder")
     ap.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="LLM, projector and heads")
     ap.add_argument("--no-verify", action="store_true", help="skip reopening the LLM with from_pretrained")
-    args = ap.parse_args(sys.argv[1:] if argv is None else argv)
+    args = ap.parse_args(argv)
     out = Path(args.out)
     created = not out.exists()
     try:
         export(args.ckpt, out, DTYPES[args.dtype], verify=not args.no_verify)
-    except (CheckpointError, FileNotFoundError, OSError) as e:
+    except (UserError, OSError):
         if created and out.exists():
             shutil.rmtree(out, ignore_errors=True)  # no half-written export left behind
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        raise
     print(out)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """0, or 2 with one line for a bad checkpoint, a used --out or a file system error (disk full, permissions)."""
+    return run_cli(_main, argv, also=(OSError,))
 
 
 if __name__ == "__main__":

@@ -11,7 +11,12 @@
                 one image writes FILE.png, more write FILE_0.png, FILE_1.png ... (prompt-major)
     reconstruct --image FILE [FILE ...] --out FILE.png       the tokenizer's round trip at the configured size
 
-Errors (missing file, unreadable image, a checkpoint of the wrong kind) are one ``error: ...`` line, exit code 2.
+Sampling flags left out take the checkpoint config's ``sampling`` section (docs/configuration.md): captions and chat
+its ``temperature``, ``top_k``, ``top_p`` and ``caption_max_new_tokens`` / ``chat_max_new_tokens``; generate its
+``cfg_scale``, ``t2i_temperature``, ``t2i_top_k``, ``t2i_top_p``. A flag overrides the config.
+
+Errors (missing file, unreadable image, a checkpoint of the wrong kind) are one ``error: ...`` line, exit code 2
+(``commandline.run_cli``).
 """
 from __future__ import annotations
 
@@ -21,12 +26,36 @@ import sys
 from pathlib import Path
 
 import torch
+from PIL import Image, UnidentifiedImageError
+
+from .checkpoint.loading import load_model, read_config, resolve
+from .commandline import UserError, run_cli
+from .data.transforms import image_to_tensor
+from .eval.metrics import to_uint8_images
+from .generation import ChatSession, caption, generate_images, reconstruct
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-class CLIError(Exception):
-    pass
+class CLIError(UserError):
+    """A bad argument or input of ``python -m ett_ds.infer``: one line, exit code 2."""
+
+
+# per command: flag (argparse dest) -> the key of the checkpoint config's `sampling` section that is its default
+SAMPLING_DEFAULTS = {
+    "caption": {"temperature": "temperature", "top_k": "top_k", "top_p": "top_p",
+                "max_new_tokens": "caption_max_new_tokens"},
+    "chat": {"temperature": "temperature", "top_k": "top_k", "top_p": "top_p", "max_new_tokens": "chat_max_new_tokens"},
+    "generate": {"temperature": "t2i_temperature", "top_k": "t2i_top_k", "top_p": "t2i_top_p",
+                 "cfg_scale": "cfg_scale"},
+}
+
+
+def fill_sampling(args, cfg) -> None:
+    """Every sampling flag left out (None) takes the checkpoint config's ``sampling`` value."""
+    for dest, key in SAMPLING_DEFAULTS.get(args.command, {}).items():
+        if getattr(args, dest) is None:
+            setattr(args, dest, getattr(cfg.sampling, key))
 
 
 def caption_field(text: str) -> str:
@@ -39,30 +68,36 @@ def parse_args(argv):
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="command", required=True)
 
-    def common(p, sampling_default_temperature: float | None):
+    def common(p, command: str | None):
         p.add_argument("--ckpt", required=True, help="step folder, run folder or export folder")
         p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
         p.add_argument("--dtype", choices=sorted(DTYPES), default="float32",
                        help="weights of the LLM and heads (the vision tokenizer stays float32)")
-        if sampling_default_temperature is not None:
-            p.add_argument("--temperature", type=float, default=sampling_default_temperature,
-                           help="0 = greedy")
-            p.add_argument("--top-k", type=int, default=0, help="0 = off")
-            p.add_argument("--top-p", type=float, default=1.0, help="1 = off")
+        if command is not None:  # None: every sampling flag defaults to the checkpoint config's sampling.KEY
+            key = SAMPLING_DEFAULTS[command]
+            p.add_argument("--temperature", type=float, default=None,
+                           help=f"0 = greedy (default: the checkpoint's sampling.{key['temperature']})")
+            p.add_argument("--top-k", type=int, default=None,
+                           help=f"0 = off (default: the checkpoint's sampling.{key['top_k']})")
+            p.add_argument("--top-p", type=float, default=None,
+                           help=f"1 = off (default: the checkpoint's sampling.{key['top_p']})")
             p.add_argument("--seed", type=int, default=0)
 
     for name in ("caption", "chat"):
         p = sub.add_parser(name, help=f"{name} about an image")
-        common(p, 0.0)
+        common(p, name)
         p.add_argument("--image", nargs="+" if name == "caption" else None, required=True)
         if name == "caption":
             p.add_argument("--prompt", default=None, help="default: the config's first caption prompt")
-        p.add_argument("--max-new-tokens", type=int, default=32 if name == "caption" else 128)
+        p.add_argument("--max-new-tokens", type=int, default=None,
+                       help=f"longest {'caption' if name == 'caption' else 'reply'} in tokens (default: the "
+                            f"checkpoint's sampling.{name}_max_new_tokens)")
     p = sub.add_parser("generate", help="text to image")
-    common(p, 1.0)
+    common(p, "generate")
     p.add_argument("--prompt", action="append", required=True, help="repeat for several prompts")
     p.add_argument("--out", required=True, help="FILE.png")
-    p.add_argument("--cfg-scale", type=float, default=3.0, help="classifier-free guidance; <= 0 turns it off")
+    p.add_argument("--cfg-scale", type=float, default=None,
+                   help="classifier-free guidance; <= 0 turns it off (default: the checkpoint's sampling.cfg_scale)")
     p.add_argument("--num-images", type=int, default=1, help="images per prompt")
     p = sub.add_parser("reconstruct", help="tokenizer round trip")
     common(p, None)
@@ -73,9 +108,6 @@ def parse_args(argv):
 
 def read_images(paths: list[str], size: tuple[int, int], mode: str = "crop") -> torch.Tensor:
     """Images fitted to ``size`` = (H, W) like the training data (``data.resize_mode`` ``mode``), [-1, 1]."""
-    from PIL import Image, UnidentifiedImageError
-
-    from .data.transforms import image_to_tensor
     out = []
     for p in paths:
         if not Path(p).is_file():
@@ -106,9 +138,6 @@ def out_paths(out: str, n: int) -> list[Path]:
 
 
 def write_pngs(images: torch.Tensor, paths: list[Path]) -> None:
-    from PIL import Image
-
-    from .eval.metrics import to_uint8_images
     for arr, path in zip(to_uint8_images(images), paths):
         try:
             Image.fromarray(arr, mode="RGB").save(path, format="PNG")
@@ -118,10 +147,8 @@ def write_pngs(images: torch.Tensor, paths: list[Path]) -> None:
 
 
 def run(args) -> None:
-    from .generation import ChatSession, caption, generate_images, reconstruct
-    from .checkpoint.loading import load_model, resolve
-
-    resolve(args.ckpt)  # a missing or foreign --ckpt fails before images are decoded or anything heavy is imported
+    cfg = read_config(*resolve(args.ckpt))  # a missing or foreign --ckpt fails before images are decoded
+    fill_sampling(args, cfg)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if args.command == "generate":
         if args.num_images < 1:
@@ -134,8 +161,6 @@ def run(args) -> None:
                                  num_images=args.num_images)
         write_pngs(images, paths)
         return
-    from .checkpoint.loading import read_config
-    cfg = read_config(*resolve(args.ckpt))
     pixels = read_images(args.image if isinstance(args.image, list) else [args.image], tuple(cfg.data.image_size),
                          cfg.data.resize_mode)
     if args.command == "reconstruct":
@@ -164,14 +189,7 @@ def run(args) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(sys.argv[1:] if argv is None else argv)
-    from .checkpoint import CheckpointError
-    try:
-        run(args)
-    except (CLIError, CheckpointError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return run_cli(lambda a: run(parse_args(a)), argv)
 
 
 if __name__ == "__main__":

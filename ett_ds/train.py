@@ -1,19 +1,17 @@
 """Training entry point: ``python -m ett_ds.train --config RECIPE [key=value ...]``.
 
 Also started by the ``deepspeed`` launcher (``--local_rank``) and by ``torchrun``. It loads the config, checks the
-inputs, runs ``trainer.Trainer`` and turns expected failures into one line and exit code 2 (75: preempted, requeue).
+inputs, runs ``trainer.Trainer``; ``commandline.run_cli`` turns expected failures (a ``UserError``, a missing file,
+a diverged run) into one line and exit code 2; 75: preempted, requeue.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 
-from . import checkpoint as ckpt
 from . import config as C
-from .checkpoint import CheckpointError
-from .data.decode import DataErrorRateExceeded
+from .commandline import DEBUG_ENV, run_cli
 from .engine import dist, preempt, preflight
 from .trainer import Trainer, TrainingDiverged
 
@@ -34,45 +32,43 @@ def parse_args(argv):
     return ap.parse_args(argv)
 
 
-def one_line(e: BaseException) -> str:
-    """An expected error as one line. A DataLoader worker's error arrives wrapped ("Caught X in DataLoader worker
-    process 0." + the worker's traceback): its last line, without the exception's module path, is the message."""
-    lines = [x.strip() for x in str(e).strip().splitlines() if x.strip()]
-    if not lines:
-        return type(e).__name__
-    if len(lines) > 1 and lines[0].startswith("Caught "):
-        name, sep, msg = lines[-1].partition(": ")
-        return msg if sep and "." in name and " " not in name else lines[-1]
-    return lines[0]
+class _Job:
+    """One training job in the two steps :func:`main` runs through :func:`run_cli`: ``prepare`` (the config and
+    every input, before anything is built or written) and ``fit`` (after the process group is up)."""
+
+    def __init__(self, args):
+        self.args, self.cfg, self.trainer, self.last = args, None, None, None
+
+    def prepare(self, _argv) -> None:
+        self.cfg = C.load_config(self.args.config, self.args.overrides)
+        preflight.check_inputs(self.cfg)  # every local path the run reads, before anything is built or written
+        preflight.pin_init_from(self.cfg)  # a run folder -> its newest complete step, recorded as such in config.yaml
+
+    def fit(self, _argv) -> None:
+        self.trainer = Trainer(self.cfg)
+        self.last = self.trainer.fit()
+
+    def close_log(self, _e) -> None:
+        if self.trainer is not None:
+            self.trainer.log.close()  # ends the progress bar's line first
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(sys.argv[1:] if argv is None else argv)
-    try:
-        cfg = C.load_config(args.config, args.overrides)
-        preflight.check_inputs(cfg)  # every local path the run reads, before anything is built or written
-        preflight.pin_init_from(cfg)  # a run folder -> its newest complete step, recorded as such in config.yaml
-    except (C.ConfigError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    """0 done, 2 a user error (one line; ETT_DEBUG=1 re-raises), 75 preempted (checkpointed: requeue)."""
+    job = _Job(parse_args(sys.argv[1:] if argv is None else argv))
+    code = run_cli(job.prepare, [])
+    if code:
+        return code
     dist.init_distributed()
-    trainer = None
-    try:
-        trainer = Trainer(cfg)
-        last = trainer.fit()
-    except (C.ConfigError, CheckpointError, ckpt.ResumeError, FileNotFoundError, TrainingDiverged,
-            DataErrorRateExceeded, FloatingPointError) as e:
-        if os.environ.get("ETT_DEBUG") == "1":
-            raise
-        if trainer is not None:
-            trainer.log.close()  # ends the progress bar's line first
-        print(f"error: {one_line(e)} (ETT_DEBUG=1 shows the traceback)", file=sys.stderr)
-        return 2
-    if dist.is_rank0() and last:
-        print(json.dumps({"final": last}))
+    code = run_cli(job.fit, [], also=(TrainingDiverged, FloatingPointError), on_error=job.close_log,
+                   hint=f" ({DEBUG_ENV}=1 shows the traceback)")
+    if code:
+        return code
+    if dist.is_rank0() and job.last:
+        print(json.dumps({"final": job.last}))
     if dist.world_size() > 1:
         dist.shutdown()
-    return preempt.REQUEUE_EXIT if trainer.preempted else 0
+    return preempt.REQUEUE_EXIT if job.trainer.preempted else 0
 
 
 if __name__ == "__main__":

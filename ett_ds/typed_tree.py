@@ -20,8 +20,10 @@ from typing import Annotated, Any
 
 import yaml
 
+from .commandline import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError, ValueError):
     """A bad recipe or override; the message is one line that names the key."""
 
 
@@ -91,6 +93,7 @@ PosFloat = Annotated[float, Range(gt=0)]
 NonNegFloat = Annotated[float, Range(ge=0)]
 Fraction = Annotated[float, Range(ge=0, le=1)]  # a probability, a rate, a ratio of two amounts
 Decay = Annotated[float, Range(ge=0, lt=1)]  # EMA decays and Adam betas: 1 would never move
+PosFraction = Annotated[float, Range(gt=0, le=1)]  # a share that cannot be 0: nucleus sampling's top-p
 
 
 def hints(cls) -> dict[str, Any]:

@@ -13,7 +13,7 @@ Every ``train.eval_every`` steps the trainer calls :meth:`Validator.run`, which 
   ``frozen``, ``sft``; ``sft`` prompts in its chat template), through ``ett_ds.generation`` and scored by
   ``ett_ds.eval.tasks.caption_summary`` (the numbers ``evaluate --tasks caption`` reports);
 - ``t2i``: one image sampled for each of the first ``train.eval_images`` held-out captions
-  (``generation.generate_images``, classifier-free guidance 3, seed ``seed``).
+  (``generation.generate_images``, the config's ``sampling`` guidance, temperature, top-k and top-p, seed ``seed``).
 
 Rank 0 writes the row ``{"step": N, "eval": {...}}`` to ``metrics.jsonl``, the numbers as TensorBoard scalars
 ``eval/...``, the captions as a text panel ``eval/captions`` and image grids (``images/eval_*_stepN.png`` and
@@ -228,7 +228,7 @@ class Validator:
             return
         shown = _rows(self.shown, rows)
         prompts = [t.strip() for t in shown["text"]]
-        samples = generate_images(tr.model, tr.text, prompts, seed=self.cfg.seed)
+        samples = generate_images(tr.model, tr.text, prompts, seed=self.cfg.seed, **self.cfg.sampling.t2i())
         data = batch_to_device({"pixels": shown["pixels"]}, tr.device)["pixels"]
         metrics["t2i"] = {"num": len(prompts), "prompts": prompts}
         grids["eval/t2i"] = ([data, samples], ["held-out", "samples"], [None, prompts])

@@ -74,7 +74,8 @@ def test_help_shows_the_actual_defaults(capsys):
 def test_evaluate_help_shows_defaults():
     from ett_ds.evaluate import build_parser as evaluate_parser
     out = _flat(evaluate_parser().format_help())
-    for n in ("--batch-size BATCH_SIZE images per forward pass (per rank) (default: 16)", "(default: recon,caption)", "(default: 3.0)",
+    for n in ("--batch-size BATCH_SIZE images per forward pass (per rank) (default: 16)", "(default: recon,caption)",
+              "off (default: the checkpoint's sampling.cfg_scale)",
               "Answer with a single word or number."):
         assert n in out, n
     assert "(default: None)" not in out

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..commandline import UserError
 from ..engine import dist
 
 MARKER = "complete"  # written last into a step folder: the folder is complete
@@ -27,11 +28,11 @@ RUN_LOCK = "run.lock"  # RUN/run.lock: flock-ed by rank 0 of the job that trains
 EXTRA_PARTS = ("projector", "visual_head", "index_embed")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint that cannot be read, or is not the kind the caller expects."""
 
 
-class ResumeError(RuntimeError):
+class ResumeError(UserError, RuntimeError):
     """A training run that cannot continue from the checkpoint it was given."""
 
 

@@ -14,6 +14,7 @@ import tarfile
 from collections import Counter
 from typing import Iterator
 
+from ..commandline import UserError
 from .format import (CAPTION_EXT, IMAGE_EXTS, JSON_EXT, MAX_IMAGE_BYTES, MAX_TEXT_BYTES, WHITELIST, BoundedTarInfo,
                      SampleError, clean_caption, image_exts, load_image, member_too_large, open_image, open_tar_stream,
                      pixel_limit, read_json, split_name, text_only, to_rgb)
@@ -24,7 +25,7 @@ from .transforms import decode_size_for
 NON_ERRORS = frozenset({"ok", "ignored_member", "rejected", "text_only"})
 
 
-class DataErrorRateExceeded(RuntimeError):
+class DataErrorRateExceeded(UserError, RuntimeError):
     """Too many bad samples: the shards are probably broken, and training on the rest would be silently biased."""
 
 

@@ -22,15 +22,17 @@ import sys
 from pathlib import Path
 
 from .. import config as C
+from ..checkpoint.layout import step_folder
+from ..commandline import UserError, run_cli
+from ..data.decode import is_url
+from ..data.shards import expand_urls
+from ..models.ett import STAGE_SPECS
+from .deepspeed import grad_accum_steps
 
 
 def missing_inputs(cfg: C.Config) -> list[str]:
     """One ``key: what is missing`` per local path the run would read and cannot. URLs and ``pipe:`` shards are left
     alone, and so is what the run builds itself: the demo data under a ``data.demo_dir`` not built yet."""
-    from ..checkpoint.layout import step_folder
-    from ..data.decode import is_url
-    from ..data.shards import expand_urls
-    from ..models.ett import STAGE_SPECS
     spec, out = STAGE_SPECS[cfg.stage], []
     demo = Path(cfg.data.demo_dir).absolute() if cfg.data.demo_dir else None
     demo_built = demo is not None and (demo / "demo_manifest.json").is_file()
@@ -90,7 +92,6 @@ def check_inputs(cfg: C.Config) -> None:
 def pin_init_from(cfg: C.Config) -> None:
     """``train.init_from`` may name a run folder (as every ``--ckpt`` may): pin it to that run's newest complete step
     now, so that every rank loads the same step and the run's config.yaml records which one."""
-    from ..checkpoint.layout import step_folder
     given = cfg.train.init_from
     if not given:
         return
@@ -102,7 +103,6 @@ def pin_init_from(cfg: C.Config) -> None:
 
 
 def plan(cfg: C.Config, world_size: int) -> dict:
-    from .deepspeed import grad_accum_steps
     accum = grad_accum_steps(cfg, world_size)
     micro = cfg.train.micro_batch_size
     return {"stage": cfg.stage, "world_size": world_size, "micro_batch": micro, "accumulation": accum,
@@ -113,7 +113,7 @@ def plan_line(p: dict) -> str:
     return "plan: " + " ".join(f"{k}={v}" for k, v in p.items())
 
 
-def main(argv: list[str] | None = None) -> int:
+def _main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="python -m ett_ds.engine.preflight", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--world-size", type=int, required=True, help="data-parallel ranks the job will have")
@@ -121,16 +121,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args(argv)
     if args.world_size < 1:
-        print("error: --world-size must be >= 1", file=sys.stderr)
-        return 2
-    try:
-        cfg = C.load_config(args.config, args.overrides)
-        check_inputs(cfg)
-        print(plan_line(plan(cfg, args.world_size)))
-    except (C.ConfigError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        raise UserError("--world-size must be >= 1")
+    cfg = C.load_config(args.config, args.overrides)
+    check_inputs(cfg)
+    print(plan_line(plan(cfg, args.world_size)))
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_cli(_main, argv)
 
 
 if __name__ == "__main__":

@@ -33,7 +33,15 @@ import os
 import sys
 from pathlib import Path
 
-from ..commandline import DefaultsHelpFormatter
+import torch
+from PIL import Image
+
+from ..checkpoint import CheckpointError
+from ..checkpoint.loading import load_model
+from ..commandline import DefaultsHelpFormatter, run_cli
+from ..data.format import load_image, pixel_limit, to_rgb
+from ..data.transforms import decode_size_for, image_to_uint8, to_unit_range
+from .vqa import DEFAULT_PROMPT, answer_batch
 
 MODEL_NAME = "ett"
 CLASS_PATH = "ett_ds.eval.lmms.ETT"
@@ -43,13 +51,13 @@ METRIC = "vqa_accuracy"
 
 def manifests():
     """The ``lmms_eval.models`` entry point: ``ett`` -> :class:`ETT`."""
-    from lmms_eval.models.registry_v2 import ModelManifest
+    from lmms_eval.models.registry_v2 import ModelManifest  # the optional extra: imported only when asked for
     return [ModelManifest(model_id=MODEL_NAME, simple_class_path=CLASS_PATH)]
 
 
 def register() -> None:
     """Register ``ett`` in lmms-eval's model registry of this process (what the entry point does on install)."""
-    from lmms_eval.models import MODEL_REGISTRY_V2
+    from lmms_eval.models import MODEL_REGISTRY_V2  # the optional extra, as above
     for m in manifests():
         MODEL_REGISTRY_V2.register_manifest(m, overwrite=True)
 
@@ -59,10 +67,6 @@ def fit_image(image, cfg):
     """A PIL image (or a path) -> uint8 (3, H, W), as ``ett_ds.evaluate --tasks vqa`` decodes and fits its images:
     a JPEG not yet loaded decodes at the reduced scale that covers ``data.image_size``, then 8-bit RGB, then
     ``data.resize_mode``."""
-    from PIL import Image
-
-    from ..data.format import load_image, pixel_limit, to_rgb
-    from ..data.transforms import decode_size_for, image_to_uint8
     size, mode = tuple(cfg.data.image_size), cfg.data.resize_mode
     if isinstance(image, (str, Path)):
         image = Image.open(image)
@@ -86,10 +90,6 @@ def answer_requests(model, text, items: list[tuple], batch_size: int) -> list[st
     """Greedy answers for ``items`` = [(prompt, uint8 pixels (3, H, W), max_new_tokens), ...] in their order:
     items that share (prompt, max_new_tokens) go in batches of ``batch_size``, in order of first appearance, as
     ``ett_ds.eval.vqa.run_vqa`` groups its questions."""
-    import torch
-
-    from ..data.transforms import to_unit_range
-    from .vqa import answer_batch
     groups: dict[tuple, list[int]] = {}
     for i, (prompt, _, n) in enumerate(items):
         groups.setdefault((prompt, n), []).append(i)
@@ -112,16 +112,15 @@ def filelock_compat() -> None:
     a self-deadlock, so with filelock 4 it is skipped (marked done). Runs when the model is built, which
     ``simple_evaluate`` does before it applies the patch."""
     try:
-        import filelock._api  # noqa: F401
+        import filelock._api  # noqa: F401 (a probe: does this filelock have the module lmms-eval patches?)
     except ImportError:
-        import lmms_eval.evaluator as ev
+        import lmms_eval.evaluator as ev  # the optional extra, as above
         if hasattr(ev, "_enable_reentrant_filelocks"):
             ev._enable_reentrant_filelocks._patched = True
 
 
 def _build_model_class():
-    import torch
-    from lmms_eval.api.model import lmms
+    from lmms_eval.api.model import lmms  # the optional extra: the class is built on first access
 
     class ETT(lmms):
         """An ETT checkpoint (step, run or export folder) for lmms-eval: greedy ``generate_until`` answers, as
@@ -133,8 +132,6 @@ def _build_model_class():
                      **kwargs) -> None:
             super().__init__()
             filelock_compat()
-            from ..checkpoint import CheckpointError
-            from ..checkpoint.loading import load_model
             kwargs.pop("max_batch_size", None)
             if kwargs:
                 raise ValueError(f"ett: unknown model argument(s) {', '.join(sorted(kwargs))}; known: ckpt, "
@@ -237,7 +234,6 @@ def process_results(doc, results):
 def write_task(jsonl: str | Path, out: str | Path, name: str = TASK_NAME, prompt: str | None = None,
                max_new_tokens: int = 10) -> Path:
     """Write the lmms-eval task ``name`` for a VQA JSONL into the folder ``out``; returns the YAML's path."""
-    from .vqa import DEFAULT_PROMPT
     prompt = DEFAULT_PROMPT if prompt is None else prompt
     if "{question}" not in prompt:
         raise ValueError("--prompt must contain {question}")
@@ -297,13 +293,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
+    return run_cli(_main, argv, also=(ValueError,))  # write_task's bad --prompt / --name / JSONL rows
+
+
+def _main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        path = write_task(args.vqa, args.out, args.name, args.prompt, args.max_new_tokens)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    path = write_task(args.vqa, args.out, args.name, args.prompt, args.max_new_tokens)
     print(f"wrote {path} and {path.with_name(args.name + '_utils.py')}: --tasks {args.name} --include_path "
           f"{path.parent}")
     return 0

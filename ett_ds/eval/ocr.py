@@ -19,10 +19,12 @@ import os
 
 import numpy as np
 
+from ..commandline import UserError
+
 INSTALL_HINT = "pip install rapidocr-onnxruntime==1.4.4"
 
 
-class OCRUnavailable(RuntimeError):
+class OCRUnavailable(UserError, RuntimeError):
     """RapidOCR is not installed (or failed to import)."""
 
 

@@ -174,10 +174,10 @@ class T2ITask(EvalTask):
     reader when there is one; a grid ``<out stem>_t2i.png``."""
     name = "t2i"
 
-    def __init__(self, model, text, reader, num: int, world: int, cfg_scale: float, temperature: float, top_k: int,
-                 seed: int):
+    def __init__(self, model, text, reader, num: int, world: int, sampling: dict, seed: int):
+        """``sampling``: ``generate_images``' cfg_scale, temperature, top_k, top_p (``SamplingConfig.t2i()``)."""
         self.model, self.text, self.reader, self.num, self.world = model, text, reader, num, world
-        self.sampling = {"cfg_scale": cfg_scale, "temperature": temperature, "top_k": top_k, "seed": seed}
+        self.sampling = {**sampling, "seed": seed}
         self.items: list[dict] = []
         self.images = torch.zeros(0)
 
