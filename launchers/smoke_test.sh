@@ -49,8 +49,8 @@ python -m data_tools demo --out "$DEMO" --size "$SIZE"
 stage tok tokenizer "$(steps 800)" "train.ema_decay=0.99"
 stage align align "$(steps 40)" "train.init_from=$(latest "$OUT/tok")"
 stage ett ett "$(steps 400)" "train.init_from=$(latest "$OUT/align")"
-stage sft sft "$(steps 200)" "train.init_from=$(latest "$OUT/ett")"
-stage t2i t2i "$(steps 800)" "train.init_from=$(latest "$OUT/ett")"
+stage sft sft "$(steps 600)" "train.init_from=$(latest "$OUT/ett")"
+stage t2i t2i "$(steps 600)" "train.init_from=$(latest "$OUT/ett")"
 t_train=$(date +%s)
 
 echo "== evaluation on the held-out split (fonts and strings never seen in training)"
