@@ -203,7 +203,7 @@ def measure_activations(cfg, p: dict, side: int, seq: int, tokens: tuple[int, in
 
 def activations_per_gpu(cfg, p: dict, act: dict, mb: int, seq_full: int, image_tokens: int) -> dict:
     """Activation bytes of one micro-batch step, from the CPU measurements scaled to the recipe's shapes."""
-    from ett_ds.models.chunked import CHUNK_BUDGET_BYTES
+    from ett_ds.tokenizers.chunked import CHUNK_BUDGET_BYTES
     pixels = cfg.data.image_size[0] * cfg.data.image_size[1]
     tok = act["tokenizer"]["saved_gb_per_unit"] * pixels * mb
     qz = act["quantizer"]["fixed_gb"] + act["quantizer"]["per_token_gb"] * image_tokens * mb

@@ -95,7 +95,7 @@ def _make_step(variant: str, n: int, a):
         else:
             loss = losses.caption_loss(F.linear(h, w), t)
         loss.backward()
-    from ett_ds.models.chunked import auto_chunk_tokens
+    from ett_ds.tokenizers.chunked import auto_chunk_tokens
     return step, {"chunk_tokens": (a.chunk or auto_chunk_tokens(a.codebook, 3)) if variant == "head_chunked" else None}
 
 

@@ -36,7 +36,8 @@ import os
 import stat
 from pathlib import Path
 
-from ett_ds.data.format import MAX_IMAGE_BYTES, MAX_TEXT_BYTES, SampleError, text_only
+from ett_ds.data.format import (IMAGE_MARK, MAX_IMAGE_BYTES, MAX_TEXT_BYTES, ROLES, SampleError, text_only,
+                                well_formed_conversation)
 
 from .errors import UsageError
 from .shard import EncodeOptions, Item, encode_image, shard_items
@@ -70,8 +71,7 @@ def read_rows(path: Path) -> list:
 
 def conversation_problem(conversations) -> str | None:
     """None when the sft stage can train on ``conversations``, else why not (one line)."""
-    from ett_ds.data.batch import IMAGE_MARK, ROLES, _well_formed  # reason: data_tools is torch-free, batch is not
-    if not _well_formed(conversations):
+    if not well_formed_conversation(conversations):
         return "not a non-empty list of turns with string from/value"
     roles = [ROLES.get(str(t.get("from", t.get("role", ""))).lower()) for t in conversations]
     if None in roles:

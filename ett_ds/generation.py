@@ -59,7 +59,8 @@ def _autocast(model: ETTModel):
 
 
 @contextlib.contextmanager
-def _eval(model: ETTModel):
+def eval_mode(model: ETTModel):
+    """Eval mode, no gradients, the LLM's autocast; every module's training flag restored afterwards."""
     modes = [(m, m.training) for m in model.modules()]
     model.eval()  # also turns gradient checkpointing off, which would disable the KV cache
     try:
@@ -130,7 +131,8 @@ def _sample_text(model: ETTModel, text: TextTokenizer, stream: _Stream, max_new_
     return out, fed
 
 
-def _texts(text: TextTokenizer, tokens: torch.Tensor) -> list[str]:
+def decode_texts(text: TextTokenizer, tokens: torch.Tensor) -> list[str]:
+    """Generated token rows as text, each cut at its first eos."""
     texts = []
     for row in tokens.tolist():
         row = row[: row.index(text.eos_id)] if text.eos_id in row else row
@@ -152,9 +154,9 @@ def caption(model: ETTModel, text: TextTokenizer, pixels: torch.Tensor, prompt: 
     else:
         one = Batcher(model.cfg, text, train=False).caption_prompt(prompt)
     ids = torch.tensor([one] * pixels.shape[0], device=_device(model))
-    with _eval(model):
-        return _texts(text, decode_tokens(model, text, ids, pixels.to(_device(model)), max_new_tokens, temperature,
-                                          top_k, top_p, generator))
+    with eval_mode(model):
+        return decode_texts(text, decode_tokens(model, text, ids, pixels.to(_device(model)), max_new_tokens,
+                                                temperature, top_k, top_p, generator))
 
 
 def chat_prompt(model: ETTModel, text: TextTokenizer, turns: list[dict]) -> list[int]:
@@ -174,9 +176,9 @@ def chat_reply(model: ETTModel, text: TextTokenizer, pixels: torch.Tensor, turns
         raise ValueError("chat_reply: the conversation must end with a user turn")
     ids = torch.tensor([chat_prompt(model, text, turns)], device=_device(model))
     pixels = pixels.reshape(1, *pixels.shape[-3:]).to(_device(model))
-    with _eval(model):
-        return _texts(text, decode_tokens(model, text, ids, pixels, max_new_tokens, temperature, top_k, top_p,
-                                          generator))[0]
+    with eval_mode(model):
+        return decode_texts(text, decode_tokens(model, text, ids, pixels, max_new_tokens, temperature, top_k, top_p,
+                                                generator))[0]
 
 
 def first_user_turn(message: str) -> dict:
@@ -216,7 +218,7 @@ class ChatSession:
               top_p: float = 1.0, generator: torch.Generator | None = None) -> str:
         turns = self.turns + [first_user_turn(message) if not self.turns else {"from": "human", "value": message}]
         full = chat_prompt(self.model, self.text, turns)
-        with _eval(self.model):
+        with eval_mode(self.model):
             if self.visual is None:
                 self.visual = _image_tokens(self.model, self.pixels)
             keep = 0
@@ -236,7 +238,7 @@ class ChatSession:
             tokens, fed = _sample_text(self.model, self.text, self.stream, max_new_tokens, temperature, top_k,
                                        top_p, generator)
         self.cached = full + tokens[0, :fed].tolist()
-        answer = _texts(self.text, tokens)[0]
+        answer = decode_texts(self.text, tokens)[0]
         self.turns = turns + [{"from": "gpt", "value": answer}]
         return answer
 
@@ -279,7 +281,7 @@ def generate_images(model: ETTModel, text: TextTokenizer, prompts: list[str], cf
     h, w = (side // model.tokenizer.downsample for side in model.cfg.data.image_size)
     dev = _device(model)
     images = []
-    with _eval(model):
+    with eval_mode(model):
         for i, prompt in enumerate(prompts):
             g = torch.Generator(device=dev).manual_seed(seed + i)
             codes = sample_codes(model, batcher.t2i_prompt(prompt), batcher.t2i_prompt(""), h * w, num_images,
@@ -290,5 +292,5 @@ def generate_images(model: ETTModel, text: TextTokenizer, prompts: list[str], cf
 
 def reconstruct(model: ETTModel, pixels: torch.Tensor) -> torch.Tensor:
     """The tokenizer's round trip, (B, 3, H, W) in [-1, 1]."""
-    with _eval(model):
+    with eval_mode(model):
         return model.tokenizer(pixels.to(_device(model)))[0].float().clamp(-1, 1)

@@ -23,7 +23,8 @@ from .data.shards import expand_urls, train_batches
 from .engine import deepspeed as eng
 from .engine import dist
 from .engine import preempt
-from .engine.ema import ShardEMA, _shard
+from .engine.ema import ShardEMA
+from .engine.zero3 import local_shard
 from .models import losses
 from .generation import generate_images
 from .models.build import build_model
@@ -194,7 +195,7 @@ class Trainer:
     def weights_finite(self) -> bool:
         """Collective: every rank's shards (ZeRO partitions and fp32 masters), the discriminator and the EMA are
         finite. One all-reduce and one host read per checkpoint, not per step."""
-        tensors = [_shard(p) for p in self.model.parameters()]
+        tensors = [local_shard(p) for p in self.model.parameters()]
         tensors += list(getattr(self.engine.optimizer, "fp32_partitioned_groups_flat", None) or [])
         if self.objective is not None:
             tensors += self.objective.trained_parameters()

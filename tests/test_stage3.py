@@ -28,14 +28,14 @@ def run_steps(tr, batch, n, key):
 
 
 def test_stage0_lowers_reconstruction_loss_and_keeps_an_ema(spm_model, tmp_path):
-    from ett_ds.engine.ema import _shard
+    from ett_ds.engine.zero3 import local_shard
     from ett_ds.checkpoint.weights import consolidated_state_dict, full_state_dict
     tr = Trainer(tiny_config(spm_model, tmp_path, "stage=tokenizer", "engine.precision=fp32",
                              "optim.tokenizer_lr=2e-3", "train.ema_decay=0.5"))
     assert tr.model.llm is None and tr.text is None and tr.ema is not None
     # 16 steps, compared by 4-step means (0.79x measured here); single steps are not monotone on every CPU.
     assert_falls(run_steps(tr, pixel_batch(tr), 16, "l1"), factor=0.9, window=4)
-    differ = [n for n, p in tr.ema.params.items() if not torch.equal(tr.ema.shadow[n], _shard(p).float())]
+    differ = [n for n, p in tr.ema.params.items() if not torch.equal(tr.ema.shadow[n], local_shard(p).float())]
     assert len(differ) == len(tr.ema.params), "every EMA shard should lag its raw weights"
     # The checkpoint's consolidated weights are the EMA ones, not the raw ones.
     with tr.ema.swapped():

@@ -102,7 +102,7 @@ def test_chunked_quantizer_gradients_of_each_term_alone(term):
 
 
 def test_quantizer_chunk_size_from_config_and_budget():
-    from ett_ds.models.chunked import CHUNK_BUDGET_BYTES, auto_chunk_tokens
+    from ett_ds.tokenizers.chunked import CHUNK_BUDGET_BYTES, auto_chunk_tokens
     assert IBQuantizer(131072, 4).chunk_tokens == auto_chunk_tokens(131072) == 128
     assert 4 * 4 * 131072 * auto_chunk_tokens(131072) <= CHUNK_BUDGET_BYTES
     assert auto_chunk_tokens(10 ** 9) == 8  # never below one small chunk

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from ..engine import dist
-from ..models.llm import gathered
+from ..engine.zero3 import gathered
 from ..models.lora import fit_state_dict  # across a LoRA boundary: X.weight <-> X.base_layer.weight, merges
 from .layout import TOKENIZER_EMA, CheckpointError, is_complete
 from .safe import read_safetensors, reads_safely, save_safetensors

@@ -25,25 +25,11 @@ from ..config import Config
 from ..models.ett import STAGE_SPECS
 from ..models.losses import IGNORE
 from ..models.text import TextTokenizer
-from .format import IMAGE_MARK, SampleError, sample_caption
+from .format import IMAGE_MARK, ROLES, SampleError, sample_caption, well_formed_conversation
 from .transforms import image_to_uint8, to_unit_range
 
 BLANK = 128  # the placeholder image of a text-only sample: mid grey, about 0 in [-1, 1]
 CHARS_PER_TOKEN = 64  # a token never spans more characters than this: what a chat turn is encoded from, per token
-ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
-
-
-def _well_formed(conversations) -> bool:
-    """A non-empty list of turns, each a dict whose role and content are strings."""
-    if not isinstance(conversations, list) or not conversations:
-        return False
-    for turn in conversations:
-        if not isinstance(turn, dict):
-            return False
-        role, content = turn.get("from", turn.get("role")), turn.get("value", turn.get("content"))
-        if not isinstance(role, str) or not isinstance(content, str):
-            return False
-    return True
 
 
 class Batcher:
@@ -176,7 +162,7 @@ class Batcher:
         if task not in ("caption", "sft", "t2i"):
             raise SampleError("bad_json")
         conversations = meta.get("conversations")
-        if conversations is not None and not _well_formed(conversations):
+        if conversations is not None and not well_formed_conversation(conversations):
             raise SampleError("bad_conversations")
         has_text = bool(text and text.strip())
         text_only = sample.get("image") is None

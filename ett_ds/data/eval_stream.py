@@ -24,7 +24,8 @@ import torch
 from torch.utils.data import IterableDataset
 
 from .decode import count_samples, is_url, iter_tar_samples, open_shard
-from .shards import _examples, _finish, _iterate, _loader, _rank_world, _worker, _worker_init, expand_urls, stream_seed
+from .loader import current_worker, examples, finish_batch, iterate, make_loader, rank_world, seed_worker, stream_seed
+from .shards import expand_urls
 
 __all__ = ["eval_batches", "eval_plan", "shard_counts"]
 
@@ -94,7 +95,7 @@ class _EvalStream(IterableDataset):
         self.max_pixels, self.pad_partial = max_pixels, pad_partial
 
     def __iter__(self):
-        worker, workers = _worker()
+        worker, workers = current_worker()
         stats = Counter()
         rng = random.Random(stream_seed(0, 0, 0, worker))
         mine = self.shards[worker::workers]
@@ -102,19 +103,19 @@ class _EvalStream(IterableDataset):
         batch: list = []
         held = None  # the last full batch, yielded once more samples (or the end) are seen, so that samples
         # skipped after it are still counted in some batch's data_stats
-        for example in _examples(raw, self.make_example, stats, rng, self.max_pixels, None):
+        for example in examples(raw, self.make_example, stats, rng, self.max_pixels, None):
             batch.append(example)
             if len(batch) == self.batch_size:
                 if held is not None:
-                    yield _finish(held, self.batch_size, self.batch_size, stats)
+                    yield finish_batch(held, self.batch_size, self.batch_size, stats)
                 held, batch = self.collate(batch), []
         if held is not None:
-            yield _finish(held, self.batch_size, self.batch_size, stats)
+            yield finish_batch(held, self.batch_size, self.batch_size, stats)
         if batch:
             n = len(batch)
             if self.pad_partial:
                 batch = batch + [batch[i % n] for i in range(self.batch_size - n)]
-            yield _finish(self.collate(batch), n, len(batch), stats)
+            yield finish_batch(self.collate(batch), n, len(batch), stats)
 
 
 def _padding_batch(template: dict) -> dict:
@@ -144,18 +145,18 @@ def eval_batches(urls, *, batch_size: int, make_example, collate, rank=None, wor
     ``batch_size`` rows (static shapes). ``max_batches`` caps the pass on every rank alike.
     """
     shards = sorted(expand_urls(urls))
-    rank, world = _rank_world(rank, world_size)
+    rank, world = rank_world(rank, world_size)
     target = max(eval_plan(shards, batch_size, world, num_workers))
     target = _all_reduce_max(target)
     if max_batches is not None:
         target = min(target, max_batches)
     mine = shards[rank::world]
     dataset = _EvalStream(mine, batch_size, make_example, collate, max_pixels, pad_partial)
-    init = functools.partial(_worker_init, 0, 0, rank, max_pixels)
+    init = functools.partial(seed_worker, 0, 0, rank, max_pixels)
     n, last = 0, None
     if mine and target > 0:
-        loader = _loader(dataset, num_workers if len(mine) > 0 else 0, init, multiprocessing_context)
-        for batch in _iterate(loader):
+        loader = make_loader(dataset, num_workers if len(mine) > 0 else 0, init, multiprocessing_context)
+        for batch in iterate(loader):
             if n >= target:
                 break
             yield batch
@@ -172,6 +173,6 @@ def _template_batch(shards, make_example, collate, max_pixels) -> dict:
     """A rank without data still needs a batch of the right structure to pad with: build one from any shard."""
     stats: Counter = Counter()
     raw = (s for url in shards for s in iter_tar_samples(url, stats))
-    for example in _examples(raw, make_example, stats, random.Random(0), max_pixels, None):
-        return _finish(collate([example]), 0, 1, Counter())
+    for example in examples(raw, make_example, stats, random.Random(0), max_pixels, None):
+        return finish_batch(collate([example]), 0, 1, Counter())
     raise RuntimeError(f"eval_batches: no decodable sample in {len(shards)} shard(s) to build padding batches")

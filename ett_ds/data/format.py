@@ -36,6 +36,8 @@ TEXT_EXTS = (CAPTION_EXT, JSON_EXT)
 WHITELIST = frozenset(IMAGE_EXTS + TEXT_EXTS)  # the members the loader reads; nothing else is read or copied
 CAPTION_FIELDS = ("caption", "text")  # json fields holding the caption of a sample without a txt member
 IMAGE_MARK = "<image>"  # where a conversation's image goes
+# a conversation turn's role ("from" / "role") -> the chat template's role
+ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 
 # Size caps, checked from the tar header before a member is read (every reader: training, evaluation, verify,
 # instruct). A caption or conversation json is KBs (LLaVA's longest rows are tens of KB; sft cuts conversations at
@@ -55,6 +57,19 @@ class SampleError(Exception):
     def __init__(self, reason: str):
         super().__init__(reason)
         self.reason = reason
+
+
+def well_formed_conversation(conversations) -> bool:
+    """A non-empty list of turns, each a dict whose role and content are strings."""
+    if not isinstance(conversations, list) or not conversations:
+        return False
+    for turn in conversations:
+        if not isinstance(turn, dict):
+            return False
+        role, content = turn.get("from", turn.get("role")), turn.get("value", turn.get("content"))
+        if not isinstance(role, str) or not isinstance(content, str):
+            return False
+    return True
 
 
 def text_only(meta: dict | None) -> bool:

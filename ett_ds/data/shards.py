@@ -5,29 +5,26 @@ replacement* from its own RNG, so no rank ever runs out first and hangs a collec
 count, and a resume reseeds by bumping ``segment`` instead of replaying consumed data. Samples are shuffled as raw
 bytes (10-50x smaller than decoded pixels) and decoded last. With ``num_workers`` > 0 the DataLoader takes batches
 from the workers in a fixed round robin, so the same arguments give the same batch sequence.
-The finite evaluation pass is ``eval_stream.py``.
+The finite evaluation pass is ``eval_stream.py``; what both share (ranks, workers, seeds, examples, the DataLoader)
+is ``loader.py``.
 """
 from __future__ import annotations
 
 import functools
 import glob
-import hashlib
 import os
 import random
 from collections import Counter
 from pathlib import Path
 from typing import Callable, Iterator
 
-import numpy as np
-import torch
-from PIL import Image
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import IterableDataset
 
-from ..engine import preempt
-from .decode import DataErrorRateExceeded, check_error_rate, decode_sample, is_url, iter_tar_samples
-from .format import IMAGE_EXTS, SampleError
+from .decode import DataErrorRateExceeded, check_error_rate, is_url, iter_tar_samples
+from .format import IMAGE_EXTS
+from .loader import current_worker, examples, finish_batch, iterate, make_loader, rank_world, seed_worker, stream_seed
 
-__all__ = ["train_batches", "expand_urls", "list_shards", "local_shard", "DataErrorRateExceeded", "stream_seed"]
+__all__ = ["train_batches", "expand_urls", "list_shards", "local_shard", "DataErrorRateExceeded"]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -98,41 +95,7 @@ def expand_urls(urls) -> list[str]:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Seeding
-
-
-def stream_seed(seed: int, segment: int, rank: int, worker: int) -> int:
-    """A 63-bit seed per stream; hashing (not adding) keeps neighbouring tuples uncorrelated."""
-    digest = hashlib.sha256(f"ett_ds/data:{seed}:{segment}:{rank}:{worker}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") >> 1
-
-
-def _worker_init(seed: int, segment: int, rank: int, max_pixels: int, worker_id: int) -> None:
-    s = stream_seed(seed, segment, rank, worker_id)
-    random.seed(s)
-    np.random.seed(s % (1 << 32))
-    torch.manual_seed(s)
-    torch.set_num_threads(1)
-    Image.MAX_IMAGE_PIXELS = max(max_pixels, Image.MAX_IMAGE_PIXELS or 0)
-
-
-def _rank_world(rank: int | None, world_size: int | None) -> tuple[int, int]:
-    if rank is not None and world_size is not None:
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} outside world_size {world_size}")
-        return rank, world_size
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-
-
-def _worker() -> tuple[int, int]:
-    info = get_worker_info()
-    return (info.id, info.num_workers) if info is not None else (0, 1)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Shared stream pieces
+# Training
 
 
 def _shuffle(samples: Iterator[dict], size: int, rng: random.Random, initial: int) -> Iterator[dict]:
@@ -156,47 +119,6 @@ def _shuffle(samples: Iterator[dict], size: int, rng: random.Random, initial: in
     yield from buf
 
 
-def _examples(raw_samples: Iterator[dict], make_example: Callable, stats: Counter, rng: random.Random,
-              max_pixels: int, decode_size, on_count: Callable[[], None] = lambda: None) -> Iterator:
-    for raw in raw_samples:
-        try:
-            sample = decode_sample(raw, max_pixels=max_pixels, decode_size=decode_size)
-        except SampleError as e:
-            stats[e.reason] += 1
-            on_count()
-            continue
-        sample["__rng__"] = rng
-        try:
-            example = make_example(sample)
-        except SampleError as e:  # the Batcher's own reasons (missing_caption, bad_conversations, ...)
-            stats[e.reason] += 1
-            on_count()
-            continue
-        except Exception as e:  # noqa: BLE001 - any other failure is one bad sample, counted by its type
-            stats[f"example_error:{type(e).__name__}"] += 1
-            on_count()
-            continue
-        if example is None:
-            stats["rejected"] += 1
-            on_count()
-            continue
-        stats["ok"] += 1
-        if isinstance(example, dict) and example.get("text_only"):
-            stats["text_only"] += 1  # of the ok ones: sft samples without an image (not an error)
-        yield example
-
-
-def _finish(batch: dict, n_valid: int, n_total: int, stats: Counter) -> dict:
-    valid = torch.zeros(n_total, dtype=torch.bool)
-    valid[:n_valid] = True
-    batch["valid"] = valid
-    batch["data_stats"] = dict(stats)
-    stats.clear()
-    return batch
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Training
 
 
 STALL_LIMIT = 10_000  # skips in a row (whatever the thresholds) after which a training stream gives up
@@ -217,7 +139,7 @@ class _TrainStream(IterableDataset):
             check()  # shard-level failures (missing, truncated) count too; all-broken shards must not spin
 
     def __iter__(self):
-        worker, _ = _worker()
+        worker, _ = current_worker()
         rng = random.Random(stream_seed(self.seed, self.segment, self.rank, worker))
         stats, totals = Counter(), Counter()
         where = f"rank {self.rank} worker {worker}"
@@ -235,45 +157,13 @@ class _TrainStream(IterableDataset):
 
         raw = _shuffle(self._raw(rng, stats, check), self.shuffle_buffer, rng, self.shuffle_initial)
         batch = []
-        for example in _examples(raw, self.make_example, stats, rng, self.max_pixels, self.decode_size, check):
+        for example in examples(raw, self.make_example, stats, rng, self.max_pixels, self.decode_size, check):
             batch.append(example)
             if len(batch) == self.batch_size:
                 totals.update(stats)
                 check_error_rate(totals, self.max_error_rate, self.min_samples, where)
-                yield _finish(self.collate(batch), len(batch), len(batch), stats)
+                yield finish_batch(self.collate(batch), len(batch), len(batch), stats)
                 batch = []
-
-
-def _loader(dataset, num_workers: int, worker_init, multiprocessing_context=None) -> DataLoader:
-    kwargs = {}
-    if num_workers > 0:
-        main_pid = os.getpid() if preempt.active() else None  # a training process that checkpoints on a signal
-        kwargs = dict(persistent_workers=True, worker_init_fn=functools.partial(_init_worker, worker_init, main_pid),
-                      prefetch_factor=4, multiprocessing_context=multiprocessing_context)
-    return DataLoader(dataset, batch_size=None, num_workers=num_workers, pin_memory=torch.cuda.is_available(),
-                      **kwargs)
-
-
-def _init_worker(worker_init, main_pid: int | None, worker_id: int) -> None:
-    if main_pid is not None:
-        preempt.worker_init(main_pid)  # SIGTERM / SIGUSR1 are the training process's to act on, not a worker's
-    worker_init(worker_id)
-
-
-def _iterate(loader: DataLoader) -> Iterator:
-    """The loader's batches. Its workers start with the preemption signals deferred (engine/preempt.py) and are shut
-    down (joined, terminated if need be) when the iteration ends: exhausted, closed, or failed."""
-    if loader.num_workers == 0:
-        yield from loader
-        return
-    with preempt.deferred():
-        it = iter(loader)  # forks the workers
-    try:
-        yield from it
-    finally:
-        shutdown = getattr(it, "_shutdown_workers", None)
-        if shutdown is not None:
-            shutdown()
 
 
 def train_batches(urls, *, batch_size: int, make_example, collate, seed: int = 0, segment: int = 0,
@@ -292,13 +182,13 @@ def train_batches(urls, *, batch_size: int, make_example, collate, seed: int = 0
     ``decode_size`` (H, W): optional JPEG reduced-scale decode that still covers that size.
     """
     shards = expand_urls(urls)
-    rank, _ = _rank_world(rank, world_size)
+    rank, _ = rank_world(rank, world_size)
     initial = shuffle_initial if shuffle_initial is not None else min(shuffle_buffer, 100)
     dataset = _TrainStream(shards, batch_size, make_example, collate, seed, segment, rank, shuffle_buffer,
                            max_pixels, max_error_rate, min_samples_for_error_rate, decode_size, initial)
-    init = functools.partial(_worker_init, seed, segment, rank, max_pixels)
+    init = functools.partial(seed_worker, seed, segment, rank, max_pixels)
     totals: Counter = Counter()
-    for batch in _iterate(_loader(dataset, num_workers, init, multiprocessing_context)):
+    for batch in iterate(make_loader(dataset, num_workers, init, multiprocessing_context)):
         totals.update(batch["data_stats"])
         check_error_rate(totals, max_error_rate, min_samples_for_error_rate, f"rank {rank}")
         yield batch

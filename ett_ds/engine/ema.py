@@ -16,9 +16,7 @@ from contextlib import contextmanager
 
 import torch
 
-
-def _shard(p: torch.Tensor) -> torch.Tensor:
-    return p.ds_tensor if hasattr(p, "ds_tensor") else p.data
+from .zero3 import local_shard
 
 
 def warmed_up(decay: float, step: int) -> float:
@@ -31,14 +29,14 @@ class ShardEMA:
         self.decay = decay
         self.last_decay = None  # the decay the latest update applied
         self.params = {n: p for n, p in named_params if p.requires_grad}
-        self.shadow = {n: _shard(p).detach().float().clone() for n, p in self.params.items()}
+        self.shadow = {n: local_shard(p).detach().float().clone() for n, p in self.params.items()}
 
     @torch.no_grad()
     def update(self, step: int) -> None:
         """After optimizer step ``step`` (the trainer's count, 1 for the first)."""
         self.last_decay = warmed_up(self.decay, step)
         for n, p in self.params.items():
-            self.shadow[n].lerp_(_shard(p).float(), 1.0 - self.last_decay)
+            self.shadow[n].lerp_(local_shard(p).float(), 1.0 - self.last_decay)
 
     @contextmanager
     def swapped(self):
@@ -46,7 +44,7 @@ class ShardEMA:
         backup = {}
         with torch.no_grad():
             for n, p in self.params.items():
-                s = _shard(p)
+                s = local_shard(p)
                 backup[n] = s.detach().clone()
                 s.copy_(self.shadow[n].to(s.dtype))
         try:
@@ -54,7 +52,7 @@ class ShardEMA:
         finally:
             with torch.no_grad():
                 for n, p in self.params.items():
-                    _shard(p).copy_(backup[n])
+                    local_shard(p).copy_(backup[n])
 
     def state_dict(self) -> dict:
         return {"decay": self.decay, "shadow": self.shadow}

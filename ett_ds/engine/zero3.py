@@ -1,14 +1,44 @@
 """ZeRO-3 helpers: building modules with or without partitioning, and reaching full or local parameters.
 
 Under ZeRO-3 each rank holds a shard of every parameter (``param.ds_tensor``); a full tensor exists only inside a
-gather. ``engine/deepspeed.enable_zero_init`` registers transformers' ``HfDeepSpeedConfig`` so that LLMs are built
-inside ``deepspeed.zero.Init`` (partitioned at creation); :func:`no_zero_init` builds unpartitioned modules in a
-process that registered one (loading a checkpoint for inference after a training, in tests and experiments).
+gather (:class:`gathered`), the rank's own part is :func:`local_shard`. ``engine/deepspeed.enable_zero_init``
+registers transformers' ``HfDeepSpeedConfig`` so that LLMs are built inside ``deepspeed.zero.Init`` (partitioned at
+creation); :func:`no_zero_init` builds unpartitioned modules in a process that registered one (loading a checkpoint
+for inference after a training, in tests and experiments). Without ZeRO-3 every helper is a no-op or the identity.
 """
 from __future__ import annotations
 
 import contextlib
 import sys
+
+import torch
+
+
+class gathered:
+    """GatheredParameters when the params are ZeRO-3 partitioned, a no-op otherwise (``modify``: rank 0's changes
+    are kept, broadcast to every rank when the context ends)."""
+
+    def __init__(self, params, modify: bool = False):
+        self.params = [p for p in params if hasattr(p, "ds_id")]
+        self.modify = modify
+        self.ctx = None
+
+    def __enter__(self):
+        if self.params:
+            import deepspeed  # reason: only under ZeRO-3 (the params are partitioned); deepspeed's import is slow
+            self.ctx = deepspeed.zero.GatheredParameters(self.params, modifier_rank=0 if self.modify else None)
+            self.ctx.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        if self.ctx is not None:
+            return self.ctx.__exit__(*exc)
+        return False
+
+
+def local_shard(p: torch.Tensor) -> torch.Tensor:
+    """This rank's partition of a ZeRO-3 parameter (``ds_tensor``), the whole ``data`` of any other tensor."""
+    return p.ds_tensor if hasattr(p, "ds_tensor") else p.data
 
 
 @contextlib.contextmanager

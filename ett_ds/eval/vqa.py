@@ -26,7 +26,7 @@ from ..data.decode import decode_sample, iter_tar_samples
 from ..data.format import SampleError
 from ..data.shards import expand_urls
 from ..data.transforms import image_to_uint8, to_unit_range
-from ..generation import _eval, _texts, caption, chat_prompt, decode_tokens, first_user_turn
+from ..generation import caption, chat_prompt, decode_texts, decode_tokens, eval_mode, first_user_turn
 
 DEFAULT_PROMPT = "{question} Answer with a single word or number."
 
@@ -161,8 +161,8 @@ def answer_batch(model, text, pixels, prompt: str, max_new_tokens: int) -> list[
         return caption(model, text, pixels, prompt=prompt, max_new_tokens=max_new_tokens)
     device = next(model.tokenizer.parameters()).device
     ids = torch.tensor([chat_prompt(model, text, [first_user_turn(prompt)])] * pixels.shape[0], device=device)
-    with _eval(model):
-        return _texts(text, decode_tokens(model, text, ids, pixels.to(device), max_new_tokens))
+    with eval_mode(model):
+        return decode_texts(text, decode_tokens(model, text, ids, pixels.to(device), max_new_tokens))
 
 
 def run_vqa(model, text, cfg, data: str, template: str, batch_size: int, max_new_tokens: int,

@@ -19,11 +19,11 @@ import torch
 import torch.nn as nn
 
 from ..config import Config
+from ..tokenizers import build_tokenizer
+from ..tokenizers.chunked import auto_chunk_tokens
 from . import lora, losses
-from .chunked import auto_chunk_tokens
 from .llm import base_model, build_llm, hidden_size, resize_for_vocab
 from .projector import MLPProjector
-from ..tokenizers import build_tokenizer
 
 
 @dataclass(frozen=True)

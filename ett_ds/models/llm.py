@@ -13,6 +13,7 @@ import torch
 import torch.nn as nn
 
 from ..config import LLMConfig
+from ..engine.zero3 import gathered
 from . import lora
 
 
@@ -70,7 +71,7 @@ def resize_for_vocab(llm: nn.Module, vocab_size: int, multiple: int = 64) -> int
     if head is not None and head.weight is not tables[0].weight:
         tables.append(head)
     for table in tables:
-        with _gathered([table.weight], modify=True):
+        with gathered([table.weight], modify=True):
             w = table.weight.data
             w[old:] = w[:old].mean(0, keepdim=True)
     return new
@@ -78,27 +79,3 @@ def resize_for_vocab(llm: nn.Module, vocab_size: int, multiple: int = 64) -> int
 
 def _num_rows(emb: nn.Embedding) -> int:
     return int(getattr(emb.weight, "ds_shape", emb.weight.shape)[0])
-
-
-class _gathered:
-    """GatheredParameters when the params are ZeRO-3 partitioned, a no-op otherwise."""
-
-    def __init__(self, params, modify: bool = False):
-        self.params = [p for p in params if hasattr(p, "ds_id")]
-        self.modify = modify
-        self.ctx = None
-
-    def __enter__(self):
-        if self.params:
-            import deepspeed
-            self.ctx = deepspeed.zero.GatheredParameters(self.params, modifier_rank=0 if self.modify else None)
-            self.ctx.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        if self.ctx is not None:
-            return self.ctx.__exit__(*exc)
-        return False
-
-
-gathered = _gathered

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from .chunked import LinearCrossEntropy, auto_chunk_tokens
+from ..tokenizers.chunked import LinearCrossEntropy, auto_chunk_tokens
 
 IGNORE = -100
 

@@ -5,11 +5,12 @@
   their argmax and the two sums the entropy loss needs (the sample entropy and the batch-mean distribution, K floats).
   Backward recomputes each chunk's logits and forms their gradient directly.
 * :class:`LinearCrossEntropy`: ``cross_entropy(hidden @ W^T, targets, reduction="sum")`` for a K-wide output head,
-  chunk by chunk in forward and again in backward (the weight gradient is accumulated into one buffer).
+  chunk by chunk in forward and again in backward (the weight gradient is accumulated into one buffer); the LLM
+  side's heads use it through ``models/losses.linear_cross_entropy`` (the visual-code head is K wide too).
 
-Both compute the same formulas as the unchunked code (``ibq.entropy_loss`` and the plain IBQ quantizer, ``losses.caption_loss`` of
-a full logits matrix); only the order of floating-point summation differs. How large a chunk is follows from a memory
-budget: :func:`auto_chunk_tokens`.
+Both compute the same formulas as the unchunked code (``ibq.entropy_loss`` and the plain IBQ quantizer,
+``models.losses.caption_loss`` of a full logits matrix); only the order of floating-point summation differs. How large
+a chunk is follows from a memory budget: :func:`auto_chunk_tokens`.
 """
 from __future__ import annotations
 

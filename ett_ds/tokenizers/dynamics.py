@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from ..models.llm import gathered
+from ..engine.zero3 import gathered
 
 
 class TokenizerDynamics:

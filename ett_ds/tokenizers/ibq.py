@@ -1,7 +1,7 @@
 """IBQ (Index Backpropagation Quantization, SEED-Voken): the paper's tokenizer, ``model.tokenizer.type=ibq``.
 
 The quantizer's logits/softmax/entropy run in fp32 whatever the surrounding precision, over token chunks
-(``models/chunked.py``). Its loss terms: ``quant`` (the double quantization loss) and ``entropy`` (MAGVIT-v2's
+(``tokenizers/chunked.py``). Its loss terms: ``quant`` (the double quantization loss) and ``entropy`` (MAGVIT-v2's
 sample entropy minus batch entropy, with the reference's eps inside the batch log).
 """
 from __future__ import annotations
@@ -11,7 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..config import TokenizerConfig
-from ..models.chunked import IBQChunked, auto_chunk_tokens, chunked_argmax
+from .chunked import IBQChunked, auto_chunk_tokens, chunked_argmax
 from .base import VisionTokenizer, init_codebook
 
 

@@ -17,7 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..config import TokenizerConfig
-from ..models.chunked import auto_chunk_tokens, chunked_argmax
+from .chunked import auto_chunk_tokens, chunked_argmax
 from .base import VisionTokenizer, init_codebook
 
 
