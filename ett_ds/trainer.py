@@ -222,7 +222,7 @@ class Trainer:
         (ZeRO-3), rank 0 writes."""
         if self.spec.generate:
             prompts = list(self.first_batch["text"][:4])
-            samples = generate_images(self.model, self.text, prompts, seed=self.cfg.seed)
+            samples = generate_images(self.model, self.text, prompts, seed=self.cfg.seed, **self.cfg.sampling.t2i())
             self.log.images(self.step, [self.first_batch["pixels"][:4], samples], ["data", "samples"], name="samples",
                             captions=[None, prompts], scale=2)
         if not self.spec.reconstruct:
