@@ -15,7 +15,6 @@ for a JPEG decoder (Huffman decoding dominates, so reduced-scale DCT decoding sa
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import sys
 import tarfile

@@ -40,7 +40,12 @@ MICRO_BATCHES = (1, 2, 4, 8, 16, 32)  # divisors of the recipes' global batches
 
 
 def build_config(recipe: str, overrides: list[str]):
-    from stepbench.setup import PRESETS, QWEN25_15B, flow_yaml  # the Qwen2.5-1.5B shape, randomly initialised
+    from stepbench.setup import (  # the Qwen2.5-1.5B shape, randomly initialised
+        PRESETS,
+        QWEN25_15B,
+        flow_yaml,
+    )
+
     from ett_ds.config import load_config
     if recipe in PRESETS:  # a step-bench preset: its recipe and overrides (what a GPU step bench ran)
         preset = PRESETS[recipe]
@@ -52,8 +57,8 @@ def build_config(recipe: str, overrides: list[str]):
 def count_params(cfg, vocab: int) -> dict:
     """Parameters per part (meta device: nothing allocated), trained vs frozen, and the largest module's own."""
     from ett_ds.engine import deepspeed as eng
-    from ett_ds.tokenizers.discriminator import GANLoss
     from ett_ds.models.ett import ETTModel
+    from ett_ds.tokenizers.discriminator import GANLoss
     eng._HF_DS_CONFIG = None  # no zero.Init here
     # torch's meta device, not accelerate's init_empty_weights: under the latter the LLM's tied input / output
     # embeddings come out as two parameters (measured: Qwen2.5-1.5B counted 233M parameters too many)
@@ -72,6 +77,7 @@ def count_params(cfg, vocab: int) -> dict:
 
 def model_states(cfg, p: dict, gpus: int) -> dict:
     from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+
     from ett_ds.engine import deepspeed as eng
     ds = eng.resolve_ds_config(cfg, gpus, p["hidden"] or 1024)
     z = ds["zero_optimization"]
@@ -144,6 +150,7 @@ def _slope(small: dict, large: dict, x_small: float, x_large: float) -> dict:
 
 def measure_activations(cfg, p: dict, side: int, seq: int, tokens: tuple[int, int]) -> dict:
     from dataclasses import replace
+
     from ett_ds.tokenizers import build_tokenizer
     from ett_ds.tokenizers.ibq import IBQuantizer
     from ett_ds.tokenizers.objective import VQObjective
@@ -159,14 +166,14 @@ def measure_activations(cfg, p: dict, side: int, seq: int, tokens: tuple[int, in
 
         def tok_step():
             with torch.autocast("cpu", dtype=torch.bfloat16):
-                q = tok.encode(x)
-                recon = tok.decode(q.z_q)
-                loss = objective(x, recon, q.terms, step=0)[0]
+                quantized = tok.encode(x)
+                recon = tok.decode(quantized.z_q)
+                loss = objective(x, recon, quantized.terms, step=0)[0]
             loss.backward()
         sizes.append(measure(tok_step, list(tok.parameters()) + list(objective.parameters())))
     out["tokenizer"] = {"sides": [side // 2, side], "at": sizes,
                         **_slope(sizes[0], sizes[1], (side // 2) ** 2, side ** 2)}  # per pixel
-    del tok, objective
+    tok = objective = None  # freed before the quantizer is measured
     # the chunked quantizer at the recipe's K, two token counts -> fixed + per-token
     q = IBQuantizer(tcfg.codebook_size, tcfg.code_dim, init_std=1.0, chunk_tokens=tcfg.quantizer_chunk_tokens)
     rows = []
@@ -180,7 +187,7 @@ def measure_activations(cfg, p: dict, side: int, seq: int, tokens: tuple[int, in
     per_tok = max(rows[1]["peak_gb"] - rows[0]["peak_gb"], 0) / (tokens[1] - tokens[0])
     out["quantizer"] = {"tokens": list(tokens), "chunk_tokens": q.chunk_tokens, "peak_gb": [r["peak_gb"] for r in rows],
                         "per_token_gb": per_tok, "fixed_gb": max(rows[0]["peak_gb"] - per_tok * tokens[0], 0)}
-    del q
+    q = None  # freed before the LLM layer is measured
     # one LLM decoder layer (the Qwen2 body with one layer and a tiny vocabulary) at a reduced sequence length
     if p["uses_llm"]:
         from transformers import AutoConfig, AutoModel

@@ -28,11 +28,26 @@ import tarfile
 from collections import Counter
 from pathlib import Path
 
-from ett_ds.data.format import (CAPTION_EXT, JSON_EXT, MAX_IMAGE_BYTES, MAX_TEXT_BYTES, WHITELIST, SampleError,
-                                clean_caption, image_exts, key_problem, load_image, member_too_large, open_image,
-                                open_tar_stream, pixel_limit, read_json, sample_caption, split_name)
-
 from ett_ds.commandline import run_cli
+from ett_ds.data.format import (
+    CAPTION_EXT,
+    JSON_EXT,
+    MAX_IMAGE_BYTES,
+    MAX_TEXT_BYTES,
+    WHITELIST,
+    SampleError,
+    clean_caption,
+    image_exts,
+    key_problem,
+    load_image,
+    member_too_large,
+    open_image,
+    open_tar_stream,
+    pixel_limit,
+    read_json,
+    sample_caption,
+    split_name,
+)
 
 from .errors import Parser, UsageError
 from .tario import ShardTarWriter, json_bytes

@@ -36,8 +36,15 @@ import os
 import stat
 from pathlib import Path
 
-from ett_ds.data.format import (IMAGE_MARK, MAX_IMAGE_BYTES, MAX_TEXT_BYTES, ROLES, SampleError, text_only,
-                                well_formed_conversation)
+from ett_ds.data.format import (
+    IMAGE_MARK,
+    MAX_IMAGE_BYTES,
+    MAX_TEXT_BYTES,
+    ROLES,
+    SampleError,
+    text_only,
+    well_formed_conversation,
+)
 
 from .errors import UsageError
 from .shard import EncodeOptions, Item, encode_image, shard_items

@@ -26,8 +26,15 @@ from typing import Callable, Iterable
 
 from PIL import Image
 
-from ett_ds.data.format import (IMAGE_EXTS, SampleError, clean_caption, load_image, normalize_image, open_image,
-                                pixel_limit)
+from ett_ds.data.format import (
+    IMAGE_EXTS,
+    SampleError,
+    clean_caption,
+    load_image,
+    normalize_image,
+    open_image,
+    pixel_limit,
+)
 
 from .errors import UsageError
 from .tario import ShardTarWriter, json_bytes, sample_key, shard_name

@@ -17,8 +17,16 @@ import tarfile
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from ett_ds.data.format import (CAPTION_EXT, TEXT_EXTS, SampleError, clean_caption, json_caption, read_json,
-                                sample_caption, split_name)
+from ett_ds.data.format import (
+    CAPTION_EXT,
+    TEXT_EXTS,
+    SampleError,
+    clean_caption,
+    json_caption,
+    read_json,
+    sample_caption,
+    split_name,
+)
 
 from .errors import UsageError
 
@@ -100,7 +108,9 @@ def captions_from_shards(urls: str, max_sentences: int = 200_000) -> list[str]:
     caption are passed over."""
     from collections import Counter
 
-    from ett_ds.data.decode import iter_tar_samples  # reason: decode and shards import torch, data_tools does not
+    from ett_ds.data.decode import (
+        iter_tar_samples,  # reason: decode and shards import torch, data_tools does not
+    )
     from ett_ds.data.shards import expand_urls  # reason: as above
 
     out: list[str] = []

@@ -18,8 +18,19 @@ from pathlib import Path
 from PIL import Image
 
 from ett_ds.data.decode import CountingReader, open_shard
-from ett_ds.data.format import (CAPTION_EXT, JSON_EXT, WHITELIST, SampleError, clean_caption, image_exts,
-                                member_too_large, open_tar_stream, read_json, split_name, text_only)
+from ett_ds.data.format import (
+    CAPTION_EXT,
+    JSON_EXT,
+    WHITELIST,
+    SampleError,
+    clean_caption,
+    image_exts,
+    member_too_large,
+    open_tar_stream,
+    read_json,
+    split_name,
+    text_only,
+)
 from ett_ds.data.shards import list_shards
 
 # what a reason of ett_ds.data.format means in verify's report

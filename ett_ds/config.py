@@ -15,12 +15,26 @@ from typing import Annotated
 
 import yaml
 
-from .typed_tree import ConfigError, build, field_docs, parse_value, set_path  # noqa: F401
-from .typed_tree import Decay, Fraction, Len, NonNegFloat, NonNegInt, OneOf, PosFloat, PosFraction, PosInt
+from .stages import STAGES
+from .typed_tree import (  # noqa: F401
+    ConfigError,
+    Decay,
+    Fraction,
+    Len,
+    NonNegFloat,
+    NonNegInt,
+    OneOf,
+    PosFloat,
+    PosFraction,
+    PosInt,
+    build,
+    field_docs,
+    parse_value,
+    set_path,
+)
 
 RECIPES = Path(__file__).resolve().parent / "recipes"
 
-STAGES = ("tokenizer", "align", "ett", "frozen", "sft", "t2i")
 TOKENIZER_TYPES = ("ibq", "vqgan")  # the keys of tokenizers.REGISTRY (checked there, when a tokenizer is built)
 
 

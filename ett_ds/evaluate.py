@@ -20,7 +20,7 @@ Tasks
 ``--ckpt`` is a training step folder, a run folder (newest complete step) or an export folder. Launched with
 several ranks (torchrun / deepspeed), every rank evaluates its own slice of the shards (the same number of batches
 on every rank, padding rows masked by ``batch["valid"]``); rank 0 gathers the records, prints a table and writes
-the files. The model is a plain module per rank (``ett_ds.checkpoint.loading``), not a ZeRO-3 engine.
+the files. The model is a plain module per rank (``ett_ds.models.loading``), not a ZeRO-3 engine.
 Errors (missing checkpoint or data, a task the checkpoint cannot do) print one line and exit 2
 (``commandline.run_cli``).
 
@@ -58,8 +58,11 @@ from pathlib import Path
 import torch
 
 from .checkpoint import CheckpointError
-from .checkpoint.loading import load_model
-from .commandline import DefaultsHelpFormatter, UserError, run_cli  # the docstring as written, every default shown
+from .commandline import (  # the docstring as written, every default shown
+    DefaultsHelpFormatter,
+    UserError,
+    run_cli,
+)
 from .data.batch import Batcher
 from .data.decode import DataErrorRateExceeded, check_error_rate
 from .data.eval_stream import eval_batches
@@ -67,11 +70,19 @@ from .data.shards import expand_urls
 from .data.transforms import to_unit_range
 from .engine import dist
 from .eval import ocr
-from .eval.tasks import (TASKS, CaptionTask, EvalTask, ReconTask, T2ITask, VQATask, caption_diversity,  # noqa: F401
-                         result_warnings)
+from .eval.tasks import (  # noqa: F401
+    TASKS,
+    CaptionTask,
+    EvalTask,
+    ReconTask,
+    T2ITask,
+    VQATask,
+    caption_diversity,
+    result_warnings,
+)
 from .eval.vqa import DEFAULT_PROMPT
-from .models.ett import STAGE_SPECS
-
+from .models.loading import load_model
+from .stages import STAGE_SPECS
 
 
 class EvalError(UserError):

@@ -54,15 +54,14 @@ from pathlib import Path
 import torch
 
 from .checkpoint import EXPORT_CONFIG, EXTRA_PARTS, CheckpointError
-from .checkpoint.loading import load_model, resolve
-from .engine.zero3 import no_zero_init
 from .checkpoint.safe import save_safetensors, umask_mode
 from .commandline import DefaultsHelpFormatter, UserError, run_cli
 from .config import save_config
+from .data.text import chat_template_jinja
+from .engine.zero3 import no_zero_init
 from .hf import FILES, HERE
 from .models import lora
-from .models.text import chat_template_jinja
-
+from .models.loading import load_model, resolve
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -224,6 +223,7 @@ def open_tokenizer(folder: str | Path):
     encode differently, so the file is opened with ``PreTrainedTokenizerFast`` (the class it was saved as).
     """
     import json as _json
+
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
     spec = _json.loads((Path(folder) / "tokenizer_config.json").read_text())
     if spec.get("ett_text_tokenizer") == "sentencepiece":

@@ -21,9 +21,9 @@ import torch
 
 from .checkpoint import CheckpointError
 from .data.batch import IMAGE_MARK, Batcher
+from .data.text import TextTokenizer
 from .models.ett import ETTModel
 from .models.llm import base_model
-from .models.text import TextTokenizer
 
 
 # -- sampling ------------------------------------------------------------------------------------------------------

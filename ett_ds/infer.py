@@ -28,11 +28,11 @@ from pathlib import Path
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from .checkpoint.loading import load_model, read_config, resolve
 from .commandline import UserError, run_cli
 from .data.transforms import image_to_tensor
 from .eval.metrics import to_uint8_images
 from .generation import ChatSession, caption, generate_images, reconstruct
+from .models.loading import load_model, read_config, resolve
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

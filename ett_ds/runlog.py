@@ -45,8 +45,9 @@ class RunLog:
         if not self.enabled:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        from tqdm import tqdm
         import sys
+
+        from tqdm import tqdm
         # a terminal gets a live bar; a log file (SLURM, CI) gets a line every 30 s instead of every step
         self.bar = tqdm(total=total, initial=initial, desc="train", dynamic_ncols=True,
                         mininterval=0.5 if sys.stderr.isatty() else 30.0)

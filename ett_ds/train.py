@@ -11,8 +11,9 @@ import json
 import sys
 
 from . import config as C
+from . import preflight
 from .commandline import DEBUG_ENV, run_cli
-from .engine import dist, preempt, preflight
+from .engine import dist, preempt
 from .trainer import Trainer, TrainingDiverged
 
 KEYS_EPILOG = """\
@@ -42,7 +43,6 @@ class _Job:
     def prepare(self, _argv) -> None:
         self.cfg = C.load_config(self.args.config, self.args.overrides)
         preflight.check_inputs(self.cfg)  # every local path the run reads, before anything is built or written
-        preflight.pin_init_from(self.cfg)  # a run folder -> its newest complete step, recorded as such in config.yaml
 
     def fit(self, _argv) -> None:
         self.trainer = Trainer(self.cfg)

@@ -17,20 +17,25 @@ from . import checkpoint as ckpt
 from . import config as C
 from .checkpoint import reshard, training
 from .checkpoint.manager import RunLock
-from .checkpoint.weights import load_into_model, save_tokenizer
 from .data.batch import Batcher, batch_to_device
-from .data.shards import expand_urls, train_batches
+from .data.shards import train_batches
 from .engine import deepspeed as eng
-from .engine import dist
-from .engine import preempt
+from .engine import dist, preempt
 from .engine.ema import ShardEMA
 from .engine.zero3 import local_shard
-from .models import losses
 from .generation import generate_images
+from .models import losses
 from .models.build import build_model
-from .models.ett import MODEL_INPUTS, STAGE_SPECS
-from .models.text import ensure_text_tokenizer
+from .models.ett import MODEL_INPUTS
+from .models.weights import load_into_model, save_tokenizer
+from .preflight import (
+    check_shards_and_resume,
+    ensure_demo_data,
+    ensure_text_tokenizer,
+    pin_init_from,
+)
 from .runlog import RunLog
+from .stages import STAGE_SPECS
 from .tokenizers.checkpoint import tokenizer_config_from_yaml
 from .tokenizers.dynamics import TokenizerDynamics
 from .tokenizers.objective import VQObjective
@@ -70,6 +75,7 @@ class Trainer:
         self.ds_config = eng.resolve_ds_config(cfg, self.world, llm_hidden_size(cfg))
         self.accum = self.ds_config["gradient_accumulation_steps"]
         eng.enable_zero_init(self.ds_config)
+        pin_init_from(cfg)  # a run folder -> its newest complete step, recorded as such in config.yaml
         ensure_demo_data(cfg)
         ensure_text_tokenizer(cfg)  # none set, random-init LLM: the run's own spm.model (recorded in cfg)
         # partitioned at creation under ZeRO-3; the tokenizer's initial weights (model.tokenizer.checkpoint) read
@@ -240,7 +246,7 @@ class Trainer:
     # -- the loop ------------------------------------------------------------------------------------------------
     def fit(self) -> dict:
         cfg = self.cfg
-        check_inputs(cfg)  # everything is validated before anything is written: a failing run leaves no trace
+        check_shards_and_resume(cfg)  # everything is validated before anything is written: a failing run leaves no trace
         self.resume()  # a checkpoint that does not load fails before the run folder's files are touched
         lock = RunLock(self.run_dir)  # one job per run folder; released when the process ends, however it ends
         lock.acquire()
@@ -311,43 +317,3 @@ def finite_gate(*losses: torch.Tensor | None) -> torch.Tensor:
             g = loss.detach().float() * 0 + 1  # inf * 0 and nan * 0 are nan
             gate = g if gate is None else gate * g
     return gate
-
-
-def ensure_demo_data(cfg: C.Config) -> None:
-    """Build the built-in demo data (rank 0, others wait) when the recipe asks for it and it is missing.
-
-    Only into a folder that is absent or holds no ``demo_manifest.json`` (an interrupted build): a finished demo
-    folder is never rebuilt (a rebuild makes a new ``spm.model`` and may pick other fonts, which breaks the
-    checkpoints trained on it), so a ``data.train`` that matches nothing beside one is an error."""
-    if not cfg.data.demo_dir or _has_shards(cfg.data.train):
-        return
-    demo = Path(cfg.data.demo_dir)
-    if (demo / "demo_manifest.json").is_file():
-        raise FileNotFoundError(
-            f"data.train={cfg.data.train} matches no shards, and {demo} already holds built demo data, which is "
-            f"never rebuilt: point data.train at its shards ({demo}/train) or delete {demo} to rebuild it")
-    if dist.is_rank0():
-        from data_tools.cli import main as data_tools_main
-        if data_tools_main(["demo", "--out", cfg.data.demo_dir]) != 0:
-            raise FileNotFoundError(f"could not build the demo data in {cfg.data.demo_dir}")
-    dist.barrier()
-
-
-def _has_shards(urls: str) -> bool:
-    try:
-        return bool(expand_urls(urls))
-    except (FileNotFoundError, ValueError):
-        return False
-
-
-def check_inputs(cfg: C.Config) -> None:
-    """Fail (one line) before anything is written when the training shards or the checkpoint to resume from are
-    missing, or the checkpoint does not hold the shards of the world size it records."""
-    expand_urls(cfg.data.train)  # FileNotFoundError naming what is missing
-    if cfg.train.eval_every and cfg.data.eval:
-        expand_urls(cfg.data.eval)
-    folder = training.resume_folder(cfg)
-    if folder is not None:
-        if not folder.is_dir():
-            raise ckpt.ResumeError(f"train.resume={folder}: no such checkpoint folder")
-        ckpt.check_world_size(folder, ckpt.read_trainer_state(folder))

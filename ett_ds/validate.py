@@ -44,6 +44,7 @@ from .eval.tasks import caption_summary
 from .generation import caption, generate_images
 from .models.ett import MODEL_INPUTS
 
+
 @contextlib.contextmanager
 def _rng_kept():
     """Restore Python's, NumPy's and torch's (CPU and CUDA) global RNG states on exit."""

@@ -25,7 +25,7 @@
 #   ETT_LAUNCH_MODE       local | srun | pdsh (overridden by --mode)
 #   ETT_LAUNCH_DIR        where the hostfile and worker environment file go
 #   ETT_EXPORT_VARS       extra variable names (space or comma separated) the workers must receive in pdsh mode
-#   ETT_NO_VALIDATE=1     skip the recipe check (python -m ett_ds.engine.preflight) that runs before every launch
+#   ETT_NO_VALIDATE=1     skip the recipe check (python -m ett_ds.preflight) that runs before every launch
 #   MASTER_PORT           rendezvous port (default in SLURM: 20000 + job id % 20000, as ett_ds.engine.dist;
 #                         on one machine outside SLURM: a free port, never a fixed one)
 #   OMP_NUM_THREADS       default max(1, cores / processes per node); the deepspeed launcher leaves it unset
@@ -186,7 +186,7 @@ preflight() {
     [ "${ETT_NO_VALIDATE:-0}" != 1 ] || { note "recipe not checked (ETT_NO_VALIDATE=1)"; return 0; }
     local py out
     py="$(command -v python || command -v python3)" || die "no python on PATH to check the recipe (ETT_NO_VALIDATE=1 skips)"
-    out="$("$py" -m ett_ds.engine.preflight --world-size "$1" --config "$recipe" "${overrides[@]}" 2>&1)" ||
+    out="$("$py" -m ett_ds.preflight --world-size "$1" --config "$recipe" "${overrides[@]}" 2>&1)" ||
         die "$(printf '%s' "$out" | tail -n 1 | sed 's/^error: //')"
     if [ "$dry_run" = 1 ]; then echo "# $out"; else note "$out"; fi
 }

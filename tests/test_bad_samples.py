@@ -43,7 +43,7 @@ def batcher(spm_model, tmp_path, stage):
     cfg = tiny_config(spm_model, tmp_path, f"stage={stage}")
     if stage == "tokenizer":
         return Batcher(cfg, None, train=True)
-    from ett_ds.models.text import TextTokenizer
+    from ett_ds.data.text import TextTokenizer
     return Batcher(cfg, TextTokenizer(spm_model), train=True)
 
 

@@ -25,7 +25,7 @@ import pytest
 import torch
 
 from ett_ds import checkpoint as ckpt
-from ett_ds.checkpoint import weights
+from ett_ds.models import weights
 from ett_ds.checkpoint.safe import read_safetensors, safe_load
 from ett_ds.engine import dist
 from ett_ds.train import main

@@ -107,7 +107,7 @@ def test_resume_refuses_a_checkpoint_that_pickles_code(good_step, tmp_path, memb
 
 def test_a_clean_checkpoint_resumes_and_consolidates_with_safe_loads_only(good_step, tmp_path):
     """The allow-list is enough for everything ett_ds writes: resume restores step and RNG, consolidation works."""
-    from ett_ds.checkpoint.weights import consolidated_state_dict
+    from ett_ds.models.weights import consolidated_state_dict
     spm, step = good_step
     dst = tmp_path / "run" / "checkpoints" / step.name
     shutil.copytree(step, dst)

@@ -48,12 +48,24 @@ def test_tokenizer_kinds_the_config_allows_are_the_registry():
     assert set(REGISTRY) == set(TOKENIZER_TYPES) == set(one_of.choices)
 
 
-def test_every_stage_name_has_one_spec():
-    """config.STAGES is the one list of stage names; models/ett.STAGE_SPECS says what each does, in that order."""
-    from ett_ds.config import STAGES
-    from ett_ds.models.ett import CAPTION_STAGES, STAGE_SPECS
-    assert tuple(STAGE_SPECS) == STAGES
-    assert CAPTION_STAGES == ("align", "ett", "frozen", "sft")
+def test_stages_say_what_each_one_trains_in_pipeline_order():
+    """stages.py is the one home of the stage list: the config accepts exactly its names, in pipeline order, and
+    each spec says which parts train and which terms run (the paper's stage 1 = align, 2 = ett, 3 = sft / t2i)."""
+    import typing
+
+    from ett_ds.config import Config, ConfigError, config_from_dict
+    from ett_ds.stages import STAGE_SPECS, STAGES
+    (one_of,) = typing.get_args(typing.get_type_hints(Config, include_extras=True)["stage"])[1:]
+    assert STAGES == ("tokenizer", "align", "ett", "frozen", "sft", "t2i")
+    assert STAGE_SPECS["align"].trains == {"projector", "index_embed"}  # stage 1: projector only
+    assert {"tokenizer", "projector", "llm"} == STAGE_SPECS["ett"].trains and STAGE_SPECS["ett"].reconstruct
+    assert "tokenizer" not in STAGE_SPECS["sft"].trains | STAGE_SPECS["t2i"].trains  # stage 3: tokenizer frozen
+    assert [s for s in STAGES if STAGE_SPECS[s].caption] == ["align", "ett", "frozen", "sft"]
+    assert [s for s in STAGES if not STAGE_SPECS[s].uses_llm] == ["tokenizer"]
+    assert tuple(one_of.choices) == STAGES
+    with pytest.raises(ConfigError, match="stage"):
+        config_from_dict({"stage": "pretrain"})
+    assert Config().stage in STAGES
 
 
 @pytest.mark.slow

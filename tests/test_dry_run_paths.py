@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from ett_ds.config import load_config
-from ett_ds.engine.preflight import missing_inputs
+from ett_ds.preflight import missing_inputs
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -95,7 +95,7 @@ def test_demo_data_not_built_yet_is_not_missing_but_a_typo_beside_built_demo_dat
 
 
 def test_several_missing_are_one_line_naming_each(present):
-    from ett_ds.engine.preflight import check_inputs
+    from ett_ds.preflight import check_inputs
     with pytest.raises(FileNotFoundError) as e:
         check_inputs(cfg_with(present, model__llm__path="/models/Qwen2.5-1.5B", data__train="/nonexistent"))
     msg = str(e.value)
@@ -138,7 +138,7 @@ def test_dry_run_and_trainer_refuse_the_issues_paths_before_anything_runs(tmp_pa
 def test_init_from_takes_a_run_folder_as_its_newest_complete_step(present, tmp_path, capsys):
     """issue 22: every --ckpt accepts a run folder, and so does train.init_from; it is pinned to one step folder before
     any rank loads, so config.yaml records the step that was read."""
-    from ett_ds.engine.preflight import pin_init_from
+    from ett_ds.preflight import pin_init_from
     run = tmp_path / "run"
     newer = run / "checkpoints" / "step_00000020"
     newer.mkdir()

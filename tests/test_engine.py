@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from ett_ds.checkpoint.weights import full_state_dict
+from ett_ds.models.weights import full_state_dict
 from ett_ds.engine import dist
 from ett_ds.tokenizers.taming import FP32Conv2d
 from ett_ds.trainer import Trainer

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from ett_ds import export
-from ett_ds.checkpoint.loading import load_model
+from ett_ds.models.loading import load_model
 from ett_ds.engine.zero3 import no_zero_init
 from ett_ds.data.batch import Batcher
 from ett_ds.engine import dist
@@ -113,7 +113,7 @@ def test_tokenizer_stage_exports_only_the_tokenizer(spm, tmp_path, capsys):
 
 
 def _full(module):
-    from ett_ds.checkpoint.weights import full_state_dict
+    from ett_ds.models.weights import full_state_dict
     return full_state_dict(module)
 
 

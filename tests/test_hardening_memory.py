@@ -171,7 +171,7 @@ def test_a_huge_tar_long_name_header_ends_the_shard_without_reading_it(tmp_path)
 def batcher(tmp_path_factory):
     from ett_ds.config import load_config
     from ett_ds.data.batch import Batcher
-    from ett_ds.models.text import TextTokenizer
+    from ett_ds.data.text import TextTokenizer
     spm = train_spm(tmp_path_factory.mktemp("spm"))
     cfg = load_config("tiny", ["stage=sft", "data.demo_dir=null", f"model.llm.text_tokenizer={spm}",
                                "data.max_chat_tokens=64"])
@@ -179,7 +179,7 @@ def batcher(tmp_path_factory):
 
 
 def test_a_5_million_character_answer_is_cut_to_max_chat_tokens_without_a_giant_allocation(batcher):
-    from ett_ds.models.losses import IGNORE
+    from ett_ds.data.text import IGNORE
     answer = "the quick brown fox " * 250_000  # 5,000,000 characters
     conv = [{"from": "human", "value": "<image>\nwhat is it"}, {"from": "gpt", "value": answer},
             {"from": "human", "value": "and then"}, {"from": "gpt", "value": "red"}]

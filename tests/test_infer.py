@@ -11,7 +11,7 @@ from PIL import Image
 
 from ett_ds import infer
 from ett_ds.checkpoint import CheckpointError
-from ett_ds.checkpoint.loading import load_model
+from ett_ds.models.loading import load_model
 from ett_ds.engine import dist
 from ett_ds.generation import ChatSession, _crop, caption, chat_reply, first_user_turn, generate_images
 from tests.stage_batches import smooth_images, trained_checkpoint

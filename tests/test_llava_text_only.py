@@ -87,7 +87,7 @@ def _example(trainer, conversations, image: bool):
 
 @pytest.mark.slow  # the engine's setup
 def test_a_text_only_sample_trains_as_plain_text_its_blank_image_unseen(trainer):
-    from ett_ds.models.losses import IGNORE
+    from ett_ds.data.text import IGNORE
     conv = [turn("human", "name a colour"), turn("gpt", "red cat")]
     b, ex = _example(trainer, conv, image=False)
     text_ids, text_labels = b.chat_sequence(conv, image=False)
@@ -115,7 +115,7 @@ def test_text_only_samples_are_skipped_where_the_image_would_train_the_tokenizer
     from ett_ds.config import load_config
     from ett_ds.data.batch import Batcher
     from ett_ds.data.format import SampleError
-    from ett_ds.models.text import TextTokenizer
+    from ett_ds.data.text import TextTokenizer
     spm = train_spm(tmp_path)
     cfg = load_config("tiny", ["stage=ett", "data.demo_dir=null", f"model.llm.text_tokenizer={spm}"])
     b = Batcher(cfg, TextTokenizer(spm), train=False)

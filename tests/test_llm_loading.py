@@ -2,9 +2,9 @@
 import pytest
 import torch
 
-from ett_ds.checkpoint.weights import full_state_dict
+from ett_ds.models.weights import full_state_dict
 from ett_ds.engine import dist
-from ett_ds.models.text import SPECIALS, TextTokenizer
+from ett_ds.data.text import SPECIALS, TextTokenizer
 from ett_ds.trainer import Trainer
 from tests.tiny import WORDS, tiny_config, train_spm
 
@@ -64,7 +64,7 @@ def test_hf_model_exports_with_its_tokenizer_and_reopens_in_transformers(tmp_pat
     special tokens, and the same logits as the ett_ds model."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from ett_ds import export
-    from ett_ds.checkpoint.loading import load_model
+    from ett_ds.models.loading import load_model
     from ett_ds.engine.zero3 import no_zero_init
     from tests.stage_batches import trained_checkpoint
     dist.init_distributed()

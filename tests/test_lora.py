@@ -116,8 +116,8 @@ def caption_logits(model, text, images):
 @pytest.mark.slow
 def test_lora_sft_trains_only_adapters_and_the_merged_export_captions_alike(spm_model, tmp_path, capsys):
     from ett_ds import export
-    from ett_ds.checkpoint.loading import load_model
-    from ett_ds.checkpoint.weights import consolidated_state_dict, full_state_dict
+    from ett_ds.models.loading import load_model
+    from ett_ds.models.weights import consolidated_state_dict, full_state_dict
     from ett_ds.engine.deepspeed import param_groups
     from ett_ds.generation import caption
     from ett_ds.trainer import Trainer
@@ -238,8 +238,8 @@ def test_two_rank_lora_sft_cli_export_and_infer_agree(tmp_path):
     import tarfile
     from pathlib import Path
 
-    from ett_ds.checkpoint.loading import resolve
-    from ett_ds.checkpoint.weights import consolidated_state_dict
+    from ett_ds.models.loading import resolve
+    from ett_ds.models.weights import consolidated_state_dict
     from ett_ds.trainer import Trainer
     from tests.stage_batches import smooth_images
     from tests.tiny import build_demo, run_group, subprocess_env
@@ -290,7 +290,7 @@ def test_two_rank_lora_sft_cli_export_and_infer_agree(tmp_path):
         captions[name] = out.splitlines()
     assert len(captions["unmerged"]) == len(images) and captions["merged"] == captions["unmerged"]
     # the same prompt's logits in process (a few steps' captions can be empty: an early eos says little)
-    from ett_ds.checkpoint.loading import load_model
+    from ett_ds.models.loading import load_model
     from ett_ds.infer import read_images
     unmerged, merged = load_model(step), load_model(export_dir)
     assert not lora.adapter_layers(merged.model.llm)

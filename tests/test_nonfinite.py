@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from ett_ds import checkpoint as ckpt
-from ett_ds.checkpoint.weights import full_state_dict
+from ett_ds.models.weights import full_state_dict
 from ett_ds.engine import dist
 from ett_ds.trainer import Trainer, TrainingDiverged, finite_gate
 from tests.tiny import caption_batch, tiny_config, train_spm
@@ -99,7 +99,7 @@ def test_diverging_run_keeps_its_last_good_checkpoint_and_stops_after_max_bad_st
     root = tr.ckpt_root
     assert [d.name for d in ckpt.step_dirs(root)] == ["step_00000002", "step_00000003"]
     assert ckpt.newest_good(root).name == "step_00000002"
-    from ett_ds.checkpoint.weights import consolidated_state_dict
+    from ett_ds.models.weights import consolidated_state_dict
     for d in ckpt.step_dirs(root):
         assert all(torch.isfinite(v).all() for v in consolidated_state_dict(d).values() if v.is_floating_point())
 

@@ -129,7 +129,7 @@ def test_spm_corpus_takes_the_turns_of_sft_shards(shards, tmp_path):
 
 
 def test_the_run_trains_inherits_and_records_its_text_tokenizer(shards, tmp_path):
-    from ett_ds.models.text import ensure_text_tokenizer
+    from ett_ds.preflight import ensure_text_tokenizer
     base = [f"data.train={shards['train']}", f"out_dir={tmp_path}"]
     cfg = load_config("own", base + ["name=a", "stage=align"])
     ensure_text_tokenizer(cfg)
@@ -147,7 +147,8 @@ def test_the_run_trains_inherits_and_records_its_text_tokenizer(shards, tmp_path
 
 
 def test_a_missing_text_tokenizer_says_where_tokenizers_come_from(shards, tmp_path, monkeypatch):
-    from ett_ds.models.text import TextTokenizer, ensure_text_tokenizer
+    from ett_ds.data.text import TextTokenizer
+    from ett_ds.preflight import ensure_text_tokenizer
     monkeypatch.chdir(tmp_path)  # the recipe's relative data/demo/spm.model: absent here even where a demo was built
     cfg = load_config("tiny", [f"data.train={shards['train']}"])  # the demo recipe on one's own shards
     with pytest.raises(FileNotFoundError) as e:

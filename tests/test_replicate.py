@@ -77,7 +77,7 @@ def test_lookback_corpus_puts_the_caption_in_the_image_slots(tmp_path):
     import random
 
     from data_tools.spm import train_spm
-    from ett_ds.models.text import TextTokenizer
+    from ett_ds.data.text import TextTokenizer
     from experiments.replicate.textlm import Lookback
     caps = [f"{v:03d}" for v in range(100, 1000, 7)]
     (tmp_path / "c.txt").write_text("\n".join(caps) + "\n")

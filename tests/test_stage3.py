@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from ett_ds.engine import dist
-from ett_ds.models.losses import IGNORE
+from ett_ds.data.text import IGNORE
 from ett_ds.trainer import Trainer
 from tests.curves import assert_falls
 from tests.stage_batches import mixed_batch, pixel_batch
@@ -29,7 +29,7 @@ def run_steps(tr, batch, n, key):
 
 def test_stage0_lowers_reconstruction_loss_and_keeps_an_ema(spm_model, tmp_path):
     from ett_ds.engine.zero3 import local_shard
-    from ett_ds.checkpoint.weights import consolidated_state_dict, full_state_dict
+    from ett_ds.models.weights import consolidated_state_dict, full_state_dict
     tr = Trainer(tiny_config(spm_model, tmp_path, "stage=tokenizer", "engine.precision=fp32",
                              "optim.tokenizer_lr=2e-3", "train.ema_decay=0.5"))
     assert tr.model.llm is None and tr.text is None and tr.ema is not None
@@ -100,7 +100,7 @@ def test_caption_shards_become_sft_samples(spm_model, tmp_path):
     raws = list(iter_tar_samples(str(dst / "data-000000.tar"), Counter()))
     assert [r["__key__"] for r in raws] == ["000000000000", "000000000001"]
     cfg = tiny_config(spm_model, tmp_path, "stage=sft")
-    from ett_ds.models.text import TextTokenizer
+    from ett_ds.data.text import TextTokenizer
     text = TextTokenizer(spm_model)
     b = Batcher(cfg, text, train=False)
     for raw, caption in zip(raws, ["red fox", "blue sun"]):

@@ -1,6 +1,5 @@
 """train.log_tokenizer_dynamics: code drift and the caption / L_vq gradient ratio at z_q, on a real ZeRO-3 Trainer."""
 import pytest
-import torch
 
 from ett_ds.engine import dist
 from tests.stage_batches import CAPTIONS

@@ -192,7 +192,7 @@ def test_vqgan_stages_and_export_round_trip(tmp_path):
     assert layout["n_embed"] == N_EMBED and layout["ddconfig"]["ch_mult"] == DD["ch_mult"]
     back = tokenizer_config_from_yaml(out / "tokenizer_config.json", TokenizerConfig(type="vqgan"))
     assert (back.codebook_size, back.code_dim, back.z_channels) == (N_EMBED, EMBED_DIM, DD["z_channels"])
-    from ett_ds.checkpoint.loading import load_model
+    from ett_ds.models.loading import load_model
     from tests.stage_batches import smooth_images
     exported = load_model(out).model.tokenizer  # the export folder rebuilds a VQGAN with the same codes
     ref = VQGANTokenizer(tokenizer_config_from_yaml(cfg_path, TokenizerConfig(type="vqgan")))

@@ -48,6 +48,7 @@ WORDS = ("the quick brown fox jumps over a lazy dog while seven red birds sing n
 def train_text_tokenizer(folder: Path) -> Path:
     """A small sentencepiece model trained on the spot (byte fallback: any text encodes); its ids fit any LLM vocab."""
     import random
+
     import sentencepiece as spm
     model = folder / "bench_spm.model"
     if model.is_file():
@@ -87,7 +88,7 @@ class Setup:
         cfg = self.config("ett")
         self.micro_batch = cfg.train.micro_batch_size
         from ett_ds.data.batch import Batcher
-        from ett_ds.models.text import TextTokenizer
+        from ett_ds.data.text import TextTokenizer
         self.text = TextTokenizer(cfg.model.llm.text_tokenizer or cfg.model.llm.path, cfg.model.llm.trust_remote_code)
         prefix = len(Batcher(cfg, self.text, train=False).caption_prompt())
         if self.seq_len:
@@ -108,7 +109,9 @@ class Setup:
     def batch(self, cfg, device) -> dict:
         """Random pixels and random captions long enough to fill max_text_tokens: one fixed, pad-free shape."""
         import random
+
         import torch
+
         from ett_ds.data.batch import Batcher
         rng = random.Random(1)
         g = torch.Generator().manual_seed(1)

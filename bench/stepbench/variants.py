@@ -9,8 +9,17 @@ import sys
 import time
 from pathlib import Path
 
-from .measure import (device_name, llm_flops, log, peak, reset_peak, sync, throughput, time_stats,
-                      time_steps)
+from .measure import (
+    device_name,
+    llm_flops,
+    log,
+    peak,
+    reset_peak,
+    sync,
+    throughput,
+    time_stats,
+    time_steps,
+)
 from .setup import ENGINE_VARIANTS
 
 REPO = Path(__file__).resolve().parents[2]
@@ -51,8 +60,12 @@ def precision(cfg) -> str:
 def run_reference(args, setup, device, ceiling) -> dict:
     """Plain PyTorch: the same ETTModel, losses and discriminator, no DeepSpeed."""
     import torch
+
     from ett_ds.engine import deepspeed as eng
-    from ett_ds.models.ett import MODEL_INPUTS, ETTModel  # MODEL_INPUTS: what the model's forward takes
+    from ett_ds.models.ett import (  # MODEL_INPUTS: what the model's forward takes
+        MODEL_INPUTS,
+        ETTModel,
+    )
     from ett_ds.tokenizers.objective import VQObjective
 
     cfg = setup.config("ett")
@@ -97,8 +110,7 @@ def run_reference(args, setup, device, ceiling) -> dict:
     row.update(time_stats(times))
     row.update(llm_flops(model.llm, batch, True))
     row = throughput(row, cfg.train.micro_batch_size, ceiling)
-    del model, objective, opt, params, batch, inputs
-    return row
+    return row  # model, optimizer and batch are freed with this frame
 
 
 def run_engine(stage: str, args, setup, device, ceiling) -> dict:
@@ -133,7 +145,7 @@ def run_engine(stage: str, args, setup, device, ceiling) -> dict:
         with contextlib.suppress(Exception):
             destroy()
     eng._HF_DS_CONFIG = None
-    del tr, batch, it
+    tr = batch = it = None  # the engine goes before the next variant runs
     return row
 
 
@@ -206,6 +218,7 @@ def run_loader(args, setup, device) -> dict:
 def plan_variant(name: str, args, setup) -> dict:
     """What a variant would run, without running it: config, shapes and the FLOP count (model on the meta device)."""
     import torch
+
     from ett_ds.engine import deepspeed as eng
     from ett_ds.models.ett import ETTModel
     row = {"variant": name, "plan": True}

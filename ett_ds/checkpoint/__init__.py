@@ -10,18 +10,38 @@
   data-parallel ranks changed); the run folder's lock.
 - :mod:`.training`: what a training run keeps (RNG states, the Trainer's parts and counters, optimizer settings a
   resume takes from the config) on top of the manager; :func:`.training.save` for callers holding plain dicts.
-- :mod:`.weights`: consolidated fp32 weights of a step folder, ``train.init_from``, the tokenizer's safetensors.
-- :mod:`.loading`: a trained model (step, run or export folder) as a plain module for inference and export.
+
+Turning a checkpoint into a model is the model's business: ``models/weights.py`` (consolidated fp32 weights,
+``train.init_from``, the tokenizer's safetensors) and ``models/loading.py`` (a step, run or export folder as a plain
+module for inference and export), both on top of this package.
 
 The names most callers need are importable from the package itself (``from ett_ds import checkpoint as ckpt``;
 ``ckpt.save``, ``ckpt.latest``, ``ckpt.CheckpointError``); :mod:`.weights` and :mod:`.loading` build models and are
 imported from their modules.
 """
-from .layout import (ABANDONED, EXPORT_CONFIG, EXTRA_PARTS, GOOD, LATEST, MARKER, RUN_CONFIG, RUN_LOCK, TOKENIZER_EMA,
-                     TRAINER_STATE, CheckpointError, ResumeError, is_complete, latest, mark_good, newest_good,
-                     step_dirs, step_of, to_prune)
-from .safe import read_safetensors, safe_load, save_safetensors
+from .layout import (
+                     ABANDONED,
+                     EXPORT_CONFIG,
+                     EXTRA_PARTS,
+                     GOOD,
+                     LATEST,
+                     MARKER,
+                     RUN_CONFIG,
+                     RUN_LOCK,
+                     TOKENIZER_EMA,
+                     TRAINER_STATE,
+                     CheckpointError,
+                     ResumeError,
+                     is_complete,
+                     latest,
+                     mark_good,
+                     newest_good,
+                     step_dirs,
+                     step_of,
+                     to_prune,
+)
 from .manager import check_world_size, load, read_trainer_state
+from .safe import read_safetensors, safe_load, save_safetensors
 from .training import rng_state, save, set_rng_state
 
 __all__ = ["ABANDONED", "EXPORT_CONFIG", "EXTRA_PARTS", "GOOD", "LATEST", "MARKER", "RUN_CONFIG", "RUN_LOCK",

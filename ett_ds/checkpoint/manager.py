@@ -35,8 +35,24 @@ import torch
 
 from ..engine import dist
 from . import reshard
-from .layout import (ABANDONED, LATEST, MARKER, RUN_CONFIG, RUN_LOCK, TMP_PREFIX, TRAINER_STATE, CheckpointError,
-                     ResumeError, extra_file, is_complete, latest, step_dirs, step_of, step_tag, to_prune)
+from .layout import (
+    ABANDONED,
+    LATEST,
+    MARKER,
+    RUN_CONFIG,
+    RUN_LOCK,
+    TMP_PREFIX,
+    TRAINER_STATE,
+    CheckpointError,
+    ResumeError,
+    extra_file,
+    is_complete,
+    latest,
+    step_dirs,
+    step_of,
+    step_tag,
+    to_prune,
+)
 from .safe import make_loads_safe, safe_load
 
 # below this many free bytes a failed write is taken for a full disk (torch's C++ writer reports ENOSPC only as

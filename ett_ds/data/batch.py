@@ -22,10 +22,15 @@ import random
 import torch
 
 from ..config import Config
-from ..models.ett import STAGE_SPECS
-from ..models.losses import IGNORE
-from ..models.text import TextTokenizer
-from .format import IMAGE_MARK, ROLES, SampleError, sample_caption, well_formed_conversation
+from ..stages import STAGE_SPECS
+from .format import (
+    IMAGE_MARK,
+    ROLES,
+    SampleError,
+    sample_caption,
+    well_formed_conversation,
+)
+from .text import IGNORE, TextTokenizer
 from .transforms import image_to_uint8, to_unit_range
 
 BLANK = 128  # the placeholder image of a text-only sample: mid grey, about 0 in [-1, 1]

@@ -15,9 +15,27 @@ from collections import Counter
 from typing import Iterator
 
 from ..commandline import UserError
-from .format import (CAPTION_EXT, IMAGE_EXTS, JSON_EXT, MAX_IMAGE_BYTES, MAX_TEXT_BYTES, WHITELIST, BoundedTarInfo,
-                     SampleError, clean_caption, image_exts, load_image, member_too_large, open_image, open_tar_stream,
-                     pixel_limit, read_json, split_name, text_only, to_rgb)
+from .format import (
+    CAPTION_EXT,
+    IMAGE_EXTS,
+    JSON_EXT,
+    MAX_IMAGE_BYTES,
+    MAX_TEXT_BYTES,
+    WHITELIST,
+    BoundedTarInfo,
+    SampleError,
+    clean_caption,
+    image_exts,
+    load_image,
+    member_too_large,
+    open_image,
+    open_tar_stream,
+    pixel_limit,
+    read_json,
+    split_name,
+    text_only,
+    to_rgb,
+)
 from .transforms import decode_size_for
 
 # Counter buckets that are not data errors: delivered samples (text_only: how many of them had no image), harmless

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import torch
 
-from ..config import Config, ConfigError
-
 import ds_configs  # the templates: a package of JSON files beside ett_ds, installed with it (pyproject package-data)
+
+from ..config import Config, ConfigError
 
 DS_CONFIGS = Path(ds_configs.__file__).resolve().parent
 # Modules DeepSpeed's torch_autocast may all-gather in bf16 (it matches exact classes): the visual-code head is an

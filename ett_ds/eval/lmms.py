@@ -37,10 +37,10 @@ import torch
 from PIL import Image
 
 from ..checkpoint import CheckpointError
-from ..checkpoint.loading import load_model
 from ..commandline import DefaultsHelpFormatter, run_cli
 from ..data.format import load_image, pixel_limit, to_rgb
 from ..data.transforms import decode_size_for, image_to_uint8, to_unit_range
+from ..models.loading import load_model
 from .vqa import DEFAULT_PROMPT, answer_batch
 
 MODEL_NAME = "ett"
@@ -51,7 +51,9 @@ METRIC = "vqa_accuracy"
 
 def manifests():
     """The ``lmms_eval.models`` entry point: ``ett`` -> :class:`ETT`."""
-    from lmms_eval.models.registry_v2 import ModelManifest  # the optional extra: imported only when asked for
+    from lmms_eval.models.registry_v2 import (
+        ModelManifest,  # the optional extra: imported only when asked for
+    )
     return [ModelManifest(model_id=MODEL_NAME, simple_class_path=CLASS_PATH)]
 
 
@@ -120,7 +122,9 @@ def filelock_compat() -> None:
 
 
 def _build_model_class():
-    from lmms_eval.api.model import lmms  # the optional extra: the class is built on first access
+    from lmms_eval.api.model import (
+        lmms,  # the optional extra: the class is built on first access
+    )
 
     class ETT(lmms):
         """An ETT checkpoint (step, run or export folder) for lmms-eval: greedy ``generate_until`` answers, as

@@ -1,13 +1,13 @@
 """The one model builder: the text tokenizer and the ETTModel of a config, for training and for loading.
 
 ``Trainer`` builds with ``zero_init=True``: under a ZeRO-3 config (registered by ``engine/deepspeed.enable_zero_init``)
-the LLM is created inside ``deepspeed.zero.Init``, each rank holding only its shard. ``checkpoint/loading.load_model``
+the LLM is created inside ``deepspeed.zero.Init``, each rank holding only its shard. ``models/loading.load_model``
 (inference, export, evaluation) builds with ``zero_init=False``: a plain module, even in a process where a trainer
 registered ZeRO-3. LoRA layers are injected by the LLM's own build (``models/llm.build_llm``) when
 ``model.llm.lora.r > 0``. ``model.tokenizer.checkpoint`` (the tokenizer's initial weights, taming / SEED-Voken or
 safetensors) is read when set: training sets it; a saved run's config has it cleared, its weights come from the
-checkpoint (``checkpoint/loading.read_config``). ``train.init_from`` is not read here: the Trainer fills the built
-model from it (``checkpoint/weights.load_into_model``).
+checkpoint (``models/loading.read_config``). ``train.init_from`` is not read here: the Trainer fills the built
+model from it (``models/weights.load_into_model``).
 """
 from __future__ import annotations
 
@@ -15,10 +15,11 @@ import contextlib
 from pathlib import Path
 
 from ..config import Config
+from ..data.text import TextTokenizer
 from ..engine.zero3 import no_zero_init
+from ..stages import STAGE_SPECS
 from ..tokenizers.checkpoint import load_tokenizer_weights
-from .ett import STAGE_SPECS, ETTModel
-from .text import TextTokenizer
+from .ett import ETTModel
 
 
 def build_model(cfg: Config, text_tokenizer: str | Path | None = None, *,

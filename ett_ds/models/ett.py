@@ -8,44 +8,21 @@ Data flow of one forward:
         [text embeddings with visual tokens] -> LLM body -> hidden
         hidden at caption positions -> lm_head -> L_cap ; hidden before image positions -> visual_head -> L_t2i
 
-What trains and which terms exist is data (``STAGE_SPECS``), fixed for a run, so every step runs the same modules in
+What trains and which terms exist is data (``stages.STAGE_SPECS``), fixed for a run, so every step runs the same modules in
 the same order (a ZeRO-3 requirement). The model does not know about DeepSpeed.
 """
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 
 from ..config import Config
+from ..stages import STAGE_SPECS
 from ..tokenizers import build_tokenizer
 from ..tokenizers.chunked import auto_chunk_tokens
 from . import lora, losses
 from .llm import base_model, build_llm, hidden_size, resize_for_vocab
 from .projector import MLPProjector
-
-
-@dataclass(frozen=True)
-class StageSpec:
-    trains: frozenset  # parts whose parameters train: tokenizer, projector, index_embed, llm, visual_head
-    uses_llm: bool = True  # the LLM exists and runs
-    reconstruct: bool = False  # the decoder runs and L_vq is part of the loss
-    generate: bool = False  # the visual head exists (text -> image)
-    caption: bool = True  # the model captions images (validation's greedy captions with exact match and CER)
-
-
-# one spec per name of config.STAGES, in its order (tests/test_config.py checks they agree)
-STAGE_SPECS = {
-    "tokenizer": StageSpec(frozenset({"tokenizer"}), uses_llm=False, reconstruct=True, caption=False),
-    "align": StageSpec(frozenset({"projector", "index_embed"})),
-    "ett": StageSpec(frozenset({"tokenizer", "projector", "llm"}), reconstruct=True),
-    "frozen": StageSpec(frozenset({"projector", "index_embed", "llm"})),
-    "sft": StageSpec(frozenset({"projector", "index_embed", "llm"})),
-    "t2i": StageSpec(frozenset({"projector", "llm", "visual_head"}), generate=True, caption=False),
-}
-CAPTION_STAGES = tuple(name for name, spec in STAGE_SPECS.items() if spec.caption)
-
 
 # the batch keys ETTModel.forward takes (a collated batch has more: text, valid, data_stats, ...)
 MODEL_INPUTS = ("pixels", "input_ids", "attention_mask", "labels", "gen_mask")

@@ -87,7 +87,7 @@ def adapter_layers(llm: nn.Module) -> list[tuple[str, nn.Module]]:
 
 def merge(llm: nn.Module) -> nn.Module:
     """Merge every adapter into its base weight and put the base ``nn.Linear`` back; ``llm`` is a plain model after.
-    For unpartitioned models (``checkpoint.loading.load_model`` builds them so)."""
+    For unpartitioned models (``models.loading.load_model`` builds them so)."""
     for name, layer in adapter_layers(llm):
         if any(hasattr(p, "ds_id") for p in layer.parameters()):
             raise RuntimeError("lora.merge: the LLM is ZeRO-3 partitioned; merge a model from load_model")

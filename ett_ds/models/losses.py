@@ -5,9 +5,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from ..data.text import IGNORE
 from ..tokenizers.chunked import LinearCrossEntropy, auto_chunk_tokens
-
-IGNORE = -100
 
 
 def caption_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -11,8 +11,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..config import TokenizerConfig
-from .chunked import IBQChunked, auto_chunk_tokens, chunked_argmax
 from .base import VisionTokenizer, init_codebook
+from .chunked import IBQChunked, auto_chunk_tokens, chunked_argmax
 
 
 def entropy_loss(logits: torch.Tensor, temperature: float, eps: float = 1e-5) -> torch.Tensor:

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 # torchvision vgg16 "features": conv widths, "M" = max-pool. LPIPS taps relu1_2, relu2_2, relu3_3, relu4_3, relu5_3.
 _VGG16 = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512]

@@ -17,8 +17,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..config import TokenizerConfig
-from .chunked import auto_chunk_tokens, chunked_argmax
 from .base import VisionTokenizer, init_codebook
+from .chunked import auto_chunk_tokens, chunked_argmax
 
 
 def nearest_codes(zf: torch.Tensor, codebook: torch.Tensor, chunk: int) -> torch.Tensor:

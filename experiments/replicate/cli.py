@@ -221,6 +221,7 @@ class Runner:
         from data_tools.spm import iter_captions
         from data_tools.synth_text import load_corpus
         from ett_ds.config import load_config
+
         from . import textlm
         o = self.args.opts
         cfg = load_config(self.args.recipe, [o for o in self.stages.common if not o.startswith("out_dir=")])

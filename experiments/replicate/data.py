@@ -16,9 +16,9 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 from data_tools.demo import DemoOptions, find_corpus, find_fonts, numbers_corpus
+from data_tools.errors import UsageError
 from data_tools.fonts import collection
 from data_tools.spm import train_spm
-from data_tools.errors import UsageError
 from data_tools.synth_text import SynthConfig, load_corpus, synth_text, text_bucket
 
 SPLITS = ("train", "val", "heldout")

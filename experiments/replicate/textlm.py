@@ -131,9 +131,10 @@ def pretrain(folder: Path, cfg, captions: list[str], corpus: list[str], *, steps
     import dataclasses
 
     import torch
+
+    from ett_ds.data.text import TextTokenizer
     from ett_ds.engine.zero3 import no_zero_init
     from ett_ds.models.llm import build_llm, resize_for_vocab
-    from ett_ds.models.text import TextTokenizer
 
     spm_path = cfg.model.llm.text_tokenizer
     plan = {"steps": steps, "batch": batch, "lr": lr, "seed": seed, "init_config": cfg.model.llm.init_config,

@@ -21,13 +21,21 @@ from pathlib import Path
 import torch
 import yaml
 
+from ..checkpoint.layout import (
+    EXPORT_CONFIG,
+    EXTRA_PARTS,
+    MARKER,
+    RUN_CONFIG,
+    CheckpointError,
+    step_folder,
+)
+from ..checkpoint.safe import read_safetensors
 from ..config import Config, ConfigError, config_from_dict
-from ..models.build import build_model
-from ..models.ett import STAGE_SPECS, ETTModel
-from ..models.text import TextTokenizer
+from ..data.text import TextTokenizer
+from ..stages import STAGE_SPECS
 from ..tokenizers.checkpoint import load_tokenizer_weights
-from .layout import EXPORT_CONFIG, EXTRA_PARTS, MARKER, RUN_CONFIG, CheckpointError, step_folder
-from .safe import read_safetensors
+from .build import build_model
+from .ett import ETTModel
 from .weights import consolidated_state_dict
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+IGNORE = -100  # the target id no loss reads (prompt, padding, image positions)
 IMAGE_START, IMAGE_END, IMAGE_TOKEN = "<|ett_image_start|>", "<|ett_image_end|>", "<|ett_image|>"
 SPECIALS = (IMAGE_START, IMAGE_END, IMAGE_TOKEN)
 # Strings the export checks the HF tokenizer on: digits, punctuation, spacing, newlines, non-ASCII (byte fallback).
@@ -183,90 +184,3 @@ def _fast_from_sentencepiece(text: TextTokenizer):
 def _accepts_replace(tok) -> bool:
     import inspect
     return "replace_extra_special_tokens" in inspect.signature(tok.add_special_tokens).parameters
-
-
-def ensure_text_tokenizer(cfg) -> None:
-    """Give a run whose LLM has no tokenizer one, and record it in ``cfg`` (so config.yaml, every checkpoint, resume,
-    ``evaluate``, ``infer`` and ``export`` find it). Rank 0 works, the others wait.
-
-    Only for a stage with an LLM built from ``model.llm.init_config`` (no ``path``) and no
-    ``model.llm.text_tokenizer``: the run folder's ``spm.model`` when it has one (a resumed or repeated run); else
-    the one ``train.init_from``'s run recorded (copied in: stage 1 -> 2 -> 3 keep the ids their LLM learnt); else a
-    new sentencepiece model trained from ``data.train``'s captions (at most 200,000; up to
-    ``init_config.vocab_size`` - 3 pieces, the 3 image tokens completing the LLM's table). A ``text_tokenizer``
-    that is set and missing is a one-line error saying where tokenizers come from."""
-    from ..engine import dist  # reason: text.py stays torch-free (its objects are unpickled in DataLoader workers)
-    from .ett import STAGE_SPECS  # reason: as above (ett.py builds the model: torch, transformers)
-    llm = cfg.model.llm
-    if not STAGE_SPECS[cfg.stage].uses_llm:
-        return
-    if llm.text_tokenizer:
-        p = Path(llm.text_tokenizer)
-        if p.exists():
-            return
-        demo = Path(cfg.data.demo_dir).absolute() if cfg.data.demo_dir else None
-        if demo is not None and demo in p.absolute().parents:
-            raise FileNotFoundError(
-                f"model.llm.text_tokenizer: {p} not found: it comes with the demo data in {cfg.data.demo_dir}, which "
-                f"is built only when data.train is the demo's; for your own data use --config own (it trains a "
-                f"tokenizer from data.train's captions), see docs/own_data.md")
-        raise FileNotFoundError(f"model.llm.text_tokenizer: {p} not found ({MISSING_HINT})")
-    if llm.path or not llm.init_config:
-        return  # the LLM folder's own tokenizer
-    target = cfg.run_dir / RUN_SPM
-    if not target.is_file():
-        error = None
-        if dist.is_rank0():
-            try:
-                _make_run_spm(cfg, target)
-            except (OSError, ValueError) as e:
-                error = str(e)
-        dist.barrier()
-        if not target.is_file():
-            raise FileNotFoundError(error or f"model.llm.text_tokenizer: rank 0 could not make {target}")
-    llm.text_tokenizer = str(target)
-
-
-def _make_run_spm(cfg, target: Path) -> None:
-    """Rank 0: ``target`` copied from ``train.init_from``'s run, or trained from ``data.train``'s captions."""
-    import shutil
-
-    inherited = _recorded_text_tokenizer(Path(cfg.train.init_from)) if cfg.train.init_from else None
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{RUN_SPM}.tmp")
-    if inherited is not None:
-        shutil.copyfile(inherited, tmp)
-        tmp.replace(target)
-        print(f"[ett_ds] text tokenizer of train.init_from's run: {inherited} -> {target}", flush=True)
-        return
-    from data_tools.errors import UsageError
-    from data_tools.spm import spm_from_shards
-    vocab = int(cfg.model.llm.init_config.get("vocab_size", 1000)) - len(SPECIALS)
-    prefix = target.with_name(".spm_training")
-    try:
-        made = spm_from_shards(cfg.data.train, str(prefix), vocab_size=vocab)
-    except UsageError as e:
-        raise ValueError(f"model.llm.text_tokenizer is unset and none could be trained: {e}") from None
-    Path(made["model"]).replace(target)
-    prefix.with_suffix(".vocab").unlink(missing_ok=True)
-    print(f"[ett_ds] trained a sentencepiece text tokenizer ({made['vocab_size']} pieces, from {made['sentences']} "
-          f"captions of data.train) -> {target}", flush=True)
-
-
-def _recorded_text_tokenizer(step_folder: Path) -> Path | None:
-    """The text tokenizer the run of checkpoint ``step_folder`` trained with (its config.yaml), if it still exists."""
-    import yaml
-
-    f = step_folder / "config.yaml"
-    if not f.is_file():
-        return None
-    try:
-        recorded = ((yaml.safe_load(f.read_text()) or {}).get("model") or {}).get("llm", {}).get("text_tokenizer")
-    except (yaml.YAMLError, AttributeError):
-        return None
-    if not recorded:
-        return None
-    for candidate in (Path(recorded), step_folder.parent.parent / RUN_SPM):
-        if candidate.is_file() and candidate.suffix == ".model":
-            return candidate
-    return None
