@@ -89,3 +89,17 @@ def test_end_of_run_warns_when_the_ema_is_far_from_the_raw_weights(tmp_path, cap
     out = capfd.readouterr().out
     assert far["psnr_ema"] < far["psnr"] - 1.0
     assert "warning: the EMA weights handed on reconstruct" in out and "train.ema_decay" in out
+
+
+def test_a_resumed_zero3_run_reports_its_ema_at_the_end(demo, tmp_path, capfd):
+    """The end-of-run EMA report runs the tokenizer outside the engine; after a resume DeepSpeed had not registered
+    the codebook the quantizer reads, and the report crashed on an empty shard (found by the replication's stage 0,
+    which trains in resumed chunks)."""
+    from ett_ds.train import main
+    common = demo_train_args(demo, tmp_path / "runs", "stage=tokenizer", "name=tok", "train.max_steps=4",
+                             "train.ema_decay=0.99", "train.eval_every=2", "train.log_every=1",
+                             "engine.persistence_threshold=null")  # the default: small weights stay whole
+    assert main([*common, "train.stop_at=2"]) == 0
+    capfd.readouterr()
+    assert main(common) == 0  # resume=auto from step 2
+    assert "step 4: tokenizer PSNR on the first training batch" in capfd.readouterr().out

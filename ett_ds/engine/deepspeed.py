@@ -20,6 +20,7 @@ import torch
 import ds_configs  # the templates: a package of JSON files beside ett_ds, installed with it (pyproject package-data)
 
 from ..config import Config, ConfigError
+from .zero3 import register_child_reads
 
 DS_CONFIGS = Path(ds_configs.__file__).resolve().parent
 # Modules DeepSpeed's torch_autocast may all-gather in bf16 (it matches exact classes): the visual-code head is an
@@ -214,4 +215,5 @@ def initialize(model, cfg: Config, ds: dict):
     optimizer = build_optimizer(model, cfg)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds,
                                            lr_scheduler=lambda opt: WarmupCosine(opt, cfg))
+    register_child_reads(engine.module)
     return engine

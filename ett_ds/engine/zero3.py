@@ -36,6 +36,24 @@ class gathered:
         return False
 
 
+def register_child_reads(model: torch.nn.Module) -> int:
+    """Under ZeRO-3, have DeepSpeed gather the child weights a module's forward reads directly (a quantizer reads its
+    codebook ``embedding.weight`` without calling the embedding), whenever that module runs: inside the engine's
+    forward and outside it (validation, image logging, the end-of-run EMA report). Such a module names them in a
+    ``zero3_reads`` attribute. DeepSpeed registers a read it sees only while the weight is partitioned during an engine
+    forward; after a resume it may not see one, and the weight then reads as an empty shard outside the engine.
+    Returns how many weights were registered (0 without ZeRO-3)."""
+    count = 0
+    for module in model.modules():
+        for name in getattr(module, "zero3_reads", ()):
+            param = module.get_parameter(name)
+            if hasattr(param, "ds_id"):
+                import deepspeed  # reason: only under ZeRO-3, as in gathered
+                deepspeed.zero.register_external_parameter(module, param)
+                count += 1
+    return count
+
+
 def local_shard(p: torch.Tensor) -> torch.Tensor:
     """This rank's partition of a ZeRO-3 parameter (``ds_tensor``), the whole ``data`` of any other tensor."""
     return p.ds_tensor if hasattr(p, "ds_tensor") else p.data

@@ -69,6 +69,7 @@ class IBQuantizer(nn.Module):
     (``chunked.IBQChunked``): no N x K tensor is kept for backward, each chunk's logits are recomputed there. None
     picks the chunk from a memory budget (``chunked.auto_chunk_tokens``).
     """
+    zero3_reads = ("embedding.weight",)  # forward reads the codebook without calling the embedding (engine/zero3)
 
     def __init__(self, codebook_size: int, code_dim: int, beta: float = 0.25, entropy_temperature: float = 0.01,
                  init_std: float | None = None, chunk_tokens: int | None = None, entropy_eps: float = 1e-5):

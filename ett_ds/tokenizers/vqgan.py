@@ -31,6 +31,8 @@ def nearest_codes(zf: torch.Tensor, codebook: torch.Tensor, chunk: int) -> torch
 
 
 class VectorQuantizer(nn.Module):
+    zero3_reads = ("embedding.weight",)  # forward reads the codebook without calling the embedding (engine/zero3)
+
     def __init__(self, codebook_size: int, code_dim: int, beta: float = 0.25, l2_norm: bool = False,
                  init_std: float | None = None, chunk_tokens: int | None = None):
         super().__init__()
