@@ -40,11 +40,7 @@ MICRO_BATCHES = (1, 2, 4, 8, 16, 32)  # divisors of the recipes' global batches
 
 
 def build_config(recipe: str, overrides: list[str]):
-    from stepbench.setup import (  # the Qwen2.5-1.5B shape, randomly initialised
-        PRESETS,
-        QWEN25_15B,
-        flow_yaml,
-    )
+    from stepbench.setup import PRESETS, QWEN25_15B, flow_yaml  # the Qwen2.5-1.5B shape, randomly initialised
 
     from ett_ds.config import load_config
     if recipe in PRESETS:  # a step-bench preset: its recipe and overrides (what a GPU step bench ran)

@@ -222,9 +222,7 @@ def _cmd_llava(a) -> int:
 
 
 def _cmd_verify(a) -> int:
-    from ett_ds.data.decode import (
-        is_url,  # reason: torch (ett_ds.data); the other commands run without it
-    )
+    from ett_ds.data.decode import is_url  # reason: torch (ett_ds.data); the other commands run without it
 
     from .verify import verify_dir, verify_urls  # reason: torch, as above
     if is_url(a.dir):

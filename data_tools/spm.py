@@ -108,9 +108,7 @@ def captions_from_shards(urls: str, max_sentences: int = 200_000) -> list[str]:
     caption are passed over."""
     from collections import Counter
 
-    from ett_ds.data.decode import (
-        iter_tar_samples,  # reason: decode and shards import torch, data_tools does not
-    )
+    from ett_ds.data.decode import iter_tar_samples  # reason: decode and shards import torch, data_tools does not
     from ett_ds.data.shards import expand_urls  # reason: as above
 
     out: list[str] = []

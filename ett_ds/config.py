@@ -16,25 +16,12 @@ from typing import Annotated
 import yaml
 
 from .stages import STAGES
-from .typed_tree import (  # noqa: F401
-    ConfigError,
-    Decay,
-    Fraction,
-    Len,
-    NonNegFloat,
-    NonNegInt,
-    OneOf,
-    PosFloat,
-    PosFraction,
-    PosInt,
-    build,
-    field_docs,
-    parse_value,
-    set_path,
-)
+from .typed_tree import ConfigError, build, field_docs, parse_value, set_path  # noqa: F401 (re-exported)
+
+# isort: split
+from .typed_tree import Decay, Fraction, Len, NonNegFloat, NonNegInt, OneOf, PosFloat, PosFraction, PosInt
 
 RECIPES = Path(__file__).resolve().parent / "recipes"
-
 TOKENIZER_TYPES = ("ibq", "vqgan")  # the keys of tokenizers.REGISTRY (checked there, when a tokenizer is built)
 
 

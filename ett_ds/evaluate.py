@@ -58,11 +58,7 @@ from pathlib import Path
 import torch
 
 from .checkpoint import CheckpointError
-from .commandline import (  # the docstring as written, every default shown
-    DefaultsHelpFormatter,
-    UserError,
-    run_cli,
-)
+from .commandline import DefaultsHelpFormatter, UserError, run_cli  # the docstring as written, every default shown
 from .data.batch import Batcher
 from .data.decode import DataErrorRateExceeded, check_error_rate
 from .data.eval_stream import eval_batches
@@ -70,16 +66,7 @@ from .data.shards import expand_urls
 from .data.transforms import to_unit_range
 from .engine import dist
 from .eval import ocr
-from .eval.tasks import (  # noqa: F401
-    TASKS,
-    CaptionTask,
-    EvalTask,
-    ReconTask,
-    T2ITask,
-    VQATask,
-    caption_diversity,
-    result_warnings,
-)
+from .eval.tasks import TASKS, CaptionTask, EvalTask, ReconTask, T2ITask, VQATask, caption_diversity, result_warnings  # noqa: F401
 from .eval.vqa import DEFAULT_PROMPT
 from .models.loading import load_model
 from .stages import STAGE_SPECS

@@ -28,12 +28,7 @@ from .models import losses
 from .models.build import build_model
 from .models.ett import MODEL_INPUTS
 from .models.weights import load_into_model, save_tokenizer
-from .preflight import (
-    check_shards_and_resume,
-    ensure_demo_data,
-    ensure_text_tokenizer,
-    pin_init_from,
-)
+from .preflight import check_shards_and_resume, ensure_demo_data, ensure_text_tokenizer, pin_init_from
 from .runlog import RunLog
 from .stages import STAGE_SPECS
 from .tokenizers.checkpoint import tokenizer_config_from_yaml

@@ -13,9 +13,9 @@ from PIL import Image
 from data_tools.tario import ShardTarWriter, sample_key
 from ett_ds.data.batch import Batcher
 from ett_ds.data.decode import decode_sample
+from ett_ds.data.eval_stream import eval_batches
 from ett_ds.data.format import SampleError
 from ett_ds.data.shards import DataErrorRateExceeded, train_batches
-from ett_ds.data.eval_stream import eval_batches
 from tests.tiny import tiny_config, train_spm
 
 

@@ -25,9 +25,9 @@ import pytest
 import torch
 
 from ett_ds import checkpoint as ckpt
-from ett_ds.models import weights
 from ett_ds.checkpoint.safe import read_safetensors, safe_load
 from ett_ds.engine import dist
+from ett_ds.models import weights
 from ett_ds.train import main
 from ett_ds.trainer import Trainer
 from tests.tiny import build_demo, demo_train_args, repeat, subprocess_env, tiny_config, train_spm

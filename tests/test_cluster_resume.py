@@ -118,8 +118,8 @@ def test_world_size_2_to_1_and_back_to_2_keeps_global_batch_ema_and_schedule(dem
 
     from ett_ds import config as C
     from ett_ds.engine import dist
-    from ett_ds.trainer import Trainer
     from ett_ds.models.weights import save_tokenizer
+    from ett_ds.trainer import Trainer
 
     run = tmp_path / "w"
     src = reference / "checkpoints" / "step_00000002"

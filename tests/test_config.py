@@ -42,6 +42,7 @@ def test_bad_config_is_one_line_naming_the_key(override, message):
 def test_tokenizer_kinds_the_config_allows_are_the_registry():
     """config.py declares the allowed kinds without importing the tokenizers; the registry checks it at build time."""
     import typing
+
     from ett_ds.config import TOKENIZER_TYPES, TokenizerConfig
     from ett_ds.tokenizers import REGISTRY
     (one_of,) = typing.get_args(typing.get_type_hints(TokenizerConfig, include_extras=True)["type"])[1:]
@@ -97,6 +98,7 @@ def test_every_field_is_documented_and_reference_lists_it():
 
 def test_the_configuration_reference_page_is_generated_from_the_code():
     from pathlib import Path
+
     from ett_ds.config_cli import readme_with_reference
     repo = Path(__file__).resolve().parents[1]
     page = (repo / "docs" / "configuration.md").read_text()

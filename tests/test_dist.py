@@ -9,8 +9,14 @@ import pytest
 import torch
 
 from ett_ds.engine import dist as ettdist
-from ett_ds.engine.dist import (apply_slurm_env, expand_nodelist, map_slurm_env, parse_tasks_per_node,
-                                port_from_job_id, world_info)
+from ett_ds.engine.dist import (
+    apply_slurm_env,
+    expand_nodelist,
+    map_slurm_env,
+    parse_tasks_per_node,
+    port_from_job_id,
+    world_info,
+)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TORCH_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")

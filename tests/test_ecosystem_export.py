@@ -18,12 +18,12 @@ import torch
 from PIL import Image
 
 from ett_ds import export, infer
-from ett_ds.models.loading import load_model
-from ett_ds.engine.zero3 import no_zero_init
 from ett_ds.data.batch import Batcher
-from ett_ds.engine import dist
-from ett_ds.generation import _image_tokens, _sample_text, _Stream
 from ett_ds.data.text import IMAGE_END, IMAGE_START, IMAGE_TOKEN
+from ett_ds.engine import dist
+from ett_ds.engine.zero3 import no_zero_init
+from ett_ds.generation import _image_tokens, _sample_text, _Stream
+from ett_ds.models.loading import load_model
 from tests.stage_batches import smooth_images, trained_checkpoint
 from tests.tiny import train_spm
 

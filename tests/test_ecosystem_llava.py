@@ -103,8 +103,7 @@ def test_llava_shards_verify(llava, capsys):
 def test_the_sft_batcher_puts_the_image_where_the_row_placed_it(llava, tmp_path_factory):
     from ett_ds.config import load_config
     from ett_ds.data.batch import Batcher
-    from ett_ds.data.text import IGNORE
-    from ett_ds.data.text import TextTokenizer
+    from ett_ds.data.text import IGNORE, TextTokenizer
     demo = build_demo(tmp_path_factory.mktemp("demo_b"), 16, 4, 16)
     cfg = load_config("tiny", ["stage=sft", "data.demo_dir=null", f"model.llm.text_tokenizer={demo}/spm.model"])
     text = TextTokenizer(cfg.model.llm.text_tokenizer)

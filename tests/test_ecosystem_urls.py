@@ -9,8 +9,8 @@ from collections import Counter
 import pytest
 
 from ett_ds.data.decode import iter_tar_samples
-from ett_ds.data.shards import expand_urls
 from ett_ds.data.eval_stream import shard_counts
+from ett_ds.data.shards import expand_urls
 from ett_ds.evaluate import main as evaluate
 from ett_ds.train import main as train
 from tests.tiny import build_demo, demo_train_args

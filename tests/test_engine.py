@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from ett_ds.models.weights import full_state_dict
 from ett_ds.engine import dist
+from ett_ds.models.weights import full_state_dict
 from ett_ds.tokenizers.taming import FP32Conv2d
 from ett_ds.trainer import Trainer
 from tests.curves import assert_falls
@@ -92,6 +92,7 @@ def test_index_mode_refuses_end_to_end_stage(spm_model, tmp_path):
 
 def test_resolved_ds_config_has_no_auto_and_buckets_follow_hidden_size(spm_model, tmp_path):
     import json
+
     from ett_ds.engine.deepspeed import resolve_ds_config
     cfg = tiny_config(spm_model, tmp_path, "train.global_batch_size=16", "engine.persistence_threshold=null",
                       "engine.precision=autocast_bf16")

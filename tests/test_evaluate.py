@@ -149,8 +149,9 @@ def test_help_explains_the_caption_metrics(capsys):
 
 def test_square_images_on_a_strip_checkpoint_warn_once_and_pad_keeps_them_whole(demo, ckpts, tmp_path, capsys):
     """Images of another aspect ratio than the training size: one warning line; --resize-mode picks the fit."""
-    from ett_ds.data.transforms import reset_aspect_warning
     from PIL import Image
+
+    from ett_ds.data.transforms import reset_aspect_warning
     shards = tmp_path / "square"
     shards.mkdir()
     with tarfile.open(shards / "sq-000000.tar", "w") as dst:

@@ -5,10 +5,10 @@ import pytest
 import torch
 
 from ett_ds import export
-from ett_ds.models.loading import load_model
-from ett_ds.engine.zero3 import no_zero_init
 from ett_ds.data.batch import Batcher
 from ett_ds.engine import dist
+from ett_ds.engine.zero3 import no_zero_init
+from ett_ds.models.loading import load_model
 from ett_ds.tokenizers.checkpoint import load_tokenizer_weights, tokenizer_config_from_yaml
 from ett_ds.tokenizers.ibq import IBQTokenizer as VisionTokenizer
 from tests.stage_batches import smooth_images, trained_checkpoint

@@ -24,11 +24,11 @@ import torch
 from PIL import Image
 
 from ett_ds import export, infer
-from ett_ds.models.loading import load_model
 from ett_ds.data.batch import Batcher
+from ett_ds.data.text import PROBES, TextTokenizer
 from ett_ds.engine import dist
 from ett_ds.generation import _image_tokens, chat_prompt, first_user_turn
-from ett_ds.data.text import PROBES, TextTokenizer
+from ett_ds.models.loading import load_model
 from tests.stage_batches import smooth_images, trained_checkpoint
 from tests.tiny import train_spm
 

@@ -11,9 +11,9 @@ from PIL import Image
 
 from ett_ds import infer
 from ett_ds.checkpoint import CheckpointError
-from ett_ds.models.loading import load_model
 from ett_ds.engine import dist
 from ett_ds.generation import ChatSession, _crop, caption, chat_reply, first_user_turn, generate_images
+from ett_ds.models.loading import load_model
 from tests.stage_batches import smooth_images, trained_checkpoint
 from tests.tiny import train_spm
 

@@ -19,8 +19,12 @@ import torch
 from ett_ds.checkpoint import CheckpointError
 from ett_ds.checkpoint.inert_unpickle import NotLoaded
 from ett_ds.models.weights import full_state_dict
-from ett_ds.tokenizers.checkpoint import (load_tokenizer_weights, read_checkpoint, read_state_dict,
-                                          tokenizer_config_from_checkpoint)
+from ett_ds.tokenizers.checkpoint import (
+    load_tokenizer_weights,
+    read_checkpoint,
+    read_state_dict,
+    tokenizer_config_from_checkpoint,
+)
 from ett_ds.tokenizers.ibq import IBQTokenizer
 from tests.stage_batches import pixel_batch
 from tests.tiny import repeat, tiny_config, train_spm

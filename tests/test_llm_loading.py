@@ -2,9 +2,9 @@
 import pytest
 import torch
 
-from ett_ds.models.weights import full_state_dict
-from ett_ds.engine import dist
 from ett_ds.data.text import SPECIALS, TextTokenizer
+from ett_ds.engine import dist
+from ett_ds.models.weights import full_state_dict
 from ett_ds.trainer import Trainer
 from tests.tiny import WORDS, tiny_config, train_spm
 
@@ -53,8 +53,8 @@ def test_hf_folder_loads_partitioned_with_exact_weights_and_resized_vocab(tmp_pa
 
 
 def test_missing_model_folder_is_a_clear_error(tmp_path):
-    from ett_ds.models.llm import build_llm
     from ett_ds.config import LLMConfig
+    from ett_ds.models.llm import build_llm
     with pytest.raises(FileNotFoundError, match="no config.json"):
         build_llm(LLMConfig(path=str(tmp_path)))
 
@@ -63,9 +63,10 @@ def test_hf_model_exports_with_its_tokenizer_and_reopens_in_transformers(tmp_pat
     """A run on a local HF folder exports llm/ that AutoModelForCausalLM and AutoTokenizer open, with the image
     special tokens, and the same logits as the ett_ds model."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
     from ett_ds import export
-    from ett_ds.models.loading import load_model
     from ett_ds.engine.zero3 import no_zero_init
+    from ett_ds.models.loading import load_model
     from tests.stage_batches import trained_checkpoint
     dist.init_distributed()
     make_hf_folder(tmp_path / "qwen")

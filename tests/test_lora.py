@@ -49,6 +49,7 @@ def test_merge_and_init_from_state_dicts_match_the_adapted_model(tmp_path):
     """Without DeepSpeed: merge() gives a plain model computing what the adapted one computes, and fit_state_dict
     carries weights across the LoRA boundary in both directions (merging adapters the target cannot hold)."""
     import yaml
+
     from ett_ds.config import LoRAConfig
     base = tiny_qwen()
     plain_sd = {k: v.clone() for k, v in base.state_dict().items()}
@@ -116,10 +117,10 @@ def caption_logits(model, text, images):
 @pytest.mark.slow
 def test_lora_sft_trains_only_adapters_and_the_merged_export_captions_alike(spm_model, tmp_path, capsys):
     from ett_ds import export
-    from ett_ds.models.loading import load_model
-    from ett_ds.models.weights import consolidated_state_dict, full_state_dict
     from ett_ds.engine.deepspeed import param_groups
     from ett_ds.generation import caption
+    from ett_ds.models.loading import load_model
+    from ett_ds.models.weights import consolidated_state_dict, full_state_dict
     from ett_ds.trainer import Trainer
     from tests.stage_batches import smooth_images
     captions = ["red fox", "blue sun", "a cat", "green tree"]
@@ -290,8 +291,8 @@ def test_two_rank_lora_sft_cli_export_and_infer_agree(tmp_path):
         captions[name] = out.splitlines()
     assert len(captions["unmerged"]) == len(images) and captions["merged"] == captions["unmerged"]
     # the same prompt's logits in process (a few steps' captions can be empty: an early eos says little)
-    from ett_ds.models.loading import load_model
     from ett_ds.infer import read_images
+    from ett_ds.models.loading import load_model
     unmerged, merged = load_model(step), load_model(export_dir)
     assert not lora.adapter_layers(merged.model.llm)
     pics = read_images(list(map(str, images)), tuple(unmerged.cfg.data.image_size))

@@ -213,6 +213,7 @@ def test_trainer_total_is_caption_plus_alpha_times_l_vq(uses_llm, alpha):
     """The trainer's loss is L_cap (+ L_t2i) + alpha L_vq (stage tokenizer: L_vq alone), with L_vq from the
     objective. Trainer.loss_terms runs on a real VQObjective; the rest of the trainer is not needed for it."""
     from types import SimpleNamespace
+
     from ett_ds.trainer import Trainer
     obj = _objective(gan_start_step=100)
     x, recon = torch.zeros(1, 3, 16, 16), torch.full((1, 3, 16, 16), -0.5)

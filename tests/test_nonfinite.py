@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from ett_ds import checkpoint as ckpt
-from ett_ds.models.weights import full_state_dict
 from ett_ds.engine import dist
+from ett_ds.models.weights import full_state_dict
 from ett_ds.trainer import Trainer, TrainingDiverged, finite_gate
 from tests.tiny import caption_batch, tiny_config, train_spm
 

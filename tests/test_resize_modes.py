@@ -13,8 +13,15 @@ from PIL import Image
 
 from ett_ds.config import ConfigError, load_config
 from ett_ds.data.decode import decode_sample
-from ett_ds.data.transforms import (PAD_FILL, cover_size, fit_image, image_to_tensor, image_to_uint8,
-                                    reset_aspect_warning, to_rgb)
+from ett_ds.data.transforms import (
+    PAD_FILL,
+    cover_size,
+    fit_image,
+    image_to_tensor,
+    image_to_uint8,
+    reset_aspect_warning,
+    to_rgb,
+)
 
 RED, GREEN, BLUE = (220, 20, 20), (20, 200, 20), (20, 20, 220)
 

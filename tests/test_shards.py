@@ -17,8 +17,8 @@ from PIL import Image
 
 from data_tools.tario import ShardTarWriter, sample_key
 from ett_ds.data.decode import count_samples
-from ett_ds.data.shards import DataErrorRateExceeded, expand_urls, train_batches
 from ett_ds.data.eval_stream import eval_batches
+from ett_ds.data.shards import DataErrorRateExceeded, expand_urls, train_batches
 from ett_ds.data.transforms import image_to_tensor
 
 SIZE = (16, 16)

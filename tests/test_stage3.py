@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from ett_ds.engine import dist
 from ett_ds.data.text import IGNORE
+from ett_ds.engine import dist
 from ett_ds.trainer import Trainer
 from tests.curves import assert_falls
 from tests.stage_batches import mixed_batch, pixel_batch

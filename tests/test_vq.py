@@ -6,8 +6,9 @@ import torch
 import torch.nn.functional as F
 
 from ett_ds.config import TokenizerConfig
-from ett_ds.tokenizers.ibq import IBQTokenizer as VisionTokenizer, IBQuantizer, entropy_loss, reference_quantize
 from ett_ds.tokenizers.base import QuantOutput
+from ett_ds.tokenizers.ibq import IBQTokenizer as VisionTokenizer
+from ett_ds.tokenizers.ibq import IBQuantizer, entropy_loss, reference_quantize
 from ett_ds.tokenizers.taming import FP32Conv2d
 
 TINY = TokenizerConfig(ch=32, ch_mult=[1, 2, 2], num_res_blocks=1, attn_resolutions=[8], resolution=32,

@@ -9,17 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from .measure import (
-    device_name,
-    llm_flops,
-    log,
-    peak,
-    reset_peak,
-    sync,
-    throughput,
-    time_stats,
-    time_steps,
-)
+from .measure import device_name, llm_flops, log, peak, reset_peak, sync, throughput, time_stats, time_steps
 from .setup import ENGINE_VARIANTS
 
 REPO = Path(__file__).resolve().parents[2]
@@ -62,10 +52,7 @@ def run_reference(args, setup, device, ceiling) -> dict:
     import torch
 
     from ett_ds.engine import deepspeed as eng
-    from ett_ds.models.ett import (  # MODEL_INPUTS: what the model's forward takes
-        MODEL_INPUTS,
-        ETTModel,
-    )
+    from ett_ds.models.ett import MODEL_INPUTS, ETTModel  # MODEL_INPUTS: what the model's forward takes
     from ett_ds.tokenizers.objective import VQObjective
 
     cfg = setup.config("ett")

@@ -23,13 +23,7 @@ import torch
 
 from ..config import Config
 from ..stages import STAGE_SPECS
-from .format import (
-    IMAGE_MARK,
-    ROLES,
-    SampleError,
-    sample_caption,
-    well_formed_conversation,
-)
+from .format import IMAGE_MARK, ROLES, SampleError, sample_caption, well_formed_conversation
 from .text import IGNORE, TextTokenizer
 from .transforms import image_to_uint8, to_unit_range
 

@@ -24,16 +24,7 @@ import torch
 from torch.utils.data import IterableDataset
 
 from .decode import count_samples, is_url, iter_tar_samples, open_shard
-from .loader import (
-    current_worker,
-    examples,
-    finish_batch,
-    iterate,
-    make_loader,
-    rank_world,
-    seed_worker,
-    stream_seed,
-)
+from .loader import current_worker, examples, finish_batch, iterate, make_loader, rank_world, seed_worker, stream_seed
 from .shards import expand_urls
 
 __all__ = ["eval_batches", "eval_plan", "shard_counts"]

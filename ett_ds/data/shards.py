@@ -22,16 +22,7 @@ from torch.utils.data import IterableDataset
 
 from .decode import DataErrorRateExceeded, check_error_rate, is_url, iter_tar_samples
 from .format import IMAGE_EXTS
-from .loader import (
-    current_worker,
-    examples,
-    finish_batch,
-    iterate,
-    make_loader,
-    rank_world,
-    seed_worker,
-    stream_seed,
-)
+from .loader import current_worker, examples, finish_batch, iterate, make_loader, rank_world, seed_worker, stream_seed
 
 __all__ = ["train_batches", "expand_urls", "list_shards", "local_shard", "DataErrorRateExceeded"]
 

@@ -107,9 +107,7 @@ def agreed(device="cpu") -> bool:
     """Collective (every rank, at the same step): True on all ranks when any rank caught a signal."""
     import torch
 
-    from . import (
-        dist,  # reason: torch-free at import (python -m ett_ds.engine.preempt, the exec guard)
-    )
+    from . import dist  # reason: torch-free at import (python -m ett_ds.engine.preempt, the exec guard)
     flag = torch.tensor([0.0 if _received is None else 1.0], device=device)
     return bool(dist.all_reduce_sum(flag).item() > 0)
 

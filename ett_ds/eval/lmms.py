@@ -51,9 +51,7 @@ METRIC = "vqa_accuracy"
 
 def manifests():
     """The ``lmms_eval.models`` entry point: ``ett`` -> :class:`ETT`."""
-    from lmms_eval.models.registry_v2 import (
-        ModelManifest,  # the optional extra: imported only when asked for
-    )
+    from lmms_eval.models.registry_v2 import ModelManifest  # the optional extra: imported only when asked for
     return [ModelManifest(model_id=MODEL_NAME, simple_class_path=CLASS_PATH)]
 
 
@@ -122,9 +120,7 @@ def filelock_compat() -> None:
 
 
 def _build_model_class():
-    from lmms_eval.api.model import (
-        lmms,  # the optional extra: the class is built on first access
-    )
+    from lmms_eval.api.model import lmms  # the optional extra: the class is built on first access
 
     class ETT(lmms):
         """An ETT checkpoint (step, run or export folder) for lmms-eval: greedy ``generate_until`` answers, as

@@ -26,14 +26,7 @@ from ..data.decode import decode_sample, iter_tar_samples
 from ..data.format import SampleError
 from ..data.shards import expand_urls
 from ..data.transforms import image_to_uint8, to_unit_range
-from ..generation import (
-    caption,
-    chat_prompt,
-    decode_texts,
-    decode_tokens,
-    eval_mode,
-    first_user_turn,
-)
+from ..generation import caption, chat_prompt, decode_texts, decode_tokens, eval_mode, first_user_turn
 
 DEFAULT_PROMPT = "{question} Answer with a single word or number."
 

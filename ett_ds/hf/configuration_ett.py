@@ -8,9 +8,7 @@ index embedding (``index``), whether a visual head exists (text-to-image), and t
 from __future__ import annotations
 
 from transformers import AutoConfig, PretrainedConfig
-from transformers.configuration_utils import (
-    SubConfigSpec,  # transformers 5: configs are dataclasses
-)
+from transformers.configuration_utils import SubConfigSpec  # transformers 5: configs are dataclasses
 
 
 class ETTConfig(PretrainedConfig):

@@ -21,14 +21,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from ..checkpoint.layout import (
-    EXPORT_CONFIG,
-    EXTRA_PARTS,
-    MARKER,
-    RUN_CONFIG,
-    CheckpointError,
-    step_folder,
-)
+from ..checkpoint.layout import EXPORT_CONFIG, EXTRA_PARTS, MARKER, RUN_CONFIG, CheckpointError, step_folder
 from ..checkpoint.safe import read_safetensors
 from ..config import Config, ConfigError, config_from_dict
 from ..data.text import TextTokenizer

@@ -17,9 +17,7 @@ from ..checkpoint.layout import TOKENIZER_EMA, CheckpointError, is_complete
 from ..checkpoint.safe import read_safetensors, reads_safely, save_safetensors
 from ..engine import dist
 from ..engine.zero3 import gathered
-from .lora import (
-    fit_state_dict,  # across a LoRA boundary: X.weight <-> X.base_layer.weight, merges
-)
+from .lora import fit_state_dict  # across a LoRA boundary: X.weight <-> X.base_layer.weight, merges
 
 
 def consolidated_state_dict(folder: Path) -> dict[str, torch.Tensor]:

@@ -6,7 +6,6 @@ import json
 import math
 import sys
 
-
 from ett_ds.config import load_config
 from ett_ds.engine import dist
 from ett_ds.trainer import Trainer
