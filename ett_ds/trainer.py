@@ -16,7 +16,8 @@ import yaml
 from . import checkpoint as ckpt
 from . import config as C
 from .checkpoint import reshard, training
-from .checkpoint.manager import RunLock
+from .checkpoint.layout import TOKENIZER_EMA
+from .checkpoint.manager import Adapter, CheckpointManager, RunLock
 from .data.batch import Batcher, batch_to_device
 from .data.shards import train_batches
 from .engine import deepspeed as eng
@@ -97,7 +98,30 @@ class Trainer:
         self.first_batch = None
         self.log = RunLog(self.run_dir, cfg.train.log_every, enabled=dist.is_rank0())
         self.resumed = None  # (folder, step) of the checkpoint resume() loaded
-        self.checkpoints = training.trainer_manager(self)  # every part of the state, registered once
+        self.checkpoints = self._checkpoint_parts()  # every part of the state, registered once
+
+    def _checkpoint_parts(self) -> CheckpointManager:
+        """Every part of this run's state registered once (torchtitan's pattern): save and resume are one call each.
+        The engine (weights, optimizer, scheduler); per rank the discriminator, the EMA shards (joined from every old
+        rank's after a world-size change) and the RNG states; the counters, and the tokenizer's EMA weights as a file
+        the next stage and the exports read."""
+        m = CheckpointManager(self.engine, self.ckpt_root, self.cfg.train.keep_last, log=self.log.info)
+        if self.objective is not None:  # the discriminator, its optimizer, LeCAM anchors
+            m.register("gan", Adapter(self.objective.extra_state, self.objective.load_extra_state))
+        if self.ema is not None:
+            ema = self.ema
+            m.register("ema", Adapter(ema.state_dict, reads_all=True,
+                                      load=lambda extra: ema.load_state_dict(reshard.ema_state(extra, ema.params))))
+            m.register_file(TOKENIZER_EMA, self.write_tokenizer_ema)
+        m.register("rng", Adapter(training.rng_state, training.set_rng_state))
+        m.register("counters", Adapter(self._counters, self._set_counters), per_rank=False)
+        return m
+
+    def _counters(self) -> dict:
+        return {"segment": self.segment, "samples_seen": self.samples_seen, "stage": self.cfg.stage}
+
+    def _set_counters(self, state: dict) -> None:
+        self.step, self.segment, self.samples_seen = state["step"], state["segment"], state["samples_seen"]
 
     def write_tokenizer_ema(self, path: Path) -> None:
         """Collective: the tokenizer with its EMA weights as safetensors (what init_from and evaluate read)."""
@@ -115,9 +139,13 @@ class Trainer:
                              decode_size=tuple(self.cfg.data.image_size))  # JPEGs decode at reduced DCT scale
 
     # -- one optimizer step --------------------------------------------------------------------------------------
-    def loss_terms(self, out: dict, batch: dict) -> tuple[torch.Tensor, dict]:
-        """L = L_cap (+ L_t2i) + alpha * L_vq (``models.losses.total_loss``); the total and the detached terms."""
-        return losses.total_loss(out, batch, self.objective, self.vq_weight, self.step, self.device)
+    def forward(self, batch: dict) -> tuple[dict, torch.Tensor, dict]:
+        """The engine's forward on a device batch and the loss L = L_cap (+ L_t2i) + alpha * L_vq
+        (``models.losses.total_loss``): the model's outputs, L and its detached terms. Training and validation both
+        run it (under ZeRO-3 every rank must)."""
+        out = self.engine(**{k: batch[k] for k in MODEL_INPUTS if k in batch})
+        loss, terms = losses.total_loss(out, batch, self.objective, self.vq_weight, self.step, self.device)
+        return out, loss, terms
 
     def train_step(self, it) -> bool:
         """One optimizer step (``accum`` micro-batches). Returns whether the update was applied.
@@ -140,8 +168,7 @@ class Trainer:
             batch = batch_to_device(batch, self.device)
             if self.first_batch is None:  # kept for the image grids: the same inputs every time
                 self.first_batch = batch
-            out = self.engine(**{k: batch[k] for k in MODEL_INPUTS if k in batch})
-            loss, terms = self.loss_terms(out, batch)
+            out, loss, terms = self.forward(batch)
             loss_d = None
             if self.objective is not None:
                 loss_d, d_terms = self.objective.discriminator_loss(batch["pixels"], out["recon"], self.step)

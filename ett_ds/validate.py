@@ -32,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import random
 import time
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 import torch
@@ -42,7 +43,34 @@ from .engine import dist
 from .eval import metrics as M
 from .eval.tasks import caption_summary
 from .generation import caption, generate_images
-from .models.ett import MODEL_INPUTS
+
+if TYPE_CHECKING:  # the types the loop hands over; annotations only
+    from .config import Config
+    from .data.text import TextTokenizer
+    from .engine.ema import ShardEMA
+    from .models.ett import ETTModel
+    from .runlog import RunLog
+    from .stages import StageSpec
+    from .tokenizers.objective import VQObjective
+
+
+class Loop(Protocol):
+    """What validation reads from the training loop (``trainer.Trainer`` is the one): named here, so that the
+    coupling is a typed interface and not a reach into the Trainer's attributes."""
+
+    cfg: Config
+    spec: StageSpec
+    model: ETTModel  # the module the engine wraps: captions, t2i sampling, the tokenizer's reconstructions
+    objective: VQObjective | None  # put in eval mode with the model (discriminator BatchNorm, LeCAM anchors)
+    text: TextTokenizer | None
+    ema: ShardEMA | None
+    device: torch.device
+    log: RunLog
+    step: int
+    first_batch: dict | None  # the first training micro-batch on this rank (report_ema)
+
+    def forward(self, batch: dict) -> tuple[dict, torch.Tensor, dict]:
+        """The engine's forward and the loss: (outputs, L, detached terms)."""
 
 
 @contextlib.contextmanager
@@ -95,9 +123,9 @@ def greedy_captions(model, text, pixels: torch.Tensor, max_new_tokens: int) -> l
 
 
 class Validator:
-    def __init__(self, trainer):
-        self.tr = trainer
-        self.cfg = trainer.cfg
+    def __init__(self, loop: Loop):
+        self.tr = loop
+        self.cfg = loop.cfg
         self.every = self.cfg.train.eval_every if self.cfg.data.eval else 0
         self.mine: list[dict] | None = None  # this rank's share, in micro-batches (host tensors)
         self.shown: dict | None = None  # the first eval_images samples, the same on every rank
@@ -157,8 +185,7 @@ class Validator:
         with _eval_mode(tr.model, tr.objective):
             for i, cpu in enumerate(self.mine):
                 batch = batch_to_device(cpu, tr.device)
-                out = tr.engine(**{k: batch[k] for k in MODEL_INPUTS if k in batch})
-                _, terms = tr.loss_terms(out, batch)
+                out, _, terms = tr.forward(batch)
                 has = {}
                 if "num_caption_tokens" in out:
                     has["loss_cap"] = out["num_caption_tokens"] > 0
@@ -236,7 +263,7 @@ class Validator:
 
 
 @torch.no_grad()
-def report_ema(tr, gap_db: float = 1.0) -> dict:
+def report_ema(tr: Loop, gap_db: float = 1.0) -> dict:
     """Collective, at the end of a run with an EMA: the PSNR of the raw and of the EMA weights (the ones checkpoints
     hand on to init_from, evaluate and export) on each rank's first training batch, averaged over ranks; one line,
     and a warning when the EMA is more than ``gap_db`` worse. Returns ``{"psnr": raw, "psnr_ema": ema}``."""

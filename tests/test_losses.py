@@ -211,18 +211,14 @@ def test_l_vq_is_the_weighted_sum_of_its_terms_with_the_gan_schedule():
 @pytest.mark.parametrize("uses_llm,alpha", [(True, 0.25), (True, 0.05), (False, 0.25)])
 def test_trainer_total_is_caption_plus_alpha_times_l_vq(uses_llm, alpha):
     """The trainer's loss is L_cap (+ L_t2i) + alpha L_vq (stage tokenizer: L_vq alone), with L_vq from the
-    objective. Trainer.loss_terms runs on a real VQObjective; the rest of the trainer is not needed for it."""
-    from types import SimpleNamespace
-
-    from ett_ds.trainer import Trainer
+    objective: models.losses.total_loss (what Trainer.forward returns) on a real VQObjective."""
+    from ett_ds.models.losses import total_loss
     obj = _objective(gan_start_step=100)
     x, recon = torch.zeros(1, 3, 16, 16), torch.full((1, 3, 16, 16), -0.5)
     out = {"recon": recon, "quantizer_terms": {"quant": torch.tensor(0.4), "entropy": torch.tensor(-0.3)}}
     if uses_llm:
         out.update(loss_cap=torch.tensor(2.0), loss_t2i=torch.tensor(1.5))
-    trainer = SimpleNamespace(device=torch.device("cpu"), objective=obj, step=3,
-                              vq_weight=alpha if uses_llm else 1.0)
-    total, terms = Trainer.loss_terms(trainer, out, {"pixels": x})
+    total, terms = total_loss(out, {"pixels": x}, obj, alpha if uses_llm else 1.0, 3, torch.device("cpu"))
     l_vq = 1.0 * 0.5 + 1.0 * 0.4 + 0.05 * -0.3  # default l1 / quant / entropy weights, GAN off before step 100
     expected = (2.0 + 1.5 + alpha * l_vq) if uses_llm else l_vq
     assert terms["loss_vq"].item() == pytest.approx(l_vq)

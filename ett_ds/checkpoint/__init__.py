@@ -8,16 +8,15 @@
 - :mod:`.manager`: the Trainer's parts registered once, saved and resumed in one call each; a save writes aside and
   renames into place; reading a step folder back (:func:`.manager.load`, :mod:`.reshard` when the number of
   data-parallel ranks changed); the run folder's lock.
-- :mod:`.training`: what a training run keeps (RNG states, the Trainer's parts and counters, optimizer settings a
-  resume takes from the config) on top of the manager; :func:`.training.save` for callers holding plain dicts.
+- :mod:`.training`: what a training run adds on top of the manager (RNG states, which checkpoint to resume,
+  optimizer settings a resume takes from the config); the Trainer registers its own parts.
 
 Turning a checkpoint into a model is the model's business: ``models/weights.py`` (consolidated fp32 weights,
 ``train.init_from``, the tokenizer's safetensors) and ``models/loading.py`` (a step, run or export folder as a plain
 module for inference and export), both on top of this package.
 
 The names most callers need are importable from the package itself (``from ett_ds import checkpoint as ckpt``;
-``ckpt.save``, ``ckpt.latest``, ``ckpt.CheckpointError``); :mod:`.weights` and :mod:`.loading` build models and are
-imported from their modules.
+``ckpt.latest``, ``ckpt.load``, ``ckpt.CheckpointError``).
 """
 from .layout import (
                      ABANDONED,
@@ -42,7 +41,7 @@ from .layout import (
 )
 from .manager import check_world_size, load, read_trainer_state
 from .safe import read_safetensors, safe_load, save_safetensors
-from .training import rng_state, save, set_rng_state
+from .training import rng_state, set_rng_state
 
 __all__ = ["ABANDONED", "EXPORT_CONFIG", "EXTRA_PARTS", "GOOD", "LATEST", "MARKER", "RUN_CONFIG", "RUN_LOCK",
            "TOKENIZER_EMA", "TRAINER_STATE", "CheckpointError", "ResumeError", "is_complete", "latest", "mark_good",

@@ -1,12 +1,11 @@
-"""Training checkpoints: one step folder holding everything needed to continue exactly (see :mod:`.layout`).
+"""What a training run's checkpoints add to the generic manager (:mod:`.manager`): the RNG states as plain
+tensors, which checkpoint ``train.resume`` names, the optimizer settings a resume takes from the config.
 
-:func:`save` (collective; the write path is :meth:`.manager.CheckpointManager.save`) writes DeepSpeed's sharded
-engine state (all ranks call save), ``extra_rank{r}.pt`` (discriminator, EMA shard, RNG states, per rank), then
-``trainer_state.json`` and ``config.yaml`` (rank 0) into a temporary folder, the ``complete`` marker last once
-every file is on disk, renames it into place and prunes to the newest ``keep_last``. :func:`.manager.load`
-(collective) reads it back through :func:`.safe.safe_load`; a folder written by another number of ranks is loaded
-through DeepSpeed's universal checkpoint (:mod:`.reshard`). This module builds on the generic manager, never the
-other way round.
+The Trainer registers its parts (engine, discriminator, EMA, RNG, counters) with a
+:class:`.manager.CheckpointManager` once; the manager's save (collective) writes DeepSpeed's sharded engine state,
+``extra_rank{r}.pt`` per rank, ``trainer_state.json`` and ``config.yaml`` into a temporary folder, the ``complete``
+marker last, renames it into place and prunes to the newest ``keep_last``; its load reads it back through
+:func:`.safe.safe_load`, through DeepSpeed's universal checkpoint (:mod:`.reshard`) when the number of ranks changed.
 """
 from __future__ import annotations
 
@@ -18,9 +17,7 @@ import torch
 import yaml
 
 from ..config import Config, to_dict
-from . import reshard
-from .layout import RUN_CONFIG, TOKENIZER_EMA, ResumeError, latest
-from .manager import Adapter, CheckpointManager
+from .layout import RUN_CONFIG, ResumeError, latest
 
 
 def rng_state() -> dict:
@@ -43,45 +40,6 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
-
-
-def save(engine, ckpt_root: Path, step: int, trainer_state: dict, extra: dict, config_yaml: str,
-         keep_last: int) -> Path:
-    """Collective: every rank must call it. ``extra``: this rank's parts for ``extra_rank{r}.pt`` (RNG states are
-    added). The Trainer saves through its :class:`.manager.CheckpointManager`; this is the same write path for
-    callers that hold plain dicts."""
-    m = CheckpointManager(engine, ckpt_root, keep_last)
-    for key, value in extra.items():
-        m.register(key, Adapter(lambda v=value: v, lambda _: None))
-    m.register("rng", Adapter(rng_state, set_rng_state))
-    m.register("trainer_state", Adapter(lambda: dict(trainer_state), lambda _: None), per_rank=False)
-    return m.save(step, config_yaml)
-
-
-# -- a Trainer's state ---------------------------------------------------------------------------------------------
-def trainer_manager(tr) -> CheckpointManager:
-    """Every part of a Trainer's state, registered once: its save and resume are one call each. Reads ``tr``'s
-    engine, ``objective`` (discriminator), ``ema``, counters (``step``, ``segment``, ``samples_seen``) and
-    ``write_tokenizer_ema``."""
-    m = CheckpointManager(tr.engine, tr.ckpt_root, tr.cfg.train.keep_last, log=tr.log.info)
-    if tr.objective is not None:  # the discriminator, its optimizer, LeCAM anchors
-        m.register("gan", Adapter(tr.objective.extra_state, tr.objective.load_extra_state))
-    if tr.ema is not None:  # this rank's EMA shards (joined from every old rank's after a world-size change)
-        ema = tr.ema
-        m.register("ema", Adapter(ema.state_dict, reads_all=True,
-                                  load=lambda extra: ema.load_state_dict(reshard.ema_state(extra, ema.params))))
-        m.register_file(TOKENIZER_EMA, tr.write_tokenizer_ema)
-    m.register("rng", Adapter(rng_state, set_rng_state))
-    m.register("counters", Adapter(lambda: counters(tr), lambda state: set_counters(tr, state)), per_rank=False)
-    return m
-
-
-def counters(tr) -> dict:
-    return {"segment": tr.segment, "samples_seen": tr.samples_seen, "stage": tr.cfg.stage}
-
-
-def set_counters(tr, state: dict) -> None:
-    tr.step, tr.segment, tr.samples_seen = state["step"], state["segment"], state["samples_seen"]
 
 
 def resume_folder(cfg: Config) -> Path | None:
