@@ -52,6 +52,8 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
+from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, PreTrainedTokenizerFast
 
 from .checkpoint import EXPORT_CONFIG, EXTRA_PARTS, CheckpointError
 from .checkpoint.safe import save_safetensors, umask_mode
@@ -137,7 +139,6 @@ def write_hf_model(out: Path, model, cfg, text, dtype: torch.dtype, layout: dict
     ``model.safetensors.index.json`` (the LLM's tensors are read from ``llm/``'s safetensors, not written twice),
     ``processor_config.json`` (image fitting, prompt layout) and ``text_tokenizer.json`` (which text tokenizer);
     the vision layout in ``tokenizer_config.json`` gains the ``auto_map`` that sends ``AutoTokenizer`` there."""
-    from safetensors import safe_open
     for name in FILES:
         shutil.copyfile(HERE / name, out / name)
         umask_mode(out / name)
@@ -204,7 +205,6 @@ def write_hf_model(out: Path, model, cfg, text, dtype: torch.dtype, layout: dict
 def set_generation_config(llm: torch.nn.Module, text) -> None:
     """bos/eos/pad in the model config and a GenerationConfig that decodes like ``ett_ds.infer``: greedy, stops at
     eos, never emits the image tokens or the padding rows of the embedding table (ids >= the tokenizer's size)."""
-    from transformers import GenerationConfig
     rows = llm.get_input_embeddings().weight.shape[0]
     suppress = [text.boi_id, text.eoi_id, text.image_id] + list(range(text.vocab_size, rows))
     for key, value in (("bos_token_id", text.bos_id), ("eos_token_id", text.eos_id), ("pad_token_id", text.pad_id)):
@@ -222,10 +222,7 @@ def open_tokenizer(folder: str | Path):
     byte-level ``Qwen2Tokenizer`` for ``model_type: qwen2`` (whatever ``tokenizer_config.json`` says) and would
     encode differently, so the file is opened with ``PreTrainedTokenizerFast`` (the class it was saved as).
     """
-    import json as _json
-
-    from transformers import AutoTokenizer, PreTrainedTokenizerFast
-    spec = _json.loads((Path(folder) / "tokenizer_config.json").read_text())
+    spec = json.loads((Path(folder) / "tokenizer_config.json").read_text())
     if spec.get("ett_text_tokenizer") == "sentencepiece":
         return PreTrainedTokenizerFast.from_pretrained(str(folder))
     return AutoTokenizer.from_pretrained(str(folder))
@@ -233,10 +230,8 @@ def open_tokenizer(folder: str | Path):
 
 def check_llm(folder: Path, llm: torch.nn.Module) -> None:
     """``AutoModelForCausalLM.from_pretrained(folder)`` opens the export and holds exactly the saved tensors."""
-    from transformers import AutoModelForCausalLM
     with no_zero_init():
         reopened = AutoModelForCausalLM.from_pretrained(str(folder), dtype=next(llm.parameters()).dtype)
-    from transformers import GenerationConfig
     tok, gen = open_tokenizer(folder), GenerationConfig.from_pretrained(str(folder))
     if gen.eos_token_id is None or tok.eos_token_id != gen.eos_token_id or not tok.chat_template:
         raise CheckpointError(f"{folder}: the exported tokenizer / generation config lack eos or a chat template")

@@ -10,11 +10,16 @@ Held-out validation (``ett_ds.validate``) adds rows ``{"step": N, "eval": {...}}
 from __future__ import annotations
 
 import json
+import sys
 import time
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import torch
+import torch.distributed as tdist
+from PIL import Image
+from tqdm import tqdm
 
 from .engine import dist
 from .eval.metrics import save_grid, stats_from_histogram
@@ -45,14 +50,11 @@ class RunLog:
         if not self.enabled:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        import sys
-
-        from tqdm import tqdm
         # a terminal gets a live bar; a log file (SLURM, CI) gets a line every 30 s instead of every step
         self.bar = tqdm(total=total, initial=initial, desc="train", dynamic_ncols=True,
                         mininterval=0.5 if sys.stderr.isatty() else 30.0)
         try:
-            from torch.utils.tensorboard import SummaryWriter
+            from torch.utils.tensorboard import SummaryWriter  # reason: tensorboard is optional (metrics.jsonl has all)
             self.tb = SummaryWriter(str(self.run_dir / "tb"))
         except ImportError:  # tensorboard not installed: metrics.jsonl still has everything
             self.tb = None
@@ -178,8 +180,6 @@ class RunLog:
         out.parent.mkdir(parents=True, exist_ok=True)
         save_grid([r.detach().float().cpu() for r in rows], out, labels=labels, captions=captions, scale=scale)
         if self.tb is not None:
-            import numpy as np
-            from PIL import Image
             self.tb.add_image(name, np.asarray(Image.open(out).convert("RGB")), step, dataformats="HWC")
         self.info(f"wrote {out}")
         return out
@@ -225,7 +225,6 @@ class RunLog:
 
 
 def _gather_counters(c: Counter) -> Counter:
-    import torch.distributed as tdist
     if not (tdist.is_available() and tdist.is_initialized()) or tdist.get_world_size() == 1:
         return Counter(c)
     parts = [None] * tdist.get_world_size()

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch._weights_only_unpickler import _get_allowed_globals
 
 from .layout import CheckpointError
 
@@ -96,7 +97,6 @@ def allowed_callables() -> dict[str, Any]:
     """The globals a file may really name: torch's ``weights_only`` allow-list (tensor rebuild functions, storage
     and tensor types, dtypes, ``torch.Size``/``device``, ``OrderedDict``/``Counter``, ``set``/``bytearray``/
     ``complex``), with ``_codecs.encode`` narrowed to latin-1."""
-    from torch._weights_only_unpickler import _get_allowed_globals
     table = dict(_get_allowed_globals())
     table["_codecs.encode"] = _latin1_encode
     return table

@@ -23,6 +23,7 @@ folder while the first one trains in it.
 from __future__ import annotations
 
 import errno
+import fcntl
 import json
 import os
 import shutil
@@ -368,7 +369,6 @@ class RunLock:
         """Collective: every rank raises the same one-line ResumeError when another job holds the folder."""
         msg = None
         if dist.is_rank0():
-            import fcntl
             self.path.parent.mkdir(parents=True, exist_ok=True)
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             try:
@@ -392,7 +392,6 @@ class RunLock:
 
     def release(self) -> None:
         if self.fd is not None:
-            import fcntl
             fcntl.flock(self.fd, fcntl.LOCK_UN)
             os.close(self.fd)
             self.fd = None

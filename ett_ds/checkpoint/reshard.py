@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import math
 import shutil
 from pathlib import Path
@@ -25,6 +26,7 @@ from pathlib import Path
 import torch
 
 from ..engine import dist
+from ..engine.zero3 import deepspeed_module
 from .layout import TRAINER_STATE, ResumeError, extra_file
 from .safe import reads_safely, safe_load
 
@@ -53,8 +55,6 @@ def keep_global_batch(cfg, folder: Path | None, world_size: int) -> str | None:
     the checkpoint's global batch differs from micro-batch x ranks (another world size now, or an earlier resume
     that kept it), set it, so gradient accumulation absorbs the difference. Returns the line to log (None when
     nothing changes). Raises ReshardError when the global batch cannot be reached."""
-    import json
-
     if folder is None or not (folder / TRAINER_STATE).is_file():
         return None
     state = json.loads((folder / TRAINER_STATE).read_text())
@@ -83,8 +83,7 @@ def keep_global_batch(cfg, folder: Path | None, world_size: int) -> str | None:
 def convert(folder: Path) -> Path:
     """Rank 0: ``folder`` -> ``folder.universal`` with DeepSpeed's ds_to_universal (written under a temporary name,
     renamed when complete)."""
-    from deepspeed.checkpoint import ds_to_universal
-
+    ds_to_universal = deepspeed_module("checkpoint.ds_to_universal")
     out = folder.with_name(folder.name + UNIVERSAL_SUFFIX)
     tmp = folder.with_name(f".{folder.name}{UNIVERSAL_SUFFIX}.tmp")
     for old in (out, tmp):

@@ -23,23 +23,25 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 
+from ..engine.zero3 import deepspeed_module
 from .layout import CheckpointError
+
+try:
+    from numpy._core.multiarray import _reconstruct
+except ImportError:  # numpy < 2
+    from numpy.core.multiarray import _reconstruct
 
 
 def allowed_globals() -> list:
     """Types a weights_only load may rebuild besides tensors and plain data: what DeepSpeed's ZeRO optimizer state
     pickles (its stage enum and loss-scaler objects, rebuilt from their attribute dicts without running code) and
     numpy arrays (RNG states of checkpoints written before they were stored as tensors)."""
-    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-    out = [ZeroStageEnum, LossScaler, DynamicLossScaler, np.ndarray, np.dtype, type(np.dtype(np.uint32)),
-           type(np.dtype(np.float64))]
-    try:
-        from numpy._core.multiarray import _reconstruct
-    except ImportError:  # numpy < 2
-        from numpy.core.multiarray import _reconstruct
-    return out + [_reconstruct]
+    scalers = deepspeed_module("runtime.fp16.loss_scaler")
+    return [deepspeed_module("runtime.zero.config").ZeroStageEnum, scalers.LossScaler, scalers.DynamicLossScaler,
+            np.ndarray, np.dtype, type(np.dtype(np.uint32)), type(np.dtype(np.float64)), _reconstruct]
 
 
 def safe_load(path, map_location="cpu", **_ignored):
@@ -93,8 +95,6 @@ def reads_safely(module):
 
 def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     """A safetensors file's tensors; a damaged file is a one-line CheckpointError naming it."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
     try:
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError) as e:
@@ -111,6 +111,5 @@ def umask_mode(path: str | Path, mode: int = 0o666) -> None:
 
 def save_safetensors(tensors: dict, path: str | Path, metadata: dict | None = None) -> None:
     """``safetensors.torch.save_file`` with the file mode following the umask (0644 under umask 022)."""
-    from safetensors.torch import save_file
     save_file(tensors, str(path), metadata=metadata)
     umask_mode(path)

@@ -14,6 +14,8 @@ import tarfile
 from collections import Counter
 from typing import Iterator
 
+from webdataset.gopen import gopen
+
 from ..commandline import UserError
 from .format import (
     CAPTION_EXT,
@@ -57,7 +59,6 @@ def open_shard(url: str):
     """A readable binary stream: a local path or ``file://`` through plain ``open``; ``pipe:CMD`` or a URL through
     webdataset's own opener (``webdataset.gopen``: ``pipe:`` runs the command, http(s) runs curl; a failing command
     or HTTP error surfaces as OSError when the stream is read or closed)."""
-    from webdataset.gopen import gopen
     url = str(url)
     if not is_url(url):  # a local file, always opened as one: `file://pipe:...` names a file, it never runs
         return open(url[len("file://"):] if url.startswith("file://") else url, "rb")

@@ -18,6 +18,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Callable, Iterator
 
+from braceexpand import braceexpand
 from torch.utils.data import IterableDataset
 
 from .decode import DataErrorRateExceeded, check_error_rate, is_url, iter_tar_samples
@@ -46,8 +47,6 @@ def list_shards(folder) -> list[str]:
 
 
 def _expand_one(spec: str, missing: list[str]) -> list[str]:
-    from braceexpand import braceexpand
-
     out: list[str] = []
     for path in braceexpand(spec):
         if is_url(path):  # pipe: and remote shards are taken as given; a missing one is counted when read

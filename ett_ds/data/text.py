@@ -5,7 +5,12 @@ visual embeddings replace. Objects are picklable (they travel into DataLoader wo
 """
 from __future__ import annotations
 
+import inspect
+import json
 from pathlib import Path
+
+import sentencepiece as spm
+from tokenizers.processors import TemplateProcessing
 
 IGNORE = -100  # the target id no loss reads (prompt, padding, image positions)
 IMAGE_START, IMAGE_END, IMAGE_TOKEN = "<|ett_image_start|>", "<|ett_image_end|>", "<|ett_image|>"
@@ -34,7 +39,6 @@ class TextTokenizer:
         if not p.exists():
             raise FileNotFoundError(f"text tokenizer not found: {p} ({MISSING_HINT})")
         if p.is_file() and p.suffix == ".model":
-            import sentencepiece as spm
             self.kind = "sentencepiece"
             self._sp = spm.SentencePieceProcessor(model_file=str(p))
             base = self._sp.get_piece_size()
@@ -46,7 +50,7 @@ class TextTokenizer:
                 raise ValueError(f"{p}: the sentencepiece model has no eos piece (train it with eos_id set)")
             self.pad_id = self._sp.pad_id() if self._sp.pad_id() >= 0 else self.eos_id
         else:
-            from transformers import AutoTokenizer
+            from transformers import AutoTokenizer  # reason: transformers (~0.8 s) only for an HF tokenizer folder
             self.kind = "hf"
             tok = AutoTokenizer.from_pretrained(str(p), trust_remote_code=self.trust_remote_code)
             tok.add_special_tokens({"additional_special_tokens": list(SPECIALS)},
@@ -131,7 +135,6 @@ def chat_template_jinja(template: str, num_image_tokens: int) -> str:
     """
     if "{content}" not in template or "{role}" not in template:
         raise ValueError("data.chat_template must contain {role} and {content}")
-    import json
     pre, post = template.split("{content}", 1)
 
     def render(part: str, role: str) -> str:
@@ -158,9 +161,8 @@ def chat_template_jinja(template: str, num_image_tokens: int) -> str:
 
 
 def _fast_from_sentencepiece(text: TextTokenizer):
-    from tokenizers.processors import TemplateProcessing
-    from transformers import PreTrainedTokenizerFast
-    from transformers.convert_slow_tokenizer import SpmConverter, import_protobuf
+    from transformers import PreTrainedTokenizerFast  # reason: transformers' import only where exports need it
+    from transformers.convert_slow_tokenizer import SpmConverter, import_protobuf  # reason: as above
     proto = import_protobuf().ModelProto()
     proto.ParseFromString(Path(text.path).read_bytes())
     backend = SpmConverter.build_tokenizer_from_spm_proto(proto, [(p.piece, p.score) for p in proto.pieces])
@@ -182,5 +184,4 @@ def _fast_from_sentencepiece(text: TextTokenizer):
 
 
 def _accepts_replace(tok) -> bool:
-    import inspect
     return "replace_extra_special_tokens" in inspect.signature(tok.add_special_tokens).parameters

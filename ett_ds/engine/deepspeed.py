@@ -20,7 +20,7 @@ import torch
 import ds_configs  # the templates: a package of JSON files beside ett_ds, installed with it (pyproject package-data)
 
 from ..config import Config, ConfigError
-from .zero3 import register_child_reads
+from .zero3 import deepspeed_module, register_child_reads
 
 DS_CONFIGS = Path(ds_configs.__file__).resolve().parent
 # Modules DeepSpeed's torch_autocast may all-gather in bf16 (it matches exact classes): the visual-code head is an
@@ -123,7 +123,7 @@ def zero_stage(ds: dict) -> int:
 def enable_zero_init(ds: dict) -> None:
     """Make transformers build LLMs inside deepspeed.zero.Init (partitioned at creation) for ZeRO-3 configs."""
     global _HF_DS_CONFIG
-    from transformers.integrations import HfDeepSpeedConfig
+    from transformers.integrations import HfDeepSpeedConfig  # reason: spares preflight the transformers import (~0.6 s)
     _HF_DS_CONFIG = HfDeepSpeedConfig(ds) if zero_stage(ds) == 3 else None
 
 
@@ -211,9 +211,8 @@ def setup_backends(cfg: Config) -> None:
 
 def initialize(model, cfg: Config, ds: dict):
     """Exactly one deepspeed.initialize for the whole ETTModel. Returns the engine."""
-    import deepspeed
     optimizer = build_optimizer(model, cfg)
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds,
-                                           lr_scheduler=lambda opt: WarmupCosine(opt, cfg))
+    engine, _, _, _ = deepspeed_module().initialize(model=model, optimizer=optimizer, config=ds,
+                                                    lr_scheduler=lambda opt: WarmupCosine(opt, cfg))
     register_child_reads(engine.module)
     return engine

@@ -19,6 +19,8 @@ from typing import Any, Mapping
 import torch
 import torch.distributed as dist
 
+from .zero3 import deepspeed_module
+
 TORCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
 DEFAULT_PORT = 29500
 
@@ -213,13 +215,11 @@ def init_distributed(backend: str | None = None) -> None:
     cuda = torch.cuda.is_available()
     if not cuda:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    import deepspeed
-    import deepspeed.ops
-
+    deepspeed = deepspeed_module()  # after DS_ACCELERATOR is set: deepspeed picks its accelerator on import
     if not cuda:
         # Otherwise DeepSpeed JIT-compiles its shared-memory all-reduce (25-45 s) on the first init; it only
         # serves inference, which ett_ds does not run through the engine.
-        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+        deepspeed_module("ops").__compatible_ops__["deepspeed_shm_comm"] = False
     if cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     deepspeed.init_distributed(dist_backend=backend or ("nccl" if cuda else "gloo"))
@@ -254,6 +254,11 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     if _initialized() and dist.get_world_size() > 1:
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
+
+
+def any_rank(flag: bool, device="cpu") -> bool:
+    """Collective: True on every rank when ``flag`` is True on any rank (``flag`` itself in a single process)."""
+    return bool(all_reduce_sum(torch.tensor([1.0 if flag else 0.0], device=device)).item() > 0)
 
 
 def broadcast_object(obj: Any, src: int = 0) -> Any:

@@ -105,11 +105,8 @@ def received() -> str | None:
 
 def agreed(device="cpu") -> bool:
     """Collective (every rank, at the same step): True on all ranks when any rank caught a signal."""
-    import torch
-
-    from . import dist  # reason: torch-free at import (python -m ett_ds.engine.preempt, the exec guard)
-    flag = torch.tensor([0.0 if _received is None else 1.0], device=device)
-    return bool(dist.all_reduce_sum(flag).item() > 0)
+    from . import dist  # reason: dist imports torch; the exec guard (python -m ett_ds.engine.preempt) runs stdlib-only
+    return dist.any_rank(_received is not None, device)
 
 
 def exec_guarded(argv: list[str]) -> None:

@@ -9,9 +9,17 @@ for inference after a training, in tests and experiments). Without ZeRO-3 every 
 from __future__ import annotations
 
 import contextlib
+import importlib
 import sys
 
 import torch
+
+
+def deepspeed_module(submodule: str = ""):
+    """deepspeed, imported on first use (its import takes ~1.4 s; commands that never build an engine do not pay it).
+    ``submodule`` (e.g. ``"checkpoint.ds_to_universal"``) gives that submodule of deepspeed instead, imported too."""
+    import deepspeed  # reason: the one home of deepspeed's slow import (~1.4 s), paid only by code that uses it
+    return importlib.import_module(f"deepspeed.{submodule}") if submodule else deepspeed
 
 
 class gathered:
@@ -25,8 +33,7 @@ class gathered:
 
     def __enter__(self):
         if self.params:
-            import deepspeed  # reason: only under ZeRO-3 (the params are partitioned); deepspeed's import is slow
-            self.ctx = deepspeed.zero.GatheredParameters(self.params, modifier_rank=0 if self.modify else None)
+            self.ctx = deepspeed_module().zero.GatheredParameters(self.params, modifier_rank=0 if self.modify else None)
             self.ctx.__enter__()
         return self
 
@@ -48,8 +55,7 @@ def register_child_reads(model: torch.nn.Module) -> int:
         for name in getattr(module, "zero3_reads", ()):
             param = module.get_parameter(name)
             if hasattr(param, "ds_id"):
-                import deepspeed  # reason: only under ZeRO-3, as in gathered
-                deepspeed.zero.register_external_parameter(module, param)
+                deepspeed_module().zero.register_external_parameter(module, param)
                 count += 1
     return count
 

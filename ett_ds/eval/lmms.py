@@ -51,13 +51,13 @@ METRIC = "vqa_accuracy"
 
 def manifests():
     """The ``lmms_eval.models`` entry point: ``ett`` -> :class:`ETT`."""
-    from lmms_eval.models.registry_v2 import ModelManifest  # the optional extra: imported only when asked for
+    from lmms_eval.models.registry_v2 import ModelManifest  # reason: the optional extra (requirements-lmms.txt)
     return [ModelManifest(model_id=MODEL_NAME, simple_class_path=CLASS_PATH)]
 
 
 def register() -> None:
     """Register ``ett`` in lmms-eval's model registry of this process (what the entry point does on install)."""
-    from lmms_eval.models import MODEL_REGISTRY_V2  # the optional extra, as above
+    from lmms_eval.models import MODEL_REGISTRY_V2  # reason: the optional extra, as above
     for m in manifests():
         MODEL_REGISTRY_V2.register_manifest(m, overwrite=True)
 
@@ -112,15 +112,15 @@ def filelock_compat() -> None:
     a self-deadlock, so with filelock 4 it is skipped (marked done). Runs when the model is built, which
     ``simple_evaluate`` does before it applies the patch."""
     try:
-        import filelock._api  # noqa: F401 (a probe: does this filelock have the module lmms-eval patches?)
+        import filelock._api  # noqa: F401  # reason: a probe: has this filelock the module lmms-eval patches?
     except ImportError:
-        import lmms_eval.evaluator as ev  # the optional extra, as above
+        import lmms_eval.evaluator as ev  # reason: the optional extra, as above
         if hasattr(ev, "_enable_reentrant_filelocks"):
             ev._enable_reentrant_filelocks._patched = True
 
 
 def _build_model_class():
-    from lmms_eval.api.model import lmms  # the optional extra: the class is built on first access
+    from lmms_eval.api.model import lmms  # reason: the optional extra; the class is built on first access
 
     class ETT(lmms):
         """An ETT checkpoint (step, run or export folder) for lmms-eval: greedy ``generate_until`` answers, as

@@ -12,7 +12,12 @@ from typing import Sequence
 
 import numpy as np
 import torch
+from PIL import Image, ImageDraw, ImageFont
 
+try:
+    from skimage.metrics import structural_similarity
+except ImportError:  # pragma: no cover - scikit-image is in requirements.txt; ssim() says so
+    structural_similarity = None
 PSNR_CAP_DB = 100.0
 
 
@@ -57,10 +62,8 @@ def ssim(x: torch.Tensor, y: torch.Tensor, value_range: tuple[float, float] = (-
     ``channel_axis=-1, data_range=1.0``; SSIM is the mean over channels and window positions. ``win_size`` defaults
     to 7 (valid for 32x128 text strips and 8x8 digits); see ``_ssim_win_size`` for smaller images.
     """
-    try:
-        from skimage.metrics import structural_similarity
-    except ImportError as e:  # pragma: no cover - scikit-image is in requirements.txt
-        raise ImportError("ssim needs scikit-image: pip install scikit-image==0.26.0") from e
+    if structural_similarity is None:  # pragma: no cover - scikit-image is in requirements.txt
+        raise ImportError("ssim needs scikit-image: pip install scikit-image==0.26.0")
     if x.shape != y.shape:
         raise ValueError(f"ssim: shapes differ {tuple(x.shape)} vs {tuple(y.shape)}")
     if x.dim() == 3:
@@ -222,8 +225,6 @@ def save_grid(rows: Sequence[torch.Tensor], path: str | Path, labels: Sequence[s
     to the cell width; ``\n`` starts a new line, e.g. ``"pred: ...\ntrue: ..."``). A row with captions is taller
     by its longest caption's lines; rows without keep the sizes above.
     """
-    from PIL import Image, ImageDraw, ImageFont
-
     if not rows:
         raise ValueError("save_grid: no rows")
     if labels is not None and len(labels) != len(rows):

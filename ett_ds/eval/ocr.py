@@ -18,6 +18,7 @@ import importlib.util
 import os
 
 import numpy as np
+from PIL import Image
 
 from ..commandline import UserError
 
@@ -37,7 +38,7 @@ def available() -> bool:
 def _engine(num_threads: int, det_limit_type: str, det_limit_side_len: int):
     """One RapidOCR engine per process and configuration (loading the three ONNX sessions takes ~0.3-1 s)."""
     try:
-        from rapidocr_onnxruntime import RapidOCR
+        from rapidocr_onnxruntime import RapidOCR  # reason: the optional extra (OCRUnavailable when absent)
     except ImportError as e:
         raise OCRUnavailable(f"RapidOCR is not installed ({e}); install it with: {INSTALL_HINT}") from e
     return RapidOCR(intra_op_num_threads=num_threads, inter_op_num_threads=1,
@@ -101,7 +102,6 @@ class OCRReader:
         if self.upscale_to and h < self.upscale_to:
             s = min(self.upscale_to / h, self.max_side / max(h, w))
             if s > 1:
-                from PIL import Image
                 img = np.asarray(Image.fromarray(img).resize((round(w * s), round(h * s)), Image.BICUBIC))
         return np.ascontiguousarray(img[:, :, ::-1])  # RapidOCR treats a 3-channel array as BGR
 

@@ -24,6 +24,11 @@ import math
 import sys
 from pathlib import Path
 
+import numpy as np
+import torch
+from PIL import Image
+from transformers import BatchFeature
+
 from .tokenization_ett import ETTTokenizer, resolve_file
 
 IMAGE_MARK = "<image>"
@@ -35,7 +40,6 @@ _warned = False
 
 # -- images (the same fitting as ett_ds.data.transforms.fit_image) ---------------------------------------------------
 def to_rgb(img):
-    from PIL import Image
     if img.mode == "RGB":
         return img
     if img.mode == "P" and "transparency" in img.info:
@@ -55,7 +59,6 @@ def to_rgb(img):
 def fit_image(img, size, mode="crop"):
     """RGB PIL image of exactly ``size`` = (H, W): ``crop`` (cover, centre box), ``pad`` (letterbox on mid grey)
     or ``stretch``."""
-    from PIL import Image
     global _warned
     img = to_rgb(img)
     H, W = size
@@ -90,14 +93,11 @@ def fit_image(img, size, mode="crop"):
 
 def image_to_tensor(img, size, mode="crop"):
     """(3, H, W) float32 in [-1, 1]."""
-    import numpy as np
-    import torch
     arr = np.array(fit_image(img, size, mode), dtype=np.uint8)
     return torch.from_numpy(arr).permute(2, 0, 1).float().div_(127.5).sub_(1.0)
 
 
 def tensor_to_image(t):
-    from PIL import Image
     arr = ((t.detach().float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
     return Image.fromarray(arr, mode="RGB")
 
@@ -191,8 +191,6 @@ class ETTProcessor:
         """``images``: one PIL image or a list; ``text``: one prompt (for every image), a list (one per image) or
         None (the run's first caption prompt); ``conversation``: a chat (one image) instead of ``text``. Rows of
         different lengths are left-padded (pad id, attention_mask 0)."""
-        import torch
-        from transformers import BatchFeature
         if images is None:
             raise ValueError("ETTProcessor needs images (text-to-image: proc.image_inputs(text))")
         images = list(images) if isinstance(images, (list, tuple)) else [images]
@@ -213,8 +211,6 @@ class ETTProcessor:
     def image_inputs(self, text: str | list[str], return_tensors="pt"):
         """Text-to-image inputs for ``model.generate_image``: ``input_ids`` (the prompt) and ``uncond_input_ids``
         (the empty prompt, for classifier-free guidance); one prompt per call."""
-        import torch
-        from transformers import BatchFeature
         return BatchFeature(data={"input_ids": torch.tensor([self.image_prompt_ids(text)]),
                                   "uncond_input_ids": torch.tensor([self.image_prompt_ids("")])})
 

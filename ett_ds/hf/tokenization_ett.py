@@ -18,8 +18,10 @@ import os
 import shutil
 from pathlib import Path
 
+import sentencepiece as spm
 from transformers import AutoTokenizer, PreTrainedTokenizer
 from transformers.tokenization_utils_base import AddedToken
+from transformers.utils import cached_file
 
 SETTINGS = "text_tokenizer.json"
 IMAGE_START, IMAGE_END, IMAGE_TOKEN = "<|ett_image_start|>", "<|ett_image_end|>", "<|ett_image|>"
@@ -32,7 +34,6 @@ def resolve_file(folder, name: str, **kwargs) -> str | None:
         return str(local)
     if Path(str(folder)).is_dir():
         return None
-    from transformers.utils import cached_file
     keep = {k: kwargs[k] for k in ("cache_dir", "revision", "token", "local_files_only", "force_download")
             if k in kwargs}
     return cached_file(str(folder), name, _raise_exceptions_for_missing_entries=False, **keep)
@@ -43,7 +44,6 @@ class ETTSentencePieceTokenizer(PreTrainedTokenizer):
     model_input_names = ["input_ids", "attention_mask"]
 
     def __init__(self, vocab_file: str, chat_template: str | None = None, **kwargs):
-        import sentencepiece as spm
         self.vocab_file = str(vocab_file)
         self.sp_model = spm.SentencePieceProcessor(model_file=self.vocab_file)
         sp = self.sp_model

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from ..config import LLMConfig
 from ..engine.zero3 import gathered
@@ -18,8 +19,6 @@ from . import lora
 
 
 def build_llm(cfg: LLMConfig) -> nn.Module:
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     if cfg.path:
         path = Path(cfg.path)
         if not (path / "config.json").is_file():

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
+import yaml
 
 from ..checkpoint.layout import RUN_CONFIG
 from ..config import ConfigError
@@ -36,17 +37,21 @@ def enabled(cfg) -> bool:
     return cfg is not None and getattr(cfg, "lora", None) is not None and cfg.lora.r > 0
 
 
+def peft_module():
+    """peft, imported on first use (its import takes ~3 s, transformers included; only LoRA models need it)."""
+    import peft  # reason: ~3 s to import; paid only where LoRA is used (model.llm.lora.r > 0, merging adapters)
+    return peft
+
+
 def peft_config(lcfg):
-    from peft import LoraConfig
-    return LoraConfig(r=lcfg.r, lora_alpha=lcfg.alpha, lora_dropout=lcfg.dropout,
-                      target_modules=list(lcfg.target_modules), bias="none")
+    return peft_module().LoraConfig(r=lcfg.r, lora_alpha=lcfg.alpha, lora_dropout=lcfg.dropout,
+                                    target_modules=list(lcfg.target_modules), bias="none")
 
 
 def inject(llm: nn.Module, lcfg) -> nn.Module:
     """LoRA layers (rank ``lcfg.r``) into ``llm`` in place; returns ``llm``. Embeddings and the LM head are never
     targeted (the tiny recipe ties them, and ZeRO-3 cannot freeze rows of a table: pitfalls A5). A target the LLM
     lacks is a one-line ``ConfigError`` (``ett_ds.train``: exit 2)."""
-    from peft import inject_adapter_in_model
     bad = [t for t in lcfg.target_modules if t in ("lm_head", "embed_tokens") or t.endswith((".lm_head",
                                                                                               ".embed_tokens"))]
     if bad:
@@ -58,7 +63,7 @@ def inject(llm: nn.Module, lcfg) -> nn.Module:
         linear = sorted({n.rsplit(".", 1)[-1] for n, m in llm.named_modules() if isinstance(m, nn.Linear)})
         raise ConfigError(f"model.llm.lora.target_modules: no module named '{unknown[0]}' in the LLM "
                          f"({type(llm).__name__}'s nn.Linear layers: {', '.join(linear)})")
-    inject_adapter_in_model(peft_config(lcfg), llm)
+    peft_module().inject_adapter_in_model(peft_config(lcfg), llm)
     if hasattr(llm, "peft_config"):
         del llm.peft_config  # the LoRA settings live in ett_ds's config; a leftover would confuse save_pretrained
     return llm
@@ -81,8 +86,8 @@ def train_adapters_only(llm: nn.Module) -> None:
 
 
 def adapter_layers(llm: nn.Module) -> list[tuple[str, nn.Module]]:
-    from peft.tuners.lora import LoraLayer
-    return [(n, m) for n, m in llm.named_modules() if isinstance(m, LoraLayer)]
+    lora_layer = peft_module().tuners.lora.LoraLayer
+    return [(n, m) for n, m in llm.named_modules() if isinstance(m, lora_layer)]
 
 
 def merge(llm: nn.Module) -> nn.Module:
@@ -112,7 +117,6 @@ def count(module: nn.Module, trainable_only: bool = True, adapters_only: bool = 
 
 def _scaling(folder: Path, r: int) -> float:
     """alpha / r of the LoRA run that wrote ``folder`` (its config.yaml)."""
-    import yaml
     tree = yaml.safe_load((Path(folder) / RUN_CONFIG).read_text()) or {}
     lora = ((tree.get("model") or {}).get("llm") or {}).get("lora") or {}
     return float(lora.get("alpha", r)) / r

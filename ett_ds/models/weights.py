@@ -16,14 +16,14 @@ import torch
 from ..checkpoint.layout import TOKENIZER_EMA, CheckpointError, is_complete
 from ..checkpoint.safe import read_safetensors, reads_safely, save_safetensors
 from ..engine import dist
-from ..engine.zero3 import gathered
+from ..engine.zero3 import deepspeed_module, gathered
 from .lora import fit_state_dict  # across a LoRA boundary: X.weight <-> X.base_layer.weight, merges
 
 
 def consolidated_state_dict(folder: Path) -> dict[str, torch.Tensor]:
     """DeepSpeed's zero_to_fp32 merges the ZeRO shards, reading them through :func:`.safe.safe_load` (its own
     ``torch.load(weights_only=False)`` would run whatever a pickled object asks for)."""
-    import deepspeed.utils.zero_to_fp32 as z
+    z = deepspeed_module("utils.zero_to_fp32")
     folder = Path(folder)
     if not is_complete(folder):
         raise CheckpointError(f"{folder} is not a complete ett_ds checkpoint step folder")
