@@ -276,9 +276,14 @@ class SamplingConfig:
     t2i_top_p: PosFraction = 1.0
     "Text to image: nucleus sampling of the codes (1: all)."
 
-    def t2i(self) -> dict:  # generation.generate_images' keywords (cfg_scale 0: None, no unguided stream)
-        return {"cfg_scale": self.cfg_scale if self.cfg_scale > 0 else None, "temperature": self.t2i_temperature,
-                "top_k": self.t2i_top_k, "top_p": self.t2i_top_p}
+    def with_overrides(self, **given) -> SamplingConfig:
+        """These settings with every given value that is not None in its place (a command's flags over the
+        checkpoint's config)."""
+        return dataclasses.replace(self, **{k: v for k, v in given.items() if v is not None})
+
+    def t2i(self) -> dict:  # generation.generate_images' keywords
+        return {"cfg_scale": self.cfg_scale, "temperature": self.t2i_temperature, "top_k": self.t2i_top_k,
+                "top_p": self.t2i_top_p}
 
 
 @dataclass

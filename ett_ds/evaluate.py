@@ -46,7 +46,6 @@ Metrics (texts are compared after case-folding and collapsing whitespace)
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import math
 import os
@@ -197,8 +196,7 @@ T2I_FLAGS = ("cfg_scale", "t2i_temperature", "t2i_top_k", "t2i_top_p")  # each t
 def t2i_sampling(args, cfg) -> dict:
     """``generate_images``' guidance and sampling keywords: each t2i flag given, else the checkpoint config's
     ``sampling`` value."""
-    given = {k: getattr(args, k) for k in T2I_FLAGS if getattr(args, k) is not None}
-    return dataclasses.replace(cfg.sampling, **given).t2i()
+    return cfg.sampling.with_overrides(**{k: getattr(args, k) for k in T2I_FLAGS}).t2i()
 
 
 def build_tasks(names: list[str], loaded, reader, args, data, rank: int, world: int) -> list[EvalTask]:

@@ -274,7 +274,9 @@ def generate_images(model: ETTModel, text: TextTokenizer, prompts: list[str], cf
                     top_k: int = 0, top_p: float = 1.0, temperature: float = 1.0, seed: int = 0,
                     num_images: int = 1) -> torch.Tensor:
     """(len(prompts) * num_images, 3, H, W) images in [-1, 1], prompt-major. Prompt i samples with the seed
-    ``seed + i`` (so an image does not depend on the other prompts of the call); temperature 0 is greedy."""
+    ``seed + i`` (so an image does not depend on the other prompts of the call); temperature 0 is greedy;
+    ``cfg_scale`` None or <= 0: no guidance (no unguided stream)."""
+    cfg_scale = cfg_scale if cfg_scale is not None and cfg_scale > 0 else None
     if model.visual_head is None:
         raise CheckpointError(f"this model was trained with stage={model.cfg.stage}; generate needs a t2i checkpoint")
     batcher = Batcher(model.cfg, text, train=False)

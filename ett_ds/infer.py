@@ -29,6 +29,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from .commandline import UserError, run_cli
+from .config import SamplingConfig
 from .data.transforms import image_to_tensor
 from .eval.metrics import to_uint8_images
 from .generation import ChatSession, caption, generate_images, reconstruct
@@ -51,11 +52,10 @@ SAMPLING_DEFAULTS = {
 }
 
 
-def fill_sampling(args, cfg) -> None:
-    """Every sampling flag left out (None) takes the checkpoint config's ``sampling`` value."""
-    for dest, key in SAMPLING_DEFAULTS.get(args.command, {}).items():
-        if getattr(args, dest) is None:
-            setattr(args, dest, getattr(cfg.sampling, key))
+def sampling_of(args, cfg) -> SamplingConfig:
+    """The checkpoint config's ``sampling`` settings with every sampling flag given (not None) in their place."""
+    keys = SAMPLING_DEFAULTS.get(args.command, {})
+    return cfg.sampling.with_overrides(**{key: getattr(args, dest) for dest, key in keys.items()})
 
 
 def caption_field(text: str) -> str:
@@ -148,16 +148,14 @@ def write_pngs(images: torch.Tensor, paths: list[Path]) -> None:
 
 def run(args) -> None:
     cfg = read_config(*resolve(args.ckpt))  # a missing or foreign --ckpt fails before images are decoded
-    fill_sampling(args, cfg)
+    settings = sampling_of(args, cfg)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if args.command == "generate":
         if args.num_images < 1:
             raise CLIError("--num-images must be >= 1")
         paths = out_paths(args.out, len(args.prompt) * args.num_images)
         loaded = load_model(args.ckpt, device, DTYPES[args.dtype], require="generate")
-        images = generate_images(loaded.model, loaded.text, args.prompt,
-                                 cfg_scale=args.cfg_scale if args.cfg_scale > 0 else None, top_k=args.top_k,
-                                 top_p=args.top_p, temperature=args.temperature, seed=args.seed,
+        images = generate_images(loaded.model, loaded.text, args.prompt, **settings.t2i(), seed=args.seed,
                                  num_images=args.num_images)
         write_pngs(images, paths)
         return
@@ -170,8 +168,9 @@ def run(args) -> None:
         return
     loaded = load_model(args.ckpt, device, DTYPES[args.dtype], require="llm")
     g = torch.Generator(device=device).manual_seed(args.seed)
-    sampling = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                    top_p=args.top_p, generator=g)
+    longest = settings.caption_max_new_tokens if args.command == "caption" else settings.chat_max_new_tokens
+    sampling = dict(max_new_tokens=longest, temperature=settings.temperature, top_k=settings.top_k,
+                    top_p=settings.top_p, generator=g)
     if args.command == "caption":
         texts = caption(loaded.model, loaded.text, pixels, prompt=args.prompt, **sampling)
         for path, text in zip(args.image, texts):

@@ -71,6 +71,7 @@ def test_cfg_scale_one_equals_no_guidance(t2i):
     assert base.shape == (4, 3, 16, 32) and base.min() >= -1 and base.max() <= 1
     assert torch.equal(generate_images(t2i.model, t2i.text, cfg_scale=1.0, **kw), base)
     assert torch.equal(generate_images(t2i.model, t2i.text, cfg_scale=None, **kw), base)  # deterministic
+    assert torch.equal(generate_images(t2i.model, t2i.text, cfg_scale=0.0, **kw), base)  # <= 0: guidance off
     greedy = dict(kw, temperature=0.0)
     assert not torch.equal(generate_images(t2i.model, t2i.text, cfg_scale=8.0, **greedy),
                            generate_images(t2i.model, t2i.text, cfg_scale=None, **greedy))

@@ -1,6 +1,7 @@
 """Issue 24: the sampling settings live in the config tree (``sampling.*``); a checkpoint's values are the defaults of
 ``ett_ds.infer`` and ``ett_ds.evaluate``, and a flag overrides them. The model is faked: only the settings that reach
 the generation calls are checked (fast, no training)."""
+import dataclasses
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -45,7 +46,9 @@ def test_the_config_tree_declares_the_sampling_settings():
     with pytest.raises(ValueError, match="sampling.top_p"):
         load_config("tiny", ["sampling.top_p=0"])
     assert load_config("tiny").sampling.t2i() == {"cfg_scale": 3.0, "temperature": 1.0, "top_k": 0, "top_p": 1.0}
-    assert load_config("tiny", ["sampling.cfg_scale=0"]).sampling.t2i()["cfg_scale"] is None  # 0: guidance off
+    assert load_config("tiny", ["sampling.cfg_scale=0"]).sampling.t2i()["cfg_scale"] == 0  # generate: guidance off
+    s = load_config("tiny").sampling
+    assert s.with_overrides(cfg_scale=None, top_k=7) == dataclasses.replace(s, top_k=7)  # None: not given
 
 
 def test_infer_generate_takes_the_checkpoints_sampling_unless_a_flag_sets_it(calls, tmp_path):
@@ -56,7 +59,7 @@ def test_infer_generate_takes_the_checkpoints_sampling_unless_a_flag_sets_it(cal
     assert infer.main(argv + ["--cfg-scale", "4", "--temperature", "0", "--top-k", "9", "--top-p", "0.5"]) == 0
     assert {k: calls["generate"][k] for k in ("cfg_scale", "temperature", "top_k", "top_p")} == {
         "cfg_scale": 4.0, "temperature": 0.0, "top_k": 9, "top_p": 0.5}
-    assert infer.main(argv + ["--cfg-scale", "0"]) == 0 and calls["generate"]["cfg_scale"] is None
+    assert infer.main(argv + ["--cfg-scale", "0"]) == 0 and calls["generate"]["cfg_scale"] == 0  # off (test_infer)
 
 
 def test_infer_caption_takes_the_checkpoints_sampling_unless_a_flag_sets_it(calls, cfg, tmp_path, capsys):
@@ -83,7 +86,7 @@ def test_evaluate_t2i_takes_the_checkpoints_sampling_unless_a_flag_sets_it(cfg):
     assert t2i() == {"cfg_scale": 2.5, "temperature": 0.7, "top_k": 5, "top_p": 0.9, "seed": 3}
     assert t2i("--cfg-scale", "1.5", "--t2i-temperature", "0", "--t2i-top-k", "2", "--t2i-top-p", "0.5") == {
         "cfg_scale": 1.5, "temperature": 0.0, "top_k": 2, "top_p": 0.5, "seed": 3}
-    assert t2i("--cfg-scale", "0")["cfg_scale"] is None
+    assert t2i("--cfg-scale", "0")["cfg_scale"] == 0  # generate_images: guidance off
 
 
 def test_help_names_the_checkpoint_config_as_the_default(capsys):

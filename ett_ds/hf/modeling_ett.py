@@ -138,8 +138,9 @@ class ETTForConditionalGeneration(ETTPreTrainedModel, GenerationMixin):
 
         The visual codes are sampled one by one through the visual head (temperature 0 = greedy) with
         classifier-free guidance ``cond + (cfg_scale - 1) * (cond - uncond)`` against ``uncond_input_ids``
-        (``cfg_scale=None`` or no ``uncond_input_ids``: none), then decoded by the vision tokenizer. With the same
-        seed this draws what ``python -m ett_ds.infer generate`` draws for its first prompt."""
+        (``cfg_scale`` None or <= 0, or no ``uncond_input_ids``: none), then decoded by the vision tokenizer. With
+        the same seed this draws what ``python -m ett_ds.infer generate`` draws for its first prompt."""
+        cfg_scale = cfg_scale if cfg_scale is not None and cfg_scale > 0 else None
         if self.visual_head is None:
             raise ValueError(f"this model was trained with stage={self.config.stage}; generate_image needs a t2i "
                              "checkpoint")
