@@ -16,26 +16,27 @@ from .typed_tree import markdown_table
 
 
 def markdown_reference(cls=None, prefix: str = "") -> str:
-    """The README's configuration reference: one row per field of the tree, from the field docstrings."""
+    """The configuration reference (docs/configuration.md): one row per field of the tree, from the field docstrings."""
     return markdown_table(cls or Config, prefix)
 
 
-README_START, README_END = "<!-- config-reference:start -->", "<!-- config-reference:end -->"
+REF_START, REF_END = "<!-- config-reference:start -->", "<!-- config-reference:end -->"
 
 
-def readme_with_reference(text: str) -> str:
-    """README text with the block between the config-reference markers regenerated."""
-    head, rest = text.split(README_START, 1)
-    _, tail = rest.split(README_END, 1)
-    return f"{head}{README_START}\n{markdown_reference()}\n{README_END}{tail}"
+def page_with_reference(text: str) -> str:
+    """A page's text with the block between the config-reference markers regenerated."""
+    head, rest = text.split(REF_START, 1)
+    _, tail = rest.split(REF_END, 1)
+    return f"{head}{REF_START}\n{markdown_reference()}\n{REF_END}{tail}"
 
 
-USAGE = """usage: python -m ett_ds.config [RECIPE] [key.sub=value ...] | --markdown | --write-readme PAGE
+USAGE = """usage: python -m ett_ds.config [RECIPE] [key.sub=value ...] | --markdown | --write PAGE
 
 Prints the resolved config of a recipe (a YAML path or a built-in name: tiny, own, qwen2.5-1.5b-ibq) with the
 overrides applied, as YAML: what `python -m ett_ds.train --config RECIPE key.sub=value ...` would run.
   --markdown                 the key reference (docs/configuration.md): every key, type, default
-  --write-readme PAGE         regenerate that reference in PAGE (docs/configuration.md)"""
+  --write PAGE               regenerate that reference between the page's config-reference markers
+                             (docs/configuration.md)"""
 
 
 def _main(args: list[str]) -> int:
@@ -43,9 +44,9 @@ def _main(args: list[str]) -> int:
         print(USAGE)
     elif "--markdown" in args:
         print(markdown_reference())
-    elif "--write-readme" in args:
-        readme = Path(args[args.index("--write-readme") + 1])
-        readme.write_text(readme_with_reference(readme.read_text()))
+    elif "--write" in args:
+        page = Path(args[args.index("--write") + 1])
+        page.write_text(page_with_reference(page.read_text()))
     else:
         cfg = load_config(args[0] if args and "=" not in args[0] else None, [a for a in args if "=" in a])
         print(yaml.safe_dump(to_dict(cfg), sort_keys=False))

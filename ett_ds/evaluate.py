@@ -57,7 +57,7 @@ from pathlib import Path
 import torch
 
 from .checkpoint import CheckpointError
-from .commandline import DefaultsHelpFormatter, UserError, run_cli  # the docstring as written, every default shown
+from .commandline import OneLineParser, UserError, run_cli
 from .data.batch import Batcher
 from .data.decode import DataErrorRateExceeded, check_error_rate
 from .data.eval_stream import eval_batches
@@ -76,8 +76,7 @@ class EvalError(UserError):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m ett_ds.evaluate", description=__doc__,
-                                 formatter_class=DefaultsHelpFormatter)
+    ap = OneLineParser(prog="python -m ett_ds.evaluate", description=__doc__)
     ap.add_argument("--ckpt", required=True, help="step folder, run folder or export folder")
     ap.add_argument("--data", default=None, help="eval shards (default: the checkpoint config's data.eval)")
     ap.add_argument("--tasks", default="recon,caption", help=f"comma list of {', '.join(TASKS)}")

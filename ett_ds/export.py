@@ -44,7 +44,6 @@ codebook argmax is precision-sensitive). ``python -m ett_ds.infer`` and ``evalua
 """
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 import sys
@@ -57,7 +56,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, 
 
 from .checkpoint import EXPORT_CONFIG, EXTRA_PARTS, CheckpointError
 from .checkpoint.safe import save_safetensors, umask_mode
-from .commandline import DefaultsHelpFormatter, UserError, run_cli
+from .commandline import OneLineParser, run_cli
 from .config import save_config
 from .data.text import chat_template_jinja
 from .engine.zero3 import no_zero_init
@@ -244,8 +243,7 @@ def check_llm(folder: Path, llm: torch.nn.Module) -> None:
 
 
 def _main(argv: list[str]) -> int:
-    ap = argparse.ArgumentParser(prog="python -m ett_ds.export", description=__doc__,
-                                 formatter_class=DefaultsHelpFormatter)
+    ap = OneLineParser(prog="python -m ett_ds.export", description=__doc__)
     ap.add_argument("--ckpt", required=True, help="a training step folder (or a run folder: its newest step)")
     ap.add_argument("--out", required=True, help="a new (or empty) folder")
     ap.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="LLM, projector and heads")
@@ -255,7 +253,7 @@ def _main(argv: list[str]) -> int:
     created = not out.exists()
     try:
         export(args.ckpt, out, DTYPES[args.dtype], verify=not args.no_verify)
-    except (UserError, OSError):
+    except BaseException:  # any failure, a bug or Ctrl-C included
         if created and out.exists():
             shutil.rmtree(out, ignore_errors=True)  # no half-written export left behind
         raise

@@ -20,7 +20,6 @@ Errors (missing file, unreadable image, a checkpoint of the wrong kind) are one 
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from pathlib import Path
@@ -28,7 +27,7 @@ from pathlib import Path
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from .commandline import UserError, run_cli
+from .commandline import OneLineParser, UserError, run_cli
 from .config import SamplingConfig
 from .data.transforms import image_to_tensor
 from .eval.metrics import to_uint8_images
@@ -64,8 +63,7 @@ def caption_field(text: str) -> str:
 
 
 def parse_args(argv):
-    ap = argparse.ArgumentParser(prog="python -m ett_ds.infer", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = OneLineParser(prog="python -m ett_ds.infer", description=__doc__)
     sub = ap.add_subparsers(dest="command", required=True)
 
     def common(p, command: str | None):

@@ -16,7 +16,6 @@ second instead of on every node after the allocation started; ``ett_ds.train`` r
 """
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
 import sys
@@ -32,7 +31,7 @@ from . import checkpoint as ckpt
 from . import config as C
 from .checkpoint import training
 from .checkpoint.layout import step_folder
-from .commandline import UserError, run_cli
+from .commandline import OneLineParser, UserError, run_cli
 from .data.decode import is_url
 from .data.shards import expand_urls
 from .data.text import MISSING_HINT, RUN_SPM, SPECIALS
@@ -244,8 +243,7 @@ def plan_line(p: dict) -> str:
 
 
 def _main(argv: list[str]) -> int:
-    ap = argparse.ArgumentParser(prog="python -m ett_ds.preflight", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = OneLineParser(prog="python -m ett_ds.preflight", description=__doc__)
     ap.add_argument("--world-size", type=int, required=True, help="data-parallel ranks the job will have")
     ap.add_argument("--config", required=True)
     ap.add_argument("overrides", nargs="*")

@@ -12,7 +12,7 @@ import sys
 
 from . import config as C
 from . import preflight
-from .commandline import DEBUG_ENV, run_cli
+from .commandline import DEBUG_ENV, OneLineParser, run_cli
 from .engine import dist, preempt
 from .trainer import Trainer, TrainingDiverged
 
@@ -25,8 +25,7 @@ recipes: tiny (the built-in demo data, built on first use), own (your shards: ne
 
 
 def parse_args(argv):
-    ap = argparse.ArgumentParser(prog="python -m ett_ds.train", description=__doc__, epilog=KEYS_EPILOG,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = OneLineParser(prog="python -m ett_ds.train", description=__doc__, epilog=KEYS_EPILOG)
     ap.add_argument("--config", required=True, help="recipe YAML (or a built-in name: tiny, own, qwen2.5-1.5b-ibq)")
     ap.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     ap.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. stage=ett train.max_steps=100")
@@ -37,11 +36,12 @@ class _Job:
     """One training job in the two steps :func:`main` runs through :func:`run_cli`: ``prepare`` (the config and
     every input, before anything is built or written) and ``fit`` (after the process group is up)."""
 
-    def __init__(self, args):
-        self.args, self.cfg, self.trainer, self.last = args, None, None, None
+    def __init__(self):
+        self.cfg, self.trainer, self.last = None, None, None
 
-    def prepare(self, _argv) -> None:
-        self.cfg = C.load_config(self.args.config, self.args.overrides)
+    def prepare(self, argv: list[str]) -> None:
+        args = parse_args(argv)
+        self.cfg = C.load_config(args.config, args.overrides)
         preflight.check_inputs(self.cfg)  # every local path the run reads, before anything is built or written
 
     def fit(self, _argv) -> None:
@@ -55,8 +55,8 @@ class _Job:
 
 def main(argv: list[str] | None = None) -> int:
     """0 done, 2 a user error (one line; ETT_DEBUG=1 re-raises), 75 preempted (checkpointed: requeue)."""
-    job = _Job(parse_args(sys.argv[1:] if argv is None else argv))
-    code = run_cli(job.prepare, [])
+    job = _Job()
+    code = run_cli(job.prepare, argv)
     if code:
         return code
     dist.init_distributed()

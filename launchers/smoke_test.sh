@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # The main job on the built-in default: the whole ETT pipeline on the tiny recipe, on one GPU if present, else CPU,
-# ending with three verdicts measured on held-out images: does the model read, reconstruct and draw?
+# ending with verdicts measured on held-out images: does the model read, reconstruct and draw, and does its reading
+# hold on each held-out font family? (launchers/smoke_summary.py; README "The two commands" shows a run's output.)
 #
-#   bash launchers/smoke_test.sh            # CPU: trains and evaluates in about 14 minutes on 2 cores (864 s measured)
+#   bash launchers/smoke_test.sh            # CPU: about 20 minutes on 2 cores (1148 s measured while tests shared them)
 #
-# Sets up .venv (unless an environment is active), builds the demo data with data_tools (2-3 digit numbers rendered
-# in real fonts; held out by font family and by string), then runs every stage, each starting from the previous
-# stage's checkpoint, through launchers/train.sh (the deepspeed launcher):
+# Sets up .venv (unless an environment is active) and the font packages, builds the demo data with data_tools
+# (3-digit numbers rendered in every text font the machine has; held out by font family and by string), then runs
+# every stage, each starting from the previous stage's checkpoint, through launchers/train.sh (the deepspeed launcher):
 #   stage 0 tokenizer pretraining -> stage 1 alignment -> stage 2 ETT -> stage 3 SFT and text-to-image
 # then evaluation on the held-out split (reconstruction after stage 0 and after ETT, captions, generated images read
 # back by an OCR reader), export, one caption and one generated image, and a summary with the verdicts.

@@ -99,9 +99,9 @@ def test_every_field_is_documented_and_reference_lists_it():
 def test_the_configuration_reference_page_is_generated_from_the_code():
     from pathlib import Path
 
-    from ett_ds.config_cli import readme_with_reference
+    from ett_ds.config_cli import page_with_reference
     repo = Path(__file__).resolve().parents[1]
     page = (repo / "docs" / "configuration.md").read_text()
-    assert page == readme_with_reference(page), \
-        "docs/configuration.md is stale: run python -m ett_ds.config --write-readme docs/configuration.md"
+    assert page == page_with_reference(page), \
+        "docs/configuration.md is stale: run python -m ett_ds.config --write docs/configuration.md"
     assert "docs/configuration.md" in (repo / "README.md").read_text()  # the front door links it
