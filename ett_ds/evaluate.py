@@ -251,12 +251,12 @@ def _setup(args, names: list[str]):
     return loaded, data, rank, world, device
 
 
-def _runnable(names: list[str], cfg) -> dict:
-    """Drops from ``names`` what the checkpoint cannot do (t2i without a visual head); the notes saying so."""
+def _runnable(names: list[str], cfg) -> tuple[list[str], dict]:
+    """The tasks of ``names`` the checkpoint can run (no t2i without a visual head) and notes on those it cannot."""
     if "t2i" in names and not STAGE_SPECS[cfg.stage].generate:
-        names.remove("t2i")
-        return {"t2i": {"skipped": f"stage={cfg.stage} checkpoint has no visual head (t2i needs a stage=t2i one)"}}
-    return {}
+        return [n for n in names if n != "t2i"], {
+            "t2i": {"skipped": f"stage={cfg.stage} checkpoint has no visual head (t2i needs a stage=t2i one)"}}
+    return names, {}
 
 
 def _gather_checked(recs, stats, tasks, world: int, cfg, data):
@@ -302,7 +302,7 @@ def run(args) -> dict | None:
     """Load, build the tasks, one pass over the data, gather, write (rank 0; the other ranks return None)."""
     names = _parse_tasks(args.tasks)
     loaded, data, rank, world, device = _setup(args, names)
-    notes = _runnable(names, loaded.cfg)
+    names, notes = _runnable(names, loaded.cfg)
     reader = _ocr_reader(args.ocr) if ("recon" in names or "t2i" in names) else None
     tasks = build_tasks(names, loaded, reader, args, data, rank, world)
     t0 = time.time()
