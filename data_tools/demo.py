@@ -78,10 +78,24 @@ class DemoOptions:
         base = {"words": dict(width=128, palette="any", layout="random", noise=12.0, max_rotation=3.0)}.get(task, {})
         return cls(task=task, **{**base, **overrides})
 
+    def augmentation(self, split: str) -> dict:
+        """``SynthConfig``'s augmentation knobs for ``split``: these options' slant, stretch, bold and blur for
+        ``train`` (none with ``augment`` off); none for any other split, which is rendered plainly."""
+        if not (self.augment and split == "train"):
+            return {}
+        return dict(slant=self.slant, stretch=self.stretch, bold=self.bold, blur=self.blur)
 
-def find_fonts() -> tuple[list[str], list[str]]:
-    """(train fonts, held-out fonts): whole font collections apart (``data_tools.fonts.demo_split``)."""
-    return demo_split()
+    def synth_config(self, fonts, corpus, *, split: str, seed: int, text_split: str | None = None) -> SynthConfig:
+        """How ``split`` is rendered in ``fonts`` from ``corpus``: the task's text lengths, image, palette, layout and
+        noise, and ``augmentation(split)``; captions from the ``text_split`` bucket (default: ``split``'s)."""
+        numbers = self.task == "numbers"
+        return SynthConfig(fonts=tuple(fonts), corpus=tuple(corpus), height=self.height, width=self.width,
+                           min_chars=self.min_digits if numbers else 2,
+                           max_chars=self.max_digits if numbers else self.max_chars,
+                           words=None if numbers else (self.min_words, self.max_words), seed=seed,
+                           text_split=split if text_split is None else text_split, noise=self.noise,
+                           max_rotation=self.max_rotation, palette=self.palette, layout=self.layout,
+                           min_scale=1.0 if self.layout == "centre" else 0.7, **self.augmentation(split))
 
 
 def find_corpus() -> list[str]:
@@ -105,7 +119,7 @@ def build_demo(out: str | Path, opts: DemoOptions = DemoOptions(), *, workers: i
     out = Path(out)
     if opts.task not in TASKS:
         raise UsageError(f"unknown demo task {opts.task!r}; choose one of {', '.join(TASKS)}")
-    train_fonts, heldout_fonts = find_fonts()
+    train_fonts, heldout_fonts = demo_split()
     corpus = (numbers_corpus(out / "numbers.txt", opts.min_digits, opts.max_digits) if opts.task == "numbers"
               else find_corpus())
     manifest = {"options": asdict(opts), "train_fonts": [Path(f).name for f in train_fonts],
@@ -124,21 +138,11 @@ def build_demo(out: str | Path, opts: DemoOptions = DemoOptions(), *, workers: i
     out.mkdir(parents=True, exist_ok=True)
 
     numbers = opts.task == "numbers"
-
-    def config(fonts, split, seed):
-        aug = dict(slant=opts.slant, stretch=opts.stretch, bold=opts.bold, blur=opts.blur) \
-            if opts.augment and split == "train" else {}
-        return SynthConfig(fonts=tuple(fonts), corpus=tuple(corpus), height=opts.height, width=opts.width,
-                           min_chars=opts.min_digits if numbers else 2,
-                           max_chars=opts.max_digits if numbers else opts.max_chars,
-                           words=None if numbers else (opts.min_words, opts.max_words), seed=seed, text_split=split,
-                           noise=opts.noise, max_rotation=opts.max_rotation, palette=opts.palette,
-                           layout=opts.layout, min_scale=1.0 if opts.layout == "centre" else 0.7, **aug)
-
     common = dict(prefix="demo", samples_per_shard=opts.samples_per_shard, workers=workers, progress=progress)
-    train = synth_text(config(train_fonts, "train", opts.seed), out / "train", num=opts.num_train, **common)
-    heldout = synth_text(config(heldout_fonts, "heldout", opts.seed + 1), out / "heldout", num=opts.num_heldout,
-                         **common)
+    train = synth_text(opts.synth_config(train_fonts, corpus, split="train", seed=opts.seed), out / "train",
+                       num=opts.num_train, **common)
+    heldout = synth_text(opts.synth_config(heldout_fonts, corpus, split="heldout", seed=opts.seed + 1),
+                         out / "heldout", num=opts.num_heldout, **common)
     spm = train_spm([str(out / "train")], str(out / "spm"), vocab_size=opts.vocab_size, seed=opts.seed,
                     split_digits=numbers)
     summary = {"out": str(out), "train_samples": train["ok"], "train_shards": train["shards"],

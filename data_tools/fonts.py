@@ -11,8 +11,9 @@ are skipped.
 
 Held out, when installed: ``Liberation`` (fonts-liberation2) and ``URW Gothic`` (fonts-urw-base35): two collections,
 reported one by one. Everything else the machine has trains (DejaVu, FreeFont, the URW base 35 besides Gothic, Noto
-Mono, ...); ``FONT_PACKAGES`` lists the Debian packages the smoke test and the replication install. With DejaVu alone,
-one DejaVu family is held out (and the split says it shares the collection).
+Mono, ...); ``FONT_PACKAGES`` lists the Debian packages the smoke test and the replication install,
+``HELDOUT_PACKAGES`` the two that hold the held-out collections. With neither, one family is held out, which may
+share its collection with training (with DejaVu alone, DejaVu Serif; ``demo_split``).
 """
 from __future__ import annotations
 
@@ -27,7 +28,8 @@ from .errors import UsageError
 
 FONT_PACKAGES = ("fonts-dejavu-core", "fonts-dejavu-extra", "fonts-liberation2", "fonts-freefont-ttf",
                  "fonts-urw-base35", "fonts-noto-mono")
-HELDOUT_COLLECTIONS = ("Liberation", "URWGothic")
+HELDOUT_PACKAGES = {"Liberation": "fonts-liberation2", "URWGothic": "fonts-urw-base35"}  # collection -> package
+HELDOUT_COLLECTIONS = tuple(HELDOUT_PACKAGES)
 SKIP_STYLES = ("ExtraLight", "Thin", "Hairline")
 NOT_TEXT = re.compile(r"symbol|dingbat|math|fallback|emoji|icon|^D050000L$", re.I)  # families that only map glyphs
 GLYPHS = "0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
@@ -86,8 +88,14 @@ def text_fonts() -> list[str]:
 
 
 def demo_split(fonts: list[str] | None = None) -> tuple[list[str], list[str]]:
-    """(training fonts, held-out fonts), whole collections apart: ``HELDOUT_COLLECTIONS`` when any is installed,
-    else (one collection only) its last family, else one of every five files."""
+    """(training fonts, held-out fonts) of ``fonts`` (default: ``text_fonts()``); a UsageError when there are none.
+
+    - ``HELDOUT_COLLECTIONS`` installed beside other fonts: those collections are held out whole, the rest trains;
+    - else (none of them installed, or nothing else): the family (``family``: the name the font's tables give)
+      last in name order is held out and the others train: whole families apart, not collections (DejaVu Serif held
+      out, DejaVu Sans trains);
+    - one family only: every fifth file (the first, the sixth, ...) is held out, the others train;
+    - one file only: it is both."""
     fonts = text_fonts() if fonts is None else fonts
     if not fonts:
         raise UsageError("no text fonts found: apt-get install -y " + " ".join(FONT_PACKAGES))

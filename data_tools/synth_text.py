@@ -29,6 +29,7 @@ from .tario import json_bytes
 
 _WORDNET_LINE = re.compile(r"^\d{8} ")
 _PRINTABLE = re.compile(r"[^\x20-\x7e\u00a0-\u024f]")
+NO_SHAPE = (0.0, 1.0, 0)  # (shear k, width factor s, stroke px) of unaugmented text
 
 
 @dataclass(frozen=True)
@@ -136,7 +137,7 @@ def _font(path: str, size: int) -> ImageFont.FreeTypeFont:
     return ImageFont.truetype(path, size)
 
 
-def _fits(text: str, font_path: str, size: int, box: tuple[int, int], shape: tuple = (0.0, 1.0, 0)):
+def _fits(text: str, font_path: str, size: int, box: tuple[int, int], shape: tuple = NO_SHAPE):
     """The text's bbox at ``size`` if it fits ``box`` once sheared by k, stretched by s, stroked (``shape``)."""
     k, s, stroke = shape
     bbox = _font(font_path, size).getbbox(text, stroke_width=stroke)
@@ -145,7 +146,7 @@ def _fits(text: str, font_path: str, size: int, box: tuple[int, int], shape: tup
 
 
 def _largest_size(text: str, font_path: str, box: tuple[int, int], lo: int, hi: int,
-                  shape: tuple = (0.0, 1.0, 0)) -> int | None:
+                  shape: tuple = NO_SHAPE) -> int | None:
     if _fits(text, font_path, lo, box, shape) is None:
         return None
     while lo < hi:
@@ -155,11 +156,23 @@ def _largest_size(text: str, font_path: str, box: tuple[int, int], lo: int, hi: 
 
 
 def _augment(rng: random.Random, cfg: SynthConfig) -> tuple[float, float, int]:
-    """(shear k, width factor s, stroke px) of one sample; drawn only for the knobs that are on."""
+    """(shear k, width factor s, stroke px) of one sample; drawn only for the knobs that are on (none: ``NO_SHAPE``,
+    nothing drawn from ``rng``)."""
     k = rng.uniform(-cfg.slant, cfg.slant) if cfg.slant else 0.0
     s = rng.uniform(1 - cfg.stretch, 1 + cfg.stretch) if cfg.stretch else 1.0
     stroke = int(rng.random() < cfg.bold) if cfg.bold else 0
     return k, s, stroke
+
+
+def _glyphs(text: str, font: ImageFont.FreeTypeFont, shape: tuple | None) -> Image.Image:
+    """The text as an ink mask to paste at its top-left: shaped (``_shaped_glyphs``), or, with ``shape`` None, as the
+    font draws it, the size of its bbox (pasted, the same pixels as drawing the text in place)."""
+    if shape is not None:
+        return _shaped_glyphs(text, font, shape)
+    bbox = font.getbbox(text)
+    img = Image.new("L", (bbox[2] - bbox[0], bbox[3] - bbox[1]), 0)
+    ImageDraw.Draw(img).text((-bbox[0], -bbox[1]), text, fill=255, font=font)
+    return img
 
 
 def _shaped_glyphs(text: str, font: ImageFont.FreeTypeFont, shape: tuple) -> Image.Image:
@@ -214,7 +227,7 @@ def render_sample(cfg: SynthConfig, index: int) -> tuple[dict[str, bytes], dict]
     text = pick_text(rng, cfg)
     font = cfg.fonts[rng.randrange(len(cfg.fonts))]
     angle = rng.uniform(-cfg.max_rotation, cfg.max_rotation)
-    shape = _augment(rng, cfg) if cfg.augments else (0.0, 1.0, 0)
+    shape = _augment(rng, cfg)
     slack = math.ceil(abs(math.sin(math.radians(angle))) * W / 2)  # vertical drift of the ends after rotation
     box = (W - 4, H - 2 - 2 * slack)
     size = None
@@ -226,28 +239,20 @@ def render_sample(cfg: SynthConfig, index: int) -> tuple[dict[str, bytes], dict]
                 raise UsageError(f"--size {H}x{W} is too small to render text at {cfg.min_font_px}px")
             text = shorter
     size = max(cfg.min_font_px, round(size * rng.uniform(min(cfg.min_scale, 1.0), 1.0)))
-    mask = Image.new("L", (W, H), 0)
-    if cfg.augments:  # the shaped ink, placed by its own extent
-        glyphs = _shaped_glyphs(text, _font(font, size), shape)
-        tw, th = glyphs.size
-        x0, y0 = 0, 0
-    else:
-        bbox = _font(font, size).getbbox(text)
-        tw, th = bbox[2] - bbox[0], bbox[3] - bbox[1]
-        x0, y0 = bbox[0], bbox[1]
+    # augmented: the shaped ink, placed by its own extent; plain: placed by the font's bbox
+    glyphs = _glyphs(text, _font(font, size), shape if cfg.augments else None)
+    tw, th = glyphs.size
     if cfg.layout == "centre":
-        x, y = (W - tw) // 2 - x0, (H - th) // 2 - y0
+        x, y = (W - tw) // 2, (H - th) // 2
     elif cfg.layout == "random":
-        x = rng.randint(2, max(2, W - 2 - tw)) - x0
-        y = rng.randint(1 + slack, max(1 + slack, H - 1 - slack - th)) - y0
+        x = rng.randint(2, max(2, W - 2 - tw))
+        y = rng.randint(1 + slack, max(1 + slack, H - 1 - slack - th))
     else:
         raise UsageError(f"unknown layout {cfg.layout!r}; choose random or centre")
 
     bg, fg = pick_colours(rng, cfg.palette)
-    if cfg.augments:
-        mask.paste(glyphs, (x, y))
-    else:
-        ImageDraw.Draw(mask).text((x, y), text, fill=255, font=_font(font, size))
+    mask = Image.new("L", (W, H), 0)
+    mask.paste(glyphs, (x, y))
     if abs(angle) > 0.05:
         mask = mask.rotate(angle, resample=Image.Resampling.BICUBIC, center=(W / 2, H / 2))
     img = Image.composite(Image.new("RGB", (W, H), fg), Image.new("RGB", (W, H), bg), mask)

@@ -20,10 +20,10 @@ if [ -z "${ETT_NO_SETUP:-}" ]; then
 fi
 fonts_ok() {  # both type families visible to data_tools (the check the tool itself makes)
     python -c 'import sys
-from data_tools.demo import find_fonts
+from data_tools.fonts import demo_split
 from experiments.replicate.data import shared_families
 try:
-    train, held = find_fonts()
+    train, held = demo_split()
 except Exception:
     sys.exit(1)
 sys.exit(1 if shared_families(train, held) else 0)' 2>/dev/null

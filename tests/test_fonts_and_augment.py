@@ -39,6 +39,43 @@ def test_without_a_second_collection_one_family_is_held_out(tmp_path):
         pytest.skip("needs two DejaVu families")
     train, held = F.demo_split(dejavu)
     assert train and held and not {F.family(f) for f in train} & {F.family(f) for f in held}
+    assert {F.family(f) for f in held} == {max(F.family(f) for f in dejavu)}  # the last family in name order
+    one = [f for f in dejavu if F.family(f) == F.family(held[0])]  # one family: every fifth file held out
+    assert F.demo_split(one) == ([f for k, f in enumerate(one) if k % 5], one[::5])
+    assert F.demo_split(one[:1]) == (one[:1], one[:1])
+    with pytest.raises(F.UsageError, match="no text fonts"):
+        F.demo_split([])
+
+
+def test_demo_options_augment_the_training_split_only():
+    from data_tools.demo import DemoOptions
+    opts = DemoOptions(slant=0.2, blur=0.5)
+    assert opts.augmentation("train") == dict(slant=0.2, stretch=0.15, bold=0.3, blur=0.5)
+    assert opts.augmentation("heldout") == opts.augmentation("val") == {}
+    assert DemoOptions(augment=False).augmentation("train") == {}
+    train = opts.synth_config(["a.ttf"], ["n.txt"], split="train", seed=4)
+    held = opts.synth_config(["b.ttf"], ["n.txt"], split="heldout", seed=5, text_split="all")
+    assert (train.fonts, train.seed, train.text_split, train.min_chars, train.words) == \
+        (("a.ttf",), 4, "train", 3, None)
+    assert train.augments and train.slant == 0.2 and not held.augments and held.text_split == "all"
+    words = DemoOptions.for_task("words").synth_config([], [], split="val", seed=0)
+    assert (words.width, words.words, words.min_chars, words.min_scale, words.layout) == (128, (1, 3), 2, 0.7, "random")
+
+
+def test_plain_text_pasted_is_the_text_drawn_in_place():
+    """Unaugmented samples paste ``_glyphs(..., None)``: the same pixels as drawing the text in place, edges too."""
+    from PIL import ImageDraw
+
+    import data_tools.synth_text as S
+    for k, font in enumerate(F.text_fonts()[::7]):
+        f = S._font(font, 14 + k % 9)
+        for text, (x, y) in (("123", (5, 3)), ("Wgj 7", (-4, -6)), ("Af", (50, 20))):
+            glyphs, bbox = S._glyphs(text, f, None), f.getbbox(text)
+            pasted, drawn = Image.new("L", (64, 32), 0), Image.new("L", (64, 32), 0)
+            pasted.paste(glyphs, (x + bbox[0], y + bbox[1]))
+            ImageDraw.Draw(drawn).text((x, y), text, fill=255, font=f)
+            assert glyphs.size == (bbox[2] - bbox[0], bbox[3] - bbox[1])
+            assert pasted.tobytes() == drawn.tobytes(), (font, text)
 
 
 def _ink_box(png: bytes) -> tuple[int, int, int, int] | None:

@@ -40,9 +40,9 @@ def test_arm_records_name_their_runs():
 
 
 def test_splits_are_disjoint_by_family_and_string(tmp_path):
-    train, held = D.find_fonts()
+    train, held = D.demo_split()
     val, heldout = D.split_fonts(held)
-    fams = [{D.family(f) for f in fs} for fs in (train, val, heldout)]
+    fams = [{D.file_family(f) for f in fs} for fs in (train, val, heldout)]
     if len(fams[1] | fams[2]) > 1:
         assert not fams[1] & fams[2]
     # without a second type family installed (fonts-liberation2) held-out falls back to DejaVu styles, and says so
@@ -55,17 +55,29 @@ def test_splits_are_disjoint_by_family_and_string(tmp_path):
     assert plan["fonts"]["val"] and plan["fonts"]["heldout"]
 
 
+def test_one_held_out_collection_is_split_by_file_family():
+    """Two or more collections: the last validates; one: file families (``file_family``, finer than the name-table
+    family that puts DejaVu Serif Condensed with DejaVu Serif), every third to val, the last of two."""
+    assert D.split_fonts(["LiberationSans-Regular.ttf", "URWGothic-Book.otf", "LiberationMono-Bold.ttf"]) == \
+        (["URWGothic-Book.otf"], ["LiberationSans-Regular.ttf", "LiberationMono-Bold.ttf"])
+    serif = ["DejaVuSerif.ttf", "DejaVuSerif-Bold.ttf", "DejaVuSerifCondensed.ttf", "DejaVuSerifCondensed-Bold.ttf"]
+    assert D.split_fonts(serif) == (serif[2:], serif[:2])
+    assert D.split_fonts(serif[:2]) == (serif[:2], serif[:2])
+
+
 def test_held_out_sharing_the_training_family_is_an_error_unless_asked(tmp_path, monkeypatch):
     assert [D.collection(f) for f in ("/x/DejaVuSansMono-Bold.ttf", "DejaVuSerif.ttf", "LiberationSans-Regular.ttf",
                                       "LiberationMono-Italic.ttf", "Foo.ttf")] == \
         ["DejaVu", "DejaVu", "Liberation", "Liberation", "Foo"]
-    dejavu = [f for f in D.find_fonts()[0] + D.find_fonts()[1] if D.collection(f) == "DejaVu"]
+    train, held = D.demo_split()
+    dejavu = [f for f in train + held if D.collection(f) == "DejaVu"]
     if len(dejavu) < 2:
         pytest.skip("needs two DejaVu fonts")
-    monkeypatch.setattr(D, "find_fonts", lambda: (dejavu[1:], dejavu[:1]))  # what a machine without Liberation sees
+    monkeypatch.setattr(D, "demo_split", lambda: (dejavu[1:], dejavu[:1]))  # what a machine without Liberation sees
     kw = dict(task="numbers", image="16x32", digits=(3, 3), num={"train": 4, "val": 2, "heldout": 2}, spm_vocab=300,
               seed=0)
-    with pytest.raises(D.UsageError, match="share the type family DejaVu.*fonts-liberation2.*--allow-shared-family"):
+    with pytest.raises(D.UsageError, match="share the type family DejaVu.*fonts-liberation2 fonts-urw-base35.*"
+                                           "--allow-shared-family"):
         D.build(tmp_path, **kw)
     assert D.build(tmp_path, **kw, allow_shared_family=True)["shared_family"] == ["DejaVu"]
 

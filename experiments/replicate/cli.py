@@ -124,8 +124,9 @@ def parse_args(argv):
     ap.add_argument("--stage1-curve", type=ints, default=[],
                     help="evaluate the first seed's stage-1 runs on held-out after these steps (max <= --steps1)")
     ap.add_argument("--allow-shared-family", action="store_true",
-                    help="accept validation/held-out fonts of the training type family (when no second family, "
-                         "fonts-liberation2, is installed); without it that is an error")
+                    help="accept validation/held-out fonts of the training type family (when neither held-out "
+                         f"collection, {' nor '.join(D.HELDOUT_PACKAGES.values())}, is installed); without it that is "
+                         "an error")
     ap.add_argument("--gan", action="store_true", help="keep the GAN term (default off: L_vq = L1 + quant + entropy)")
     ap.add_argument("--launcher", default="inprocess", help="inprocess | python | a command such as launchers/train.sh")
     ap.add_argument("--workers", type=int, default=1, help="data_tools processes")
