@@ -3,9 +3,11 @@ held-out VQA split, and the task end to end on a JSONL and on shards."""
 import json
 
 import pytest
+import torch
 
 from data_tools.cli import main as data_tools
-from ett_ds.eval.vqa import normalize_answer, vqa_accuracy
+from ett_ds.eval import vqa
+from ett_ds.eval.vqa import answers_of, normalize_answer, vqa_accuracy
 from ett_ds.evaluate import main as evaluate
 from ett_ds.train import main as train
 from tests.tiny import build_demo, demo_train_args
@@ -37,6 +39,30 @@ def test_answers_are_normalised_before_matching():
     assert vqa_accuracy("three", answers_with(4, right="3")) == 1.0
     assert vqa_accuracy("an apple", answers_with(10, right="Apple.")) == 1.0
     assert vqa_accuracy("4", answers_with(10, right="three")) == 0.0
+
+
+def test_the_answers_of_a_row():
+    assert answers_of({"answers": ["a", "b"]}) == ["a", "b"] and answers_of({"answer": "a"}) == ["a"]
+    assert answers_of({"answers": [{"answer": "a"}, {"answer": "b"}]}) == ["a", "b"]
+    assert answers_of({"answers": "a", "answer": "b"}) == ["a"]
+    for row in ({}, {"answers": []}, {"answers": [1]}, {"answer": None}, {"answers": [{"x": "a"}]}):
+        assert answers_of(row) is None, row
+
+
+def test_answer_all_batches_items_that_share_prompt_and_length_in_their_order(monkeypatch):
+    calls = []
+
+    def fake_answer_batch(model, text, pixels, prompt, max_new_tokens):
+        assert pixels.dtype == torch.float32 and -1 <= float(pixels.min()) and float(pixels.max()) <= 1
+        calls.append((prompt, max_new_tokens, pixels.shape[0]))
+        return [f"{prompt}{max_new_tokens}:{int(p[0, 0, 0] * 127.5 + 127.5 + 0.5)}" for p in pixels]
+
+    monkeypatch.setattr(vqa, "answer_batch", fake_answer_batch)
+    spec = [("a", 5), ("b", 5), ("a", 5), ("a", 3), ("a", 5), ("b", 5)]
+    items = [(p, torch.full((3, 2, 2), i, dtype=torch.uint8), n) for i, (p, n) in enumerate(spec)]
+    out = vqa.answer_all(None, None, items, batch_size=2)
+    assert out == [f"{p}{n}:{i}" for i, (p, n) in enumerate(spec)]
+    assert calls == [("a", 5, 2), ("a", 5, 1), ("b", 5, 2), ("a", 3, 1)]
 
 
 @pytest.fixture(scope="module")

@@ -6,6 +6,7 @@ lmms-eval is an optional extra (requirements-lmms.txt, installed by tests/run.sh
 (``ETT_LMMS_EXTRA=installed``) a missing lmms_eval fails the test; when run.sh's pip install failed
 (``ETT_LMMS_EXTRA=failed``), or outside run.sh without the extra, the tests that need it skip with the reason.
 """
+import ast
 import glob
 import importlib.util
 import json
@@ -18,9 +19,10 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from ett_ds.eval.lmms import cut_at, write_task
+from ett_ds.commandline import UserError
+from ett_ds.eval.lmms import LmmsError, cut_at, write_task
 from ett_ds.eval.lmms import main as lmms_cli
-from ett_ds.eval.vqa import vqa_accuracy
+from ett_ds.eval.vqa import valid_row, vqa_accuracy
 from ett_ds.evaluate import main as evaluate
 from ett_ds.train import main as train
 from tests.tiny import build_demo, demo_train_args
@@ -70,6 +72,38 @@ def test_ett_ds_imports_without_lmms_eval_and_writes_a_task(tmp_path):
         write_task(tmp_path / "bad.jsonl", tmp_path / "t")
     assert cut_at("seven\n\nmore", ["\n\n"]) == "seven" and cut_at("seven", []) == "seven"
     assert cut_at("a. b", ".") == "a"
+
+
+def _unused_imports(source: str) -> set[str]:
+    tree = ast.parse(source)
+    imported = {(a.asname or a.name).split(".")[0] for node in ast.walk(tree)
+                if isinstance(node, (ast.Import, ast.ImportFrom)) for a in node.names}
+    used = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)}
+    return imported - used
+
+
+def test_the_task_keeps_evaluates_row_rules_and_imports_only_what_it_uses(tmp_path, capsys):
+    (tmp_path / "q.jsonl").write_text(json.dumps({"image": "a.png", "question": "q?", "answers": [{"answer": "2"}]})
+                                      + "\n")
+    write_task(tmp_path / "q.jsonl", tmp_path / "t")
+    assert not _unused_imports((tmp_path / "t" / "ett_vqa_utils.py").read_text())
+    # the rows evaluate skips (no_question / bad_json) are the rows the writer refuses
+    rows = [{"image": "a.png", "question": " ", "answers": ["2"]}, {"image": "a.png", "question": "q?", "answers": []},
+            {"image": "a.png", "question": "q?", "answers": [2]}, {"question": "q?", "answer": "2"}, ["a.png"]]
+    for row in rows:
+        assert not valid_row(row), row
+        (tmp_path / "bad.jsonl").write_text(json.dumps(row) + "\n")
+        with pytest.raises(LmmsError, match="1 row"):
+            write_task(tmp_path / "bad.jsonl", tmp_path / "t")
+    assert valid_row({"image": "a.png", "question": "q?", "answer": "2"})
+    # bad input is a UserError: one line, exit 2; nothing else is turned into one
+    assert issubclass(LmmsError, UserError) and issubclass(LmmsError, ValueError)
+    capsys.readouterr()
+    assert lmms_cli(["task", "--vqa", str(tmp_path / "q.jsonl"), "--out", str(tmp_path / "t"), "--name", "a-b"]) == 2
+    (tmp_path / "latin1.jsonl").write_bytes(b'{"image": "a.png", "question": "caf\xe9?", "answers": ["x"]}\n')
+    assert lmms_cli(["task", "--vqa", str(tmp_path / "latin1.jsonl"), "--out", str(tmp_path / "t")]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 2 and err[0].startswith("error: --name 'a-b'") and "not UTF-8" in err[1], err
 
 
 def test_the_ett_model_is_registered():

@@ -105,6 +105,13 @@ def test_exact_match_normalisation():
     assert M.mean_exact_match([], []) == 0.0
 
 
+def test_text_scores_are_the_pooled_exact_match_and_corpus_cer():
+    hyps, refs = ["A cat", "dgo", "x"], ["a  cat", "Dog", "yy"]
+    assert M.text_scores(hyps, refs) == {"exact_match": M.mean_exact_match(hyps, refs),
+                                         "cer": M.corpus_cer(hyps, refs, normalize=True)}
+    assert M.text_scores(hyps, refs) == {"exact_match": pytest.approx(1 / 3), "cer": pytest.approx((0 + 2 + 2) / 10)}
+
+
 # ------------------------------------------------------------------------------------------------ codebook
 def test_codebook_stats_known_histogram():
     # codes 0,0,1,1 of K=8: usage 2/8, uniform over 2 codes -> perplexity 2

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from ett_ds.config import ConfigError, load_config
-from ett_ds.data.decode import decode_sample
+from ett_ds.data.decode import decode_pil, decode_sample
 from ett_ds.data.transforms import (
     PAD_FILL,
     cover_size,
@@ -166,6 +166,14 @@ def test_the_jpeg_fast_path_decodes_only_what_each_mode_needs():
         diff = (image_to_tensor(img, size, mode=mode) - image_to_tensor(full, size, mode=mode)).abs().mean()
         assert diff < 0.05, (mode, float(diff))
     assert got["pad"][0] * got["pad"][1] < got["crop"][0] * got["crop"][1]
+    # a lazily opened file (lmms-eval's images) decodes as a shard's does; a decoded one is not drafted again
+    for mode in ("crop", "pad", "stretch"):
+        lazy = decode_pil(Image.open(io.BytesIO(buf.getvalue())), size, mode)
+        assert lazy.mode == "RGB" and lazy.tobytes() == decode_sample(raw, decode_size=size, resize_mode=mode)[
+            "image"].tobytes()
+    loaded = Image.open(io.BytesIO(buf.getvalue()))
+    loaded.load()
+    assert decode_pil(loaded, size, "pad").size == (512, 512)
 
 
 # --- the mode flows from the config to the loader's Batcher and to infer ---------------------------------------------

@@ -14,6 +14,7 @@ import tarfile
 from collections import Counter
 from typing import Iterator
 
+from PIL import Image
 from webdataset.gopen import gopen
 
 from ..commandline import UserError
@@ -169,16 +170,25 @@ def decode_sample(raw: dict, max_pixels: int = 128_000_000, decode_size: tuple[i
     ext = images[0]
     text = clean_caption(raw[CAPTION_EXT]) if CAPTION_EXT in raw else None
     meta = read_json(raw[JSON_EXT]) if JSON_EXT in raw else None
+    image = decode_pil(open_image(raw[ext], max_pixels), decode_size, resize_mode, max_pixels)
+    return {"__key__": raw["__key__"], "image": image, "text": text, "json": meta}
+
+
+def decode_pil(img: Image.Image, decode_size: tuple[int, int] | None = None, resize_mode: str = "crop",
+               max_pixels: int = 128_000_000) -> Image.Image:
+    """An opened image whose pixels are not yet decoded -> 8-bit RGB (:func:`.format.to_rgb`), decoded under
+    ``pixel_limit(max_pixels)``; a failure is a SampleError (:func:`.format.load_image`'s reasons, ``unreadable``).
+    ``decode_size`` = (H, W): a JPEG decodes at the reduced DCT scale that still covers what ``fit_image`` with
+    ``resize_mode`` resamples (``Image.draft``, see :func:`decode_sample`). What :func:`decode_sample` does to a
+    shard's image and ``ett_ds.eval.lmms`` to lmms-eval's (a lazily opened file)."""
     with pixel_limit(max_pixels):
-        img = open_image(raw[ext], max_pixels)
-        if decode_size is not None and img.format == "JPEG":
+        if decode_size is not None and img.format == "JPEG" and getattr(img, "tile", None):
             img.draft("RGB", decode_size_for(*img.size, decode_size, resize_mode))
         load_image(img)
     try:
-        image = to_rgb(img)
+        return to_rgb(img)
     except Exception:  # noqa: BLE001 - a mode Pillow cannot convert is one bad sample
         raise SampleError("unreadable") from None
-    return {"__key__": raw["__key__"], "image": image, "text": text, "json": meta}
 
 
 def error_count(totals: Counter | dict) -> int:

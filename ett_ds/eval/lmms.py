@@ -37,16 +37,27 @@ import torch
 from PIL import Image
 
 from ..checkpoint import CheckpointError
-from ..commandline import DefaultsHelpFormatter, run_cli
-from ..data.format import load_image, pixel_limit, to_rgb
-from ..data.transforms import decode_size_for, image_to_uint8, to_unit_range
+from ..commandline import DefaultsHelpFormatter, UserError, run_cli
+from ..data.decode import decode_pil
+from ..data.transforms import RESIZE_MODES, image_to_uint8
+from ..infer import DTYPES
 from ..models.loading import load_model
-from .vqa import DEFAULT_PROMPT, answer_batch
+from .vqa import DEFAULT_PROMPT, answer_all, valid_row
 
 MODEL_NAME = "ett"
 CLASS_PATH = "ett_ds.eval.lmms.ETT"
 TASK_NAME = "ett_vqa"
 METRIC = "vqa_accuracy"
+
+
+class LmmsError(UserError, ValueError):
+    """A bad input of the ``task`` subcommand or a bad model argument: one line, exit code 2 (a ValueError too)."""
+
+
+def _one_of(names) -> str:
+    """``a, b or c``: the choices of a bad argument's message."""
+    names = list(names)
+    return ", ".join(names[:-1]) + " or " + names[-1]
 
 
 def manifests():
@@ -70,11 +81,7 @@ def fit_image(image, cfg):
     size, mode = tuple(cfg.data.image_size), cfg.data.resize_mode
     if isinstance(image, (str, Path)):
         image = Image.open(image)
-    with pixel_limit(128_000_000):
-        if image.format == "JPEG" and getattr(image, "tile", None):
-            image.draft("RGB", decode_size_for(*image.size, size, mode))
-        load_image(image)
-    return image_to_uint8(to_rgb(image), size=size, mode=mode)
+    return image_to_uint8(decode_pil(image, size, mode), size=size, mode=mode)
 
 
 def cut_at(text: str, until) -> str:
@@ -84,24 +91,6 @@ def cut_at(text: str, until) -> str:
         if s and s in text:
             text = text.split(s, 1)[0]
     return text
-
-
-def answer_requests(model, text, items: list[tuple], batch_size: int) -> list[str]:
-    """Greedy answers for ``items`` = [(prompt, uint8 pixels (3, H, W), max_new_tokens), ...] in their order:
-    items that share (prompt, max_new_tokens) go in batches of ``batch_size``, in order of first appearance, as
-    ``ett_ds.eval.vqa.run_vqa`` groups its questions."""
-    groups: dict[tuple, list[int]] = {}
-    for i, (prompt, _, n) in enumerate(items):
-        groups.setdefault((prompt, n), []).append(i)
-    out: list[str] = [""] * len(items)
-    with torch.no_grad():
-        for (prompt, n), idx in groups.items():
-            for s in range(0, len(idx), batch_size):
-                chunk = idx[s:s + batch_size]
-                pixels = to_unit_range(torch.stack([items[i][1] for i in chunk]))
-                for i, pred in zip(chunk, answer_batch(model, text, pixels, prompt, n)):
-                    out[i] = pred
-    return out
 
 
 # -- the lmms-eval model class (built on first access: lmms_eval imported here only) --------------------------------
@@ -134,27 +123,25 @@ def _build_model_class():
             filelock_compat()
             kwargs.pop("max_batch_size", None)
             if kwargs:
-                raise ValueError(f"ett: unknown model argument(s) {', '.join(sorted(kwargs))}; known: ckpt, "
-                                 "batch_size, device, max_new_tokens, resize_mode, dtype")
+                raise LmmsError(f"ett: unknown model argument(s) {', '.join(sorted(kwargs))}; known: ckpt, "
+                                "batch_size, device, max_new_tokens, resize_mode, dtype")
             if not ckpt or not Path(ckpt).exists():
-                raise ValueError(f"ett: checkpoint not found: {ckpt!r} (--model_args ckpt=PATH)")
+                raise LmmsError(f"ett: checkpoint not found: {ckpt!r} (--model_args ckpt=PATH)")
             self.batch_size_per_gpu = int(batch_size) if str(batch_size).isdigit() else 16
             self.max_new_tokens = int(max_new_tokens)
             self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-            dtypes = {None: None, "": None, "float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
-            if dtype not in dtypes:
-                raise ValueError(f"ett: dtype={dtype!r}: choose float32, bfloat16 or float16")
+            if dtype and dtype not in DTYPES:
+                raise LmmsError(f"ett: dtype={dtype!r}: choose {_one_of(DTYPES)}")
             if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-                raise ValueError("ett: runs in one process (WORLD_SIZE > 1: no data-parallel ranks)")
-            torch_dtype = dtypes[dtype]
-            try:
-                loaded = load_model(ckpt, device=self.device, dtype=torch_dtype, require="llm")
+                raise LmmsError("ett: runs in one process (WORLD_SIZE > 1: no data-parallel ranks)")
+            try:  # float32: what load_model builds, so the same as no cast
+                loaded = load_model(ckpt, device=self.device, dtype=DTYPES[dtype] if dtype else None, require="llm")
             except CheckpointError as e:
-                raise ValueError(f"ett: {str(e).splitlines()[0]}") from None
+                raise LmmsError(f"ett: {str(e).splitlines()[0]}") from None
             self.model, self.text, self.cfg = loaded.model, loaded.text, loaded.cfg
             if resize_mode:
-                if resize_mode not in ("crop", "pad", "stretch"):
-                    raise ValueError(f"ett: resize_mode={resize_mode!r}: choose crop, pad or stretch")
+                if resize_mode not in RESIZE_MODES:
+                    raise LmmsError(f"ett: resize_mode={resize_mode!r}: choose {_one_of(RESIZE_MODES)}")
                 self.cfg.data.resize_mode = resize_mode
 
         def generate_until(self, requests) -> list[str]:
@@ -165,12 +152,12 @@ def _build_model_class():
                 visuals = doc_to_visual(self.task_dict[task][split][doc_id])
                 visuals = [v for v in (visuals if isinstance(visuals, (list, tuple)) else [visuals]) if v is not None]
                 if len(visuals) != 1:
-                    raise ValueError(f"ett: a request needs exactly one image, {task} doc {doc_id} has "
-                                     f"{len(visuals)} (several images and text-only requests are not supported)")
+                    raise LmmsError(f"ett: a request needs exactly one image, {task} doc {doc_id} has "
+                                    f"{len(visuals)} (several images and text-only requests are not supported)")
                 n = int(gen_kwargs.get("max_new_tokens") or self.max_new_tokens)
                 items.append((context, fit_image(visuals[0], self.cfg), n))
                 untils.append(gen_kwargs.get("until"))
-            answers = answer_requests(self.model, self.text, items, self.batch_size_per_gpu)
+            answers = answer_all(self.model, self.text, items, self.batch_size_per_gpu)
             out = []
             for req, ans, until in zip(requests, answers, untils):
                 ans = cut_at(ans, until)
@@ -201,7 +188,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from ett_ds.eval.vqa import normalize_answer, vqa_accuracy
+from ett_ds.eval.vqa import answers_of, vqa_accuracy
 
 IMAGE_ROOT = Path({root!r})
 PROMPT = {prompt!r}
@@ -215,19 +202,13 @@ def doc_to_text(doc, lmms_eval_specific_kwargs=None):
     return PROMPT.format(question=doc["question"].strip())
 
 
-def answers(doc):
-    a = doc.get("answers", doc.get("answer"))
-    a = [a] if isinstance(a, str) else list(a or [])
-    return [x.get("answer") if isinstance(x, dict) else x for x in a]
-
-
 def doc_to_target(doc):
-    return answers(doc)[0]
+    return answers_of(doc)[0]
 
 
 def process_results(doc, results):
     pred = results[0] if results else ""
-    return {{"{metric}": vqa_accuracy(pred, answers(doc))}}
+    return {{"{metric}": vqa_accuracy(pred, answers_of(doc))}}
 '''
 
 
@@ -236,23 +217,26 @@ def write_task(jsonl: str | Path, out: str | Path, name: str = TASK_NAME, prompt
     """Write the lmms-eval task ``name`` for a VQA JSONL into the folder ``out``; returns the YAML's path."""
     prompt = DEFAULT_PROMPT if prompt is None else prompt
     if "{question}" not in prompt:
-        raise ValueError("--prompt must contain {question}")
+        raise LmmsError("--prompt must contain {question}")
     if not name.isidentifier():
-        raise ValueError(f"--name {name!r}: letters, digits and _ only")
+        raise LmmsError(f"--name {name!r}: letters, digits and _ only")
     jsonl = Path(jsonl).resolve()
     if not jsonl.is_file():
         raise FileNotFoundError(f"no such file: {jsonl}")
+    try:
+        lines = jsonl.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        raise LmmsError(f"{jsonl}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     bad = 0
-    for line in jsonl.read_text(encoding="utf-8").splitlines():
+    for line in lines:
         if line.strip():
             try:
                 row = json.loads(line)
             except ValueError:
                 row = None
-            bad += not (isinstance(row, dict) and isinstance(row.get("image"), str)
-                        and isinstance(row.get("question"), str) and ("answers" in row or "answer" in row))
+            bad += not valid_row(row)
     if bad:
-        raise ValueError(f"{jsonl}: {bad} row(s) without image/question/answers; lmms-eval needs every row valid")
+        raise LmmsError(f"{jsonl}: {bad} row(s) without image/question/answers; lmms-eval needs every row valid")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{name}_utils.py").write_text(_UTILS.format(name=name, jsonl=jsonl, root=str(jsonl.parent),
@@ -293,7 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_cli(_main, argv, also=(ValueError,))  # write_task's bad --prompt / --name / JSONL rows
+    return run_cli(_main, argv)
 
 
 def _main(argv: list[str]) -> int:

@@ -138,6 +138,12 @@ def mean_exact_match(hyps: Sequence[str], refs: Sequence[str], normalize: bool =
     return sum(exact_match(h, r, normalize) for h, r in zip(hyps, refs)) / len(refs)
 
 
+def text_scores(hyps: Sequence[str], refs: Sequence[str]) -> dict:
+    """The pooled scores of predicted texts against their references, both after ``normalize_text``:
+    ``exact_match`` (:func:`mean_exact_match`) and ``cer`` (:func:`corpus_cer`)."""
+    return {"exact_match": mean_exact_match(hyps, refs), "cer": corpus_cer(hyps, refs, normalize=True)}
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # codebook
 # ---------------------------------------------------------------------------------------------------------------

@@ -40,9 +40,18 @@ def caption_diversity(hyps: list[str], refs: list[str]) -> dict:
 
 def caption_summary(hyps: list[str], refs: list[str]) -> dict:
     """Exact match, corpus and mean CER, and diversity of predicted captions against their references."""
-    return {"exact_match": M.mean_exact_match(hyps, refs), "cer": M.corpus_cer(hyps, refs, normalize=True),
+    return {**M.text_scores(hyps, refs),
             "mean_cer": mean_finite([M.char_error_rate(h, r, normalize=True) for h, r in zip(hyps, refs)]),
             **caption_diversity(hyps, refs)}
+
+
+def ocr_scores(recs: list[dict]) -> dict:
+    """The OCR reader's readings of the reconstructions and of the originals against the records' references:
+    ``ocr_cer_recon``, ``ocr_cer_original`` (corpus CER), ``ocr_em_recon``, ``ocr_em_original`` (exact match)."""
+    refs = [r["ref"] for r in recs]
+    recon, orig = (M.text_scores([r[k] for r in recs], refs) for k in ("ocr_recon", "ocr_original"))
+    return {"ocr_cer_recon": recon["cer"], "ocr_cer_original": orig["cer"], "ocr_em_recon": recon["exact_match"],
+            "ocr_em_original": orig["exact_match"]}
 
 
 def by_group(recs: list[dict], score) -> dict | None:
@@ -118,24 +127,18 @@ class ReconTask(EvalTask):
         return {"hist": self.hist, "pics": self.pics}
 
     def summarize(self, recs, states):
-        refs = [r["ref"] for r in recs]
         cb = M.stats_from_histogram(sum(s["hist"] for s in states))
         rec = {"psnr": mean_finite([r["psnr"] for r in recs]), "ssim": mean_finite([r["ssim"] for r in recs]),
                "codebook_usage": cb["usage"], "codebook_perplexity": cb["perplexity"], "codes_used": cb["used"],
                "codebook_size": cb["codebook_size"]}
-        if self.reader is not None:
-            rec["ocr_cer_recon"] = M.corpus_cer([r["ocr_recon"] for r in recs], refs, normalize=True)
-            rec["ocr_cer_original"] = M.corpus_cer([r["ocr_original"] for r in recs], refs, normalize=True)
-            rec["ocr_em_recon"] = M.mean_exact_match([r["ocr_recon"] for r in recs], refs)
-            rec["ocr_em_original"] = M.mean_exact_match([r["ocr_original"] for r in recs], refs)
-            groups = by_group(recs, lambda sub: {
-                "ocr_cer_recon": M.corpus_cer([r["ocr_recon"] for r in sub], [r["ref"] for r in sub], normalize=True),
-                "ocr_cer_original": M.corpus_cer([r["ocr_original"] for r in sub], [r["ref"] for r in sub],
-                                                 normalize=True),
-                "psnr": mean_finite([r["psnr"] for r in sub])})
+        ocr = self.reader is not None
+        if ocr:
+            rec.update(ocr_scores(recs))
         else:
             rec["ocr"] = "skipped: RapidOCR not installed or --ocr off"
-            groups = by_group(recs, lambda sub: {"psnr": mean_finite([r["psnr"] for r in sub])})
+        groups = by_group(recs, lambda sub: {
+            **({k: v for k, v in ocr_scores(sub).items() if k.startswith("ocr_cer")} if ocr else {}),
+            "psnr": mean_finite([r["psnr"] for r in sub])})
         if groups:
             rec["by_group"] = groups
         return rec
@@ -199,8 +202,8 @@ class T2ITask(EvalTask):
         items = [x for s in states for x in s["items"]][: self.num]
         res = {"num": len(items)}
         if self.reader is not None:
-            res["ocr_cer"] = M.corpus_cer([x["ocr"] for x in items], [x["prompt"] for x in items], normalize=True)
-            res["ocr_exact_match"] = M.mean_exact_match([x["ocr"] for x in items], [x["prompt"] for x in items])
+            scores = M.text_scores([x["ocr"] for x in items], [x["prompt"] for x in items])
+            res["ocr_cer"], res["ocr_exact_match"] = scores["cer"], scores["exact_match"]
         return res
 
     def write(self, out, section, states):

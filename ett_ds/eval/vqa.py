@@ -83,8 +83,10 @@ def vqa_accuracy(prediction: str, answers: list[str]) -> float:
 
 
 # -- data ----------------------------------------------------------------------------------------------------------
-def _answers(meta: dict) -> list[str] | None:
-    answers = meta.get("answers", meta.get("answer"))
+def answers_of(row: dict) -> list[str] | None:
+    """The human answers of a row: ``answers`` (a list of strings, or VQA v2's ``[{"answer": ...}]``) or ``answer``
+    (one string); None when there are none or one is not a string."""
+    answers = row.get("answers", row.get("answer"))
     if isinstance(answers, str):
         answers = [answers]
     if isinstance(answers, list):  # VQA v2 style [{"answer": ...}] too
@@ -94,9 +96,24 @@ def _answers(meta: dict) -> list[str] | None:
     return answers
 
 
+def has_question(row: dict) -> bool:
+    """A non-blank ``question`` string and :func:`answers_of` answers (else the row counts as ``no_question``)."""
+    question = row.get("question")
+    return isinstance(question, str) and bool(question.strip()) and answers_of(row) is not None
+
+
+def has_image_path(row) -> bool:
+    """A JSONL row is a JSON object with an ``image`` path (else it counts as ``bad_json``)."""
+    return isinstance(row, dict) and isinstance(row.get("image"), str)
+
+
+def valid_row(row) -> bool:
+    """A JSONL row :func:`iter_vqa` asks: an image path, a question and answers (its image not yet opened)."""
+    return has_image_path(row) and has_question(row)
+
+
 def _record(meta: dict, key: str, image_ref: str, raw: dict, stats: Counter, decode: dict) -> dict | None:
-    question, answers = meta.get("question"), _answers(meta)
-    if not isinstance(question, str) or not question.strip() or answers is None:
+    if not has_question(meta):
         stats["no_question"] += 1
         return None
     try:
@@ -105,8 +122,8 @@ def _record(meta: dict, key: str, image_ref: str, raw: dict, stats: Counter, dec
         stats[e.reason] += 1
         return None
     stats["ok"] += 1
-    return {"question_id": meta.get("question_id", key), "image": image_ref, "question": question.strip(),
-            "answers": answers, "pil": sample["image"]}
+    return {"question_id": meta.get("question_id", key), "image": image_ref, "question": meta["question"].strip(),
+            "answers": answers_of(meta), "pil": sample["image"]}
 
 
 def iter_vqa(data: str, stats: Counter, decode: dict, rank: int = 0, world: int = 1):
@@ -123,7 +140,7 @@ def iter_vqa(data: str, stats: Counter, decode: dict, rank: int = 0, world: int 
             except ValueError:
                 stats["bad_json"] += 1
                 continue
-            if not isinstance(meta, dict) or not isinstance(meta.get("image"), str):
+            if not has_image_path(meta):
                 stats["bad_json"] += 1
                 continue
             img = path.parent / meta["image"]
@@ -165,32 +182,42 @@ def answer_batch(model, text, pixels, prompt: str, max_new_tokens: int) -> list[
         return decode_texts(text, decode_tokens(model, text, ids, pixels.to(device), max_new_tokens))
 
 
+def answer_all(model, text, items: list[tuple], batch_size: int) -> list[str]:
+    """Greedy answers for ``items`` = [(prompt, uint8 pixels (3, H, W), max_new_tokens), ...], in their order: items
+    that share (prompt, max_new_tokens) are answered in batches of ``batch_size``, the groups in order of first
+    appearance. What ``run_vqa`` and lmms-eval's ``ett`` model (``ett_ds.eval.lmms``) answer with."""
+    groups: dict[tuple, list[int]] = {}
+    for i, (prompt, _, n) in enumerate(items):
+        groups.setdefault((prompt, n), []).append(i)
+    out: list[str] = [""] * len(items)
+    with torch.no_grad():
+        for (prompt, n), idx in groups.items():
+            for s in range(0, len(idx), batch_size):
+                chunk = idx[s:s + batch_size]
+                pixels = to_unit_range(torch.stack([items[i][1] for i in chunk]))
+                for i, pred in zip(chunk, answer_batch(model, text, pixels, prompt, n)):
+                    out[i] = pred
+    return out
+
+
 def run_vqa(model, text, cfg, data: str, template: str, batch_size: int, max_new_tokens: int,
             rank: int = 0, world: int = 1, max_samples: int | None = None) -> tuple[list[dict], Counter]:
     """This rank's per-question records (prediction and accuracy filled in) and the data skip counts. Questions
-    that share a prompt are answered in batches of ``batch_size``."""
+    that share a prompt are answered in batches of ``batch_size`` (:func:`answer_all`)."""
     if "{question}" not in template:
         raise ValueError("--vqa-prompt must contain {question}")
     stats: Counter = Counter()
     decode = {"decode_size": tuple(cfg.data.image_size), "resize_mode": cfg.data.resize_mode}
-    recs = []
+    recs, items = [], []
     for rec in iter_vqa(data, stats, decode, rank, world):
-        rec["pixels"] = image_to_uint8(rec.pop("pil"), size=tuple(cfg.data.image_size), mode=cfg.data.resize_mode)
+        pixels = image_to_uint8(rec.pop("pil"), size=tuple(cfg.data.image_size), mode=cfg.data.resize_mode)
+        items.append((template.format(question=rec["question"]), pixels, max_new_tokens))
         recs.append(rec)
         if max_samples and len(recs) >= max_samples:
             break
-    groups: dict[str, list[dict]] = {}
-    for rec in recs:
-        groups.setdefault(template.format(question=rec["question"]), []).append(rec)
-    for prompt, group in groups.items():
-        for s in range(0, len(group), batch_size):
-            chunk = group[s:s + batch_size]
-            pixels = to_unit_range(torch.stack([r["pixels"] for r in chunk]))
-            for r, pred in zip(chunk, answer_batch(model, text, pixels, prompt, max_new_tokens)):
-                r.update(prompt=prompt, prediction=pred, normalized=normalize_answer(pred),
-                         accuracy=vqa_accuracy(pred, r["answers"]))
-    for r in recs:
-        r.pop("pixels")
+    for r, (prompt, _, _), pred in zip(recs, items, answer_all(model, text, items, batch_size)):
+        r.update(prompt=prompt, prediction=pred, normalized=normalize_answer(pred),
+                 accuracy=vqa_accuracy(pred, r["answers"]))
     return recs, stats
 
 
