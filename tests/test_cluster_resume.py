@@ -12,12 +12,12 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
+from tests.process_group import metrics_reached, start_signal_wait
 from tests.tiny import build_demo, demo_train_args, run_group, subprocess_env
 
 pytestmark = pytest.mark.slow  # trainings, DeepSpeed engines or subprocess runs: the full suite only
@@ -60,33 +60,14 @@ def reference(demo, tmp_path_factory):
     return out / "ref"
 
 
-def start_and_signal(cmd, env, cwd, metrics: Path, after_step: int, signals) -> tuple[int, str]:
-    """Start `cmd` in its own process group; once `metrics` logs `after_step`, send `signals` to the whole group."""
-    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
-    deadline = time.monotonic() + 240
-    try:
-        while time.monotonic() < deadline and proc.poll() is None:
-            if metrics.is_file() and any(json.loads(x).get("step", 0) >= after_step
-                                         for x in metrics.read_text().splitlines() if x.endswith("}")):
-                for sig in signals:
-                    os.killpg(proc.pid, sig)
-                break
-            time.sleep(0.05)
-        out, _ = proc.communicate(timeout=max(1.0, deadline - time.monotonic()))
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate()
-        pytest.fail(f"no exit after {signals}; output tail:\n{out[-3000:]}")
-    return proc.returncode, out
-
-
 def test_signals_to_the_process_group_checkpoint_exit_75_and_the_rerun_continues_bitwise(demo, reference, tmp_path):
     """SIGUSR1 (time limit) and SIGTERM (preemption) both reach every process, the deepspeed launchers included:
     without the guard SIGUSR1 ends the launchers and SIGTERM makes launch.py terminate the workers."""
     cmd, env = train_sh(demo, tmp_path, "pre", 2)
     run = tmp_path / "pre"
-    rc, out = start_and_signal(cmd, env, tmp_path, run / "metrics.jsonl", 2, [signal.SIGUSR1, signal.SIGTERM])
+    rc, out, _, left = start_signal_wait(cmd, env, tmp_path, metrics_reached(run / "metrics.jsonl", 2),
+                                         [signal.SIGUSR1, signal.SIGTERM], timeout=240)
+    assert not left, f"processes left behind: {left}"
     assert rc == 75, out[-4000:]
     assert "[ett_ds] received SIG" in out and "exit 75 (requeue)" in out
     done = [r["step"] for r in rows(run)]

@@ -4,29 +4,14 @@ The fixture is a LLaVA instruction file as LLaVA ships it (a JSON list of {id, i
 under an image root, plus the rows such a file really contains that the stage cannot use: a text-only row, a
 missing image file, a corrupt image, a duplicate id, an unknown role, two <image> marks, an image list.
 """
-import io
 import json
 import tarfile
 
 import pytest
-from PIL import Image, ImageDraw
 
 from data_tools.cli import main as data_tools
 from ett_ds.train import main as train
-from tests.tiny import build_demo, demo_train_args
-
-
-def _png(text: str) -> bytes:
-    img = Image.new("RGB", (64, 32), (235, 230, 220))
-    ImageDraw.Draw(img).text((4, 10), text, fill=(20, 20, 20))
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def turn(who, text):
-    return {"from": who, "value": text}
-
+from tests.tiny import build_demo, demo_train_args, text_png, turn
 
 SINGLE = [turn("human", "<image>\nWhat number is shown?"), turn("gpt", "{n}")]
 MULTI = [turn("human", "Look at this picture.\n<image>"), turn("gpt", "I see a number."),
@@ -45,9 +30,9 @@ def llava(tmp_path_factory):
     rows = []
     for i in range(8):
         n = 100 + 37 * i
-        (root / "images" / "coco" / f"{i:04d}.png").write_bytes(_png(str(n)))
+        (root / "images" / "coco" / f"{i:04d}.png").write_bytes(text_png(str(n)))
         rows.append({"id": f"good-{i}", "image": f"coco/{i:04d}.png", "conversations": fill(SINGLE if i % 2 else MULTI, n)})
-    (root / "images" / "coco" / "broken.png").write_bytes(_png("1")[:40])
+    (root / "images" / "coco" / "broken.png").write_bytes(text_png("1")[:40])
     rows += [
         {"id": "text-only", "conversations": fill(SINGLE, 5)},
         {"id": "gone", "image": "coco/missing.png", "conversations": fill(SINGLE, 6)},

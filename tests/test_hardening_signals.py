@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.process_group import group_members, left_in_group, metrics_reached, start_signal_wait
 from tests.tiny import build_demo, demo_train_args, subprocess_env
 
 REPO = Path(__file__).resolve().parents[1]
@@ -25,60 +26,9 @@ def demo(tmp_path_factory):
     return build_demo(tmp_path_factory.mktemp("demo"), 64, 8, 16)
 
 
-def group_members(pgid: int) -> list[str]:
-    """'pid state cmdline' of every process whose process group is ``pgid``."""
-    found = []
-    for d in Path("/proc").iterdir():
-        if not d.name.isdigit():
-            continue
-        try:
-            stat = (d / "stat").read_text()
-            fields = stat[stat.rindex(")") + 2:].split()
-            if int(fields[2]) == pgid:
-                cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")[:150]
-                found.append(f"{d.name} {fields[0]} {cmd}")
-        except (OSError, ValueError, IndexError):
-            continue
-    return found
-
-
-def left_in_group(pgid: int, grace: float = 2.0) -> list[str]:
-    """Members of the group still there ``grace`` seconds after its leader exited (zombies included)."""
-    deadline = time.monotonic() + grace
-    while True:
-        left = group_members(pgid)
-        if not left or time.monotonic() > deadline:
-            return left
-        time.sleep(0.1)
-
-
-def start_signal_wait(cmd, env, cwd, ready, sig, timeout=300) -> tuple[int, str, list[str], list[str]]:
-    """Start ``cmd`` in its own session; once ``ready()`` holds, send ``sig`` to the whole group (as SLURM does).
-    Returns (exit code, output, group members when the signal was sent, members left after the exit)."""
-    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
-    deadline = time.monotonic() + timeout
-    members: list[str] = []
-    try:
-        while time.monotonic() < deadline and proc.poll() is None:
-            if ready():
-                members = group_members(proc.pid)
-                os.killpg(proc.pid, sig)
-                break
-            time.sleep(0.05)
-        out, _ = proc.communicate(timeout=max(1.0, deadline - time.monotonic()))
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate()
-        pytest.fail(f"no exit after {sig!r}; output tail:\n{out[-3000:]}")
-    left = left_in_group(proc.pid)
-    if left:
-        os.killpg(proc.pid, signal.SIGKILL)
-    return proc.returncode, out, members, left
-
-
 # ------------------------------------------------------------------------------------------------ the loader alone
-LOADER_SCRIPT = textwrap.dedent("""
+# a script's start: the preemption guard installed, then the training loader over the shards in sys.argv[1]
+LOADER_HEAD = textwrap.dedent("""
     import sys, time
     from ett_ds.engine import preempt
     preempt.install()
@@ -89,7 +39,9 @@ LOADER_SCRIPT = textwrap.dedent("""
 
     def collate(keys):
         return {"keys": keys}
+""")
 
+LOADER_SCRIPT = LOADER_HEAD + textwrap.dedent("""
     n = 0
     for batch in train_batches(sys.argv[1], batch_size=4, make_example=make_example, collate=collate,
                                num_workers=2, shuffle_buffer=8):
@@ -132,18 +84,7 @@ def test_loader_workers_leave_the_signal_to_the_main_process(demo, tmp_path, sig
     assert not left, f"processes left behind: {left}"
 
 
-EXIT_SCRIPT = textwrap.dedent("""
-    import sys
-    from ett_ds.engine import preempt
-    preempt.install()
-    from ett_ds.data.shards import train_batches
-
-    def make_example(sample):
-        return sample["__key__"]
-
-    def collate(keys):
-        return {"keys": keys}
-
+EXIT_SCRIPT = LOADER_HEAD + textwrap.dedent("""
     it = train_batches(sys.argv[1], batch_size=4, make_example=make_example, collate=collate, num_workers=2,
                        shuffle_buffer=8)
     next(it)
@@ -176,13 +117,6 @@ def test_workers_still_end_when_the_main_process_exits_with_the_loader_alive(dem
 STEPS = 200  # never reached: the signal comes after step 2
 
 
-def metrics_reached(metrics: Path, step: int):
-    def ready():
-        return metrics.is_file() and any(json.loads(x).get("step", 0) >= step
-                                         for x in metrics.read_text().splitlines() if x.endswith("}"))
-    return ready
-
-
 def check_preempted(run: Path, rc: int, out: str, left: list[str], ranks: int) -> None:
     assert rc == 75, out[-4000:]
     assert "killed by signal" not in out, out[-4000:]
@@ -208,7 +142,7 @@ def test_sigterm_to_the_group_with_loader_workers_one_process(demo, tmp_path):
     cmd = [sys.executable, "-m", "ett_ds.train", *args]
     run = tmp_path / "t1"
     rc, out, members, left = start_signal_wait(cmd, subprocess_env(), REPO, metrics_reached(run / "metrics.jsonl", 2),
-                                               signal.SIGTERM)
+                                               [signal.SIGTERM])
     assert len(members) >= 3, members  # the training process and its two loader workers
     check_preempted(run, rc, out, left, 1)
 
@@ -226,6 +160,6 @@ def test_sigterm_to_the_group_with_loader_workers_two_ranks_through_train_sh(dem
     cmd = ["bash", str(REPO / "launchers" / "train.sh"), "tiny", *args[2:]]
     run = tmp_path / "t2"
     rc, out, members, left = start_signal_wait(cmd, env, tmp_path, metrics_reached(run / "metrics.jsonl", 2),
-                                               signal.SIGTERM)
+                                               [signal.SIGTERM])
     assert len(members) >= 6, members  # launchers + 2 ranks + 4 loader workers
     check_preempted(run, rc, out, left, 2)

@@ -6,7 +6,6 @@ attention mask and the labels, so every sample (and every rank, under ZeRO-3) ru
 trains as plain language modelling. Still unsupported, and counted: several images per row (``multiple_images``) and
 an ``<image>`` mark without an image (``no_image``).
 """
-import io
 import json
 import sys
 from collections import Counter
@@ -14,24 +13,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from data_tools.cli import main as data_tools
-from tests.tiny import SHRINK, run_group, subprocess_env, tiny_config, train_spm
+from tests.tiny import SHRINK, run_group, subprocess_env, text_png, tiny_config, train_spm, turn
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def _png(text: str) -> bytes:
-    img = Image.new("RGB", (64, 32), (235, 230, 220))
-    ImageDraw.Draw(img).text((4, 10), text, fill=(20, 20, 20))
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def turn(who, text):
-    return {"from": who, "value": text}
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +28,7 @@ def llava(tmp_path_factory):
     (root / "images").mkdir()
     rows = []
     for i in range(6):
-        (root / "images" / f"{i}.png").write_bytes(_png(str(100 + i)))
+        (root / "images" / f"{i}.png").write_bytes(text_png(str(100 + i)))
         rows.append({"id": f"img-{i}", "image": f"{i}.png",
                      "conversations": [turn("human", "<image>\nwhat number"), turn("gpt", str(100 + i))]})
         rows.append({"id": f"text-{i}", "conversations": [turn("human", "name a colour"), turn("gpt", "red cat"),

@@ -1,9 +1,11 @@
 """Shared builders for tests: a sentencepiece model trained on the spot, tiny configs and hand-made batches."""
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import torch
+from PIL import Image, ImageDraw
 
 from ett_ds.config import load_config
 
@@ -98,3 +100,18 @@ def run_group(cmd: list[str], timeout: float, cwd=None, env: dict | None = None)
         out, err = proc.communicate()
         pytest.fail(f"{cmd[:4]} did not finish in {timeout} s; output tail:\n{(out + err)[-3000:]}")
     return proc.returncode, out, err
+
+
+# -- LLaVA-format rows (tests of data_tools llava) ------------------------------------------------------------------
+def text_png(text: str) -> bytes:
+    """A 64x32 PNG with ``text`` drawn in PIL's default font."""
+    img = Image.new("RGB", (64, 32), (235, 230, 220))
+    ImageDraw.Draw(img).text((4, 10), text, fill=(20, 20, 20))
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def turn(who: str, text: str) -> dict:
+    """One LLaVA conversation turn."""
+    return {"from": who, "value": text}
