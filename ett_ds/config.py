@@ -16,13 +16,14 @@ from typing import Annotated
 import yaml
 
 from .stages import STAGES
-from .typed_tree import ConfigError, build, field_docs, parse_value, set_path  # noqa: F401 (re-exported)
+from .typed_tree import ConfigError, build, field_docs, is_unset, parse_value, set_path  # noqa: F401 (re-exported)
 
 # isort: split
 from .typed_tree import Decay, Fraction, Len, NonNegFloat, NonNegInt, OneOf, PosFloat, PosFraction, PosInt
 
 RECIPES = Path(__file__).resolve().parent / "recipes"
-TOKENIZER_TYPES = ("ibq", "vqgan")  # the keys of tokenizers.REGISTRY (checked there, when a tokenizer is built)
+TOKENIZER_TYPES = ("ibq", "vqgan")  # the keys of tokenizers.REGISTRY (tests/test_config.py: one list)
+RESIZE_MODES = ("crop", "pad", "stretch")  # data.resize_mode: data/transforms.fit_image does each
 
 
 @dataclass
@@ -125,7 +126,7 @@ class DataConfig:
     "Held-out shards for evaluation and image logging (optional)."
     image_size: Annotated[list[PosInt], Len(2, 2)] = field(default_factory=lambda: [512, 512])
     "Training resolution as [height, width]; both must be multiples of the tokenizer's downsampling."
-    resize_mode: Annotated[str, OneOf("crop", "pad", "stretch")] = "crop"
+    resize_mode: Annotated[str, OneOf(*RESIZE_MODES)] = "crop"
     "How images of another aspect ratio are fitted to `image_size`, in training, `evaluate` and `infer` alike: `crop` (cover, then cut the centre; a random offset in training), `pad` (letterbox on mid grey (128, 128, 128)), or `stretch` (plain resize). One warning line per process when inputs' aspect ratio differs from `image_size`'s by more than 10%."
     max_text_tokens: PosInt = 256
     "Caption tokens kept per sample (longer captions are truncated)."
@@ -374,19 +375,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError(f"override '{item}' must look like key.sub=value")
         k, v = item.split("=", 1)
         set_path(tree, k.strip(), parse_value(v))
-    unset = [f"{k}={what}" for k, what in needs.items() if _unset(tree, k)]
+    unset = [f"{k}={what}" for k, what in needs.items() if is_unset(tree, k)]
     if unset:
         raise ConfigError(f"recipe {Path(str(path)).stem} needs: {'; '.join(unset)}")
     return build(Config, tree, moved=MOVED_KEYS).validate()
-
-
-def _unset(tree: dict, key: str) -> bool:
-    node = tree
-    for part in key.split("."):
-        if not isinstance(node, dict) or node.get(part) in (None, ""):
-            return True
-        node = node[part]
-    return False
 
 
 def config_from_dict(tree: dict) -> Config:

@@ -62,9 +62,7 @@ from .data.text import chat_template_jinja
 from .engine.zero3 import no_zero_init
 from .hf import FILES, HERE
 from .models import lora
-from .models.loading import load_model, resolve
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from .models.loading import DTYPES, load_model, resolve
 
 
 def save_module(module: torch.nn.Module, path: Path, dtype: torch.dtype, metadata: dict | None = None) -> None:

@@ -32,9 +32,7 @@ from .config import SamplingConfig
 from .data.transforms import image_to_tensor
 from .eval.metrics import to_uint8_images
 from .generation import ChatSession, caption, generate_images, reconstruct
-from .models.loading import load_model, read_config, resolve
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from .models.loading import DTYPES, load_model, read_config, resolve
 
 
 class CLIError(UserError):

@@ -221,6 +221,16 @@ def parse_value(text: str) -> Any:
         return text
 
 
+def is_unset(tree: dict, key: str) -> bool:
+    """Whether ``key`` ("a.b.c") is missing, None or empty in a nested dict."""
+    node = tree
+    for part in key.split("."):
+        if not isinstance(node, dict) or node.get(part) in (None, ""):
+            return True
+        node = node[part]
+    return False
+
+
 def set_path(tree: dict, dotted: str, value: Any) -> None:
     parts = dotted.split(".")
     node = tree

@@ -140,8 +140,8 @@ def find_fonts() -> list[str]:
     env = os.environ.get("ETT_BENCH_FONTS")
     if env:
         return [f for f in env.split(os.pathsep) if f]
-    from data_tools.demo import find_fonts
-    train, _ = find_fonts()
+    from data_tools.fonts import demo_split
+    train, _ = demo_split()
     return train[:4]
 
 

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..config import RESIZE_MODES  # noqa: F401 (the modes fit_image does; re-exported)
 from .format import to_rgb
 
 
@@ -33,7 +34,6 @@ def cover_size(w: int, h: int, size: tuple[int, int]) -> tuple[int, int]:
     return max(W, math.ceil(w * scale - 1e-6)), max(H, math.ceil(h * scale - 1e-6))
 
 
-RESIZE_MODES = ("crop", "pad", "stretch")
 PAD_FILL = (128, 128, 128)  # letterbox fill of resize_mode=pad: mid grey, (128 / 127.5 - 1) ~ 0 in [-1, 1]
 ASPECT_TOLERANCE = 0.10  # relative aspect-ratio difference above which fit_image warns (once per process)
 

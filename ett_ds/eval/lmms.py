@@ -40,8 +40,7 @@ from ..checkpoint import CheckpointError
 from ..commandline import DefaultsHelpFormatter, UserError, run_cli
 from ..data.decode import decode_pil
 from ..data.transforms import RESIZE_MODES, image_to_uint8
-from ..infer import DTYPES
-from ..models.loading import load_model
+from ..models.loading import DTYPES, load_model
 from .vqa import DEFAULT_PROMPT, answer_all, valid_row
 
 MODEL_NAME = "ett"

@@ -31,6 +31,9 @@ from .build import build_model
 from .ett import ETTModel
 from .weights import consolidated_state_dict
 
+# the dtypes a loaded model's LLM and heads may take (--dtype of infer and export, dtype= of the lmms-eval model)
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
 
 @dataclass
 class Loaded:
