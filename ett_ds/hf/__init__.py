@@ -8,7 +8,8 @@ with these files alone, without ett_ds.
     processing_ett.py      ETTProcessor: image fitting, training's prompt layouts, decoding
 
 These modules import only torch, transformers, sentencepiece, numpy and Pillow (and each other, relatively); the
-export copies them into the folder (:data:`FILES`).
+export copies them into the folder (:data:`FILES`). So they repeat, by design, ett_ds's inference paths (the taming
+decoder blocks, the sampling step, the image fitting); tests/test_hf_export.py holds each to ett_ds's own output.
 """
 from pathlib import Path
 
