@@ -27,7 +27,6 @@ lmms_eval is imported only inside this module, and only when the model class is 
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -37,7 +36,7 @@ import torch
 from PIL import Image
 
 from ..checkpoint import CheckpointError
-from ..commandline import DefaultsHelpFormatter, UserError, run_cli
+from ..commandline import OneLineParser, UserError, run_cli
 from ..data.decode import decode_pil
 from ..data.transforms import RESIZE_MODES, image_to_uint8
 from ..models.loading import DTYPES, load_model
@@ -260,12 +259,10 @@ def write_task(jsonl: str | Path, out: str | Path, name: str = TASK_NAME, prompt
 
 
 # -- command line --------------------------------------------------------------------------------------------------
-def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m ett_ds.eval.lmms", description=__doc__,
-                                 formatter_class=DefaultsHelpFormatter)
+def build_parser() -> OneLineParser:
+    ap = OneLineParser(prog="python -m ett_ds.eval.lmms", description=__doc__)
     sub = ap.add_subparsers(dest="cmd", required=True)
-    t = sub.add_parser("task", help="write an lmms-eval task (YAML + utils) for a VQA JSONL",
-                       formatter_class=DefaultsHelpFormatter)
+    t = sub.add_parser("task", help="write an lmms-eval task (YAML + utils) for a VQA JSONL")
     t.add_argument("--vqa", required=True, help="VQA JSONL: {image (relative to it), question, answers}")
     t.add_argument("--out", required=True, help="task folder (lmms-eval's --include_path)")
     t.add_argument("--name", default=TASK_NAME, help="task name (lmms-eval's --tasks)")
