@@ -119,6 +119,22 @@ def test_lookback_corpus_puts_the_caption_in_the_image_slots(tmp_path):
     assert blocks == [4, 5, 6]
 
 
+def test_small_defaults_to_the_setting_the_evidence_supports(tmp_path):
+    from experiments.replicate.cli import parse_args
+    a = parse_args(["--out", str(tmp_path)])  # --size small is the default
+    assert (a.size, a.seeds, a.text_pretrain, a.text_full, a.random_arms, a.stage1_lr) == \
+        ("small", 3, True, True, "frozen", 2e-3)
+    assert (a.alpha, a.ratio, a.opts["steps1"], a.opts["steps0_max"], a.opts["text_steps"]) == (1.0, 0.8, 600, 1000, 2500)
+    names = [x.name for x in A.final_arms((a.alpha, a.ratio), a.paper_alpha, with_index=a.index, text=a.text_pretrain,
+                                          text_full=a.text_full, random_all=a.random_arms == "all")]
+    assert names == ["frozen", "text_frozen", "text_und_only_r0.8", "text_ett_a1_r0.8", "text_ett_a0.25_r0.8"]
+    # each size-dependent flag can still be set either way; tiny keeps the plain defaults
+    b = parse_args(["--out", str(tmp_path), "--no-text-pretrain", "--seeds", "1", "--random-arms", "all"])
+    assert (b.text_pretrain, b.seeds, b.random_arms) == (False, 1, "all")
+    t = parse_args(["--size", "tiny", "--out", str(tmp_path)])
+    assert (t.seeds, t.text_pretrain, t.text_full, t.random_arms, t.stage1_lr) == (1, False, False, "all", None)
+
+
 @pytest.mark.parametrize("argv, msg", [(["--seeds", "0"], "--seeds must be >= 1"),
                                        (["--grid-alphas", "0.1"], "go together"),
                                        (["--refine", "0.1:1"], "go together"),

@@ -4,7 +4,7 @@
 2. stage 0: one tokenizer trained for reconstruction until the validation PSNR gains < ``--stage0-tol`` dB per
    1,000 steps (constant lr, checked every ``--stage0-chunk`` steps; capped at ``--steps0-max``), then
    ``--cooldown`` steps with the lr decaying to 0; shared by all arms;
-3. optional text pretraining of the LLM (``--text-pretrain``; ``textlm.py``), loaded by the ``text_*`` arms
+3. text pretraining of the LLM (``--text-pretrain``, on by default for ``small``; ``textlm.py``), loaded by the ``text_*`` arms
    through ``model.llm.path``; ``--text-corpus lookback`` (default) is text whose caption is read off earlier tokens
    (in-context skills, issue 23), ``captions`` the caption prior alone (issue 16);
    with ``--stage1-curve S1,S2,..`` the first seed's stage-1 runs (projector only, LLM frozen: random and text LLM)
@@ -43,10 +43,13 @@ SIZES = {
                  model=["model.tokenizer.attn_resolutions=[4]", "model.llm.init_config.num_hidden_layers=2",
                         "model.llm.init_config.hidden_size=64", "model.llm.init_config.intermediate_size=128",
                         "engine.persistence_threshold=0"]),
-    # small: data_tools' numbers demo task (3 digits, 32x64, 32 visual tokens), the tiny recipe's model
+    # small: data_tools' numbers demo task (3 digits, 32x64, 32 visual tokens), the tiny recipe's model, and the
+    # setting bench/REPLICATION.md (2026-12-06) supports: a look-back text LLM, frozen against ETT alpha 1 and the
+    # paper's 0.25 at the paper's lr relation (0.8x), understanding-only beside, random-LLM frozen, 3 seeds
     "small": dict(image="32x64", digits="3-3", num_train=4000, num_val=128, num_heldout=128, spm_vocab=512,
-                  batch=16, stage0_chunk=500, stage0_window=1000, steps0_max=6000, cooldown=1000, steps1=60,
-                  steps2=400, text_steps=1000, loader_workers=1, model=[]),
+                  batch=16, stage0_chunk=500, stage0_window=1000, steps0_max=1000, cooldown=200, steps1=600,
+                  steps2=400, text_steps=2500, loader_workers=1, model=[],
+                  flags=dict(seeds=3, text_pretrain=True, text_full=True, random_arms="frozen", stage1_lr=2e-3)),
     "gpu": dict(image="32x64", digits="3-5", num_train=60000, num_val=512, num_heldout=512, spm_vocab=512, batch=64,
                 stage0_chunk=1000, stage0_window=1000, steps0_max=30000, cooldown=3000, steps1=500, steps2=1500,
                 text_steps=3000, loader_workers=4,
@@ -55,6 +58,8 @@ SIZES = {
                        "model.llm.init_config.intermediate_size=1536", "model.llm.init_config.num_hidden_layers=8",
                        "model.llm.init_config.num_attention_heads=8", "model.llm.init_config.num_key_value_heads=4"]),
 }
+# flags whose default depends on --size (a size's "flags" entry wins over these)
+FLAG_DEFAULTS = dict(seeds=1, text_pretrain=False, text_full=False, random_arms="all", stage1_lr=None)
 STOPS = ("data", "stage0", "stage1", "grid", "final")
 
 
@@ -109,19 +114,23 @@ def parse_args(argv):
     ap.add_argument("--report-cells", type=cells, default=[],
                     help="ETT settings ALPHA:RATIO,... reported at every seed beside the chosen one")
     ap.add_argument("--max-psnr-drop", type=float, default=0.3, help="selection: validation ΔPSNR >= -this (dB)")
-    ap.add_argument("--seeds", type=int, default=1, help="seeds per reported arm (stage 0 shared)")
+    ap.add_argument("--seeds", type=int, default=None, help="seeds per reported arm (stage 0 shared; small: 3, else 1)")
     ap.add_argument("--seed", type=int, default=0, help="first seed; also stage 0's and the data's")
     ap.add_argument("--index", action="store_true", help="also the index arm (codes through a free embedding)")
-    ap.add_argument("--text-pretrain", action="store_true", help="also the text-pretrained LLM arms")
+    ap.add_argument("--text-pretrain", action=argparse.BooleanOptionalAction, default=None,
+                    help="also the text-pretrained LLM arms (default: on for small)")
     ap.add_argument("--text-lr", type=float, default=1e-3)
     ap.add_argument("--text-corpus", choices=("lookback", "captions"), default="lookback",
                     help="text pretraining corpus (textlm.py): look-back sequences, or the caption prior alone")
     ap.add_argument("--text-noise", type=float, default=0.5, help="lookback: noise scale on the image-slot embeddings")
-    ap.add_argument("--text-full", action="store_true",
-                    help="the text-pretrained LLM gets every arm the random LLM gets (default: frozen and chosen ETT)")
-    ap.add_argument("--random-arms", choices=("all", "frozen"), default="all",
-                    help="frozen: of the random-LLM arms only frozen (with --text-full, for time)")
-    ap.add_argument("--stage1-lr", type=float, default=None, help="projector lr of stage 1 (default: --lr)")
+    ap.add_argument("--text-full", action=argparse.BooleanOptionalAction, default=None,
+                    help="the text-pretrained LLM gets every arm the random LLM gets (else frozen and chosen ETT; "
+                         "default: on for small)")
+    ap.add_argument("--random-arms", choices=("all", "frozen"), default=None,
+                    help="frozen: of the random-LLM arms only frozen (with --text-full, for time; default: frozen for "
+                         "small, else all)")
+    ap.add_argument("--stage1-lr", type=float, default=None,
+                    help="projector lr of stage 1 (default: 2e-3 for small, else --lr)")
     ap.add_argument("--stage1-text-only", action="store_true",
                     help="the stage-1 curve of the text-pretrained LLM only (skip the random-LLM control, for time)")
     ap.add_argument("--stage1-curve", type=ints, default=[],
@@ -136,12 +145,15 @@ def parse_args(argv):
     ap.add_argument("--stop-after", choices=STOPS, default="final", help="stop after this phase")
     ap.add_argument("--set", nargs="*", default=[], help="extra key=value overrides for every stage")
     args = ap.parse_args(argv)
+    for k, v in {**FLAG_DEFAULTS, **SIZES[args.size].get("flags", {})}.items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
     if args.seeds < 1:
         ap.error("--seeds must be >= 1")
     if bool(args.grid_alphas) != bool(args.grid_ratios) or (args.refine and not args.grid_alphas):
         ap.error("--grid-alphas and --grid-ratios go together (and --refine adds to them)")
     o = dict(SIZES[args.size])
-    for k in ("image", "digits", *(k for k in o if k not in ("model", "stage0_window", "loader_workers"))):
+    for k in ("image", "digits", *(k for k in o if k not in ("model", "stage0_window", "loader_workers", "flags"))):
         if getattr(args, k, None) is not None:
             o[k] = getattr(args, k)
     try:
@@ -257,10 +269,10 @@ class Runner:
         except UsageError as e:
             raise SystemExit(f"error: data: {e}") from None
         summary = {"command": "python -m experiments.replicate " + " ".join(map(shlex.quote, args.argv)),
-                   "size": args.size, "options": {k: v for k, v in o.items() if k != "model"},
+                   "size": args.size, "options": {k: v for k, v in o.items() if k not in ("model", "flags")},
                    "model_overrides": o["model"], "fonts": self.plan["fonts"], "seeds": seeds,
                    "shared_family": self.plan.get("shared_family", []),
-                   "paper_alpha": args.paper_alpha,
+                   "paper_alpha": args.paper_alpha, "flags": {k: getattr(args, k) for k in FLAG_DEFAULTS},
                    "timings_s": self.stages.timings}
         if args.stop_after == "data":
             return summary
