@@ -45,11 +45,14 @@ def metrics_reached(metrics: Path, step: int):
     return ready
 
 
-def start_signal_wait(cmd, env, cwd, ready, signals, timeout=300) -> tuple[int, str, list[str], list[str]]:
+def start_signal_wait(cmd, env, cwd, ready, signals, timeout=300, log: Path | None = None
+                      ) -> tuple[int, str, list[str], list[str]]:
     """Start ``cmd`` in its own session; once ``ready()`` holds, send each of ``signals`` to the whole group (as
-    SLURM does). Returns (exit code, output, group members when the signals were sent, members left after the exit;
-    those are killed)."""
-    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    SLURM does; no signals: wait for the exit). Output goes to ``log`` when given (so ``ready`` can read it), else
+    through a pipe. Returns (exit code, output, group members when the signals were sent, members left after the
+    exit; those are killed)."""
+    sink = open(log, "w") if log is not None else subprocess.PIPE
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=sink, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
     deadline = time.monotonic() + timeout
     members: list[str] = []
@@ -65,7 +68,12 @@ def start_signal_wait(cmd, env, cwd, ready, signals, timeout=300) -> tuple[int, 
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         out, _ = proc.communicate()
+        out = log.read_text() if log is not None else out
         pytest.fail(f"no exit after {signals!r}; output tail:\n{out[-3000:]}")
+    finally:
+        if log is not None:
+            sink.close()
+    out = log.read_text() if log is not None else out
     left = left_in_group(proc.pid)
     if left:
         os.killpg(proc.pid, signal.SIGKILL)

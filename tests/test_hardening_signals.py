@@ -7,15 +7,13 @@ process must shut them down as it exits: no process of the group is left.
 import json
 import os
 import signal
-import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
 
-from tests.process_group import group_members, left_in_group, metrics_reached, start_signal_wait
+from tests.process_group import metrics_reached, start_signal_wait
 from tests.tiny import build_demo, demo_train_args, subprocess_env
 
 REPO = Path(__file__).resolve().parents[1]
@@ -62,22 +60,8 @@ def test_loader_workers_leave_the_signal_to_the_main_process(demo, tmp_path, sig
     script = tmp_path / "loader.py"
     script.write_text(LOADER_SCRIPT)
     log = tmp_path / "log"
-    out_f = open(log, "w")
-    proc = subprocess.Popen([sys.executable, str(script), str(demo / "train")], cwd=REPO, env=subprocess_env(),
-                            stdout=out_f, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 120
-        while "batch 1" not in log.read_text() and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.05)
-        members = group_members(proc.pid)
-        os.killpg(proc.pid, sig)
-        rc = proc.wait(timeout=120)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-        out_f.close()
-    out = log.read_text()
-    left = left_in_group(proc.pid)
+    rc, out, members, left = start_signal_wait([sys.executable, str(script), str(demo / "train")], subprocess_env(),
+                                               REPO, lambda: "batch 1" in log.read_text(), [sig], timeout=120, log=log)
     assert len(members) >= 3, members  # the main process and its 2 workers were there when the signal came
     assert rc == 75, out[-3000:]
     assert f"stopped on {sig.name}" in out and "killed by signal" not in out, out[-3000:]
@@ -98,18 +82,9 @@ def test_workers_still_end_when_the_main_process_exits_with_the_loader_alive(dem
     still-running workers with SIGTERM from the training process, and that still ends them (no hang, none left)."""
     script = tmp_path / "exit.py"
     script.write_text(EXIT_SCRIPT)
-    proc = subprocess.Popen([sys.executable, str(script), str(demo / "train")], cwd=REPO, env=subprocess_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    try:
-        out, _ = proc.communicate(timeout=120)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate()
-        pytest.fail(f"the process did not exit; output tail:\n{out[-3000:]}")
-    left = left_in_group(proc.pid)
-    if left:
-        os.killpg(proc.pid, signal.SIGKILL)
-    assert proc.returncode == 1 and "one batch" in out and "still referenced" in out, out[-3000:]
+    rc, out, _, left = start_signal_wait([sys.executable, str(script), str(demo / "train")], subprocess_env(), REPO,
+                                         lambda: False, [], timeout=120)  # no signal: wait for the exit
+    assert rc == 1 and "one batch" in out and "still referenced" in out, out[-3000:]
     assert not left, f"processes left behind: {left}"
 
 
